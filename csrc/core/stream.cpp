@@ -1,0 +1,644 @@
+// torch_shmem core implementation. See stream.h for the layout and
+// docs/design.md for the state machines.
+#include "stream.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define TSHM_CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define TSHM_CPU_RELAX() asm volatile("yield" ::: "memory")
+#else
+#define TSHM_CPU_RELAX() ((void)0)
+#endif
+
+namespace torch_shmem {
+namespace core {
+
+namespace {
+
+std::string errno_text(int err) {
+  char buf[256];
+  // GNU strerror_r returns a char* that may or may not point into buf.
+  const char* s = strerror_r(err, buf, sizeof(buf));
+  return std::string(s);
+}
+
+[[noreturn]] void throw_os(const std::string& what, int err) {
+  ErrorKind kind = ErrorKind::kOS;
+  if (err == ENOENT) kind = ErrorKind::kNotFound;
+  if (err == EEXIST) kind = ErrorKind::kExists;
+  if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
+  if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
+  throw Error(kind, what + ": " + errno_text(err), err);
+}
+
+double mono_now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+timespec to_timespec(double seconds) {
+  if (seconds < 0) seconds = 0;
+  timespec ts;
+  ts.tv_sec = static_cast<time_t>(seconds);
+  ts.tv_nsec = static_cast<long>((seconds - ts.tv_sec) * 1e9);
+  if (ts.tv_nsec >= 1000000000L) {
+    ts.tv_sec += 1;
+    ts.tv_nsec -= 1000000000L;
+  }
+  return ts;
+}
+
+int futex_wait(const std::atomic<uint32_t>* addr, uint32_t expected, double seconds) {
+  timespec ts = to_timespec(seconds);
+  // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
+  long rc = syscall(SYS_futex, reinterpret_cast<const uint32_t*>(addr), FUTEX_WAIT,
+                    expected, &ts, nullptr, 0);
+  return rc == 0 ? 0 : errno;
+}
+
+void futex_wake(const std::atomic<uint32_t>* addr) {
+  syscall(SYS_futex, reinterpret_cast<const uint32_t*>(addr), FUTEX_WAKE, INT_MAX,
+          nullptr, nullptr, 0);
+}
+
+pid_t this_tid() {
+  static thread_local pid_t tid = 0;
+  static thread_local pid_t tid_pid = 0;
+  pid_t pid = getpid();
+  if (tid == 0 || tid_pid != pid) {  // refresh in a forked child
+    tid = static_cast<pid_t>(syscall(SYS_gettid));
+    tid_pid = pid;
+  }
+  return tid;
+}
+
+// Re-entrancy bookkeeping: the shared mutex is not recursive; the depth of
+// the calling thread is kept here, keyed by the stream's generation id and
+// the pid (so a forked child never believes it inherited the lock).
+struct HeldEntry {
+  uint8_t instance_id[16];
+  pid_t pid;
+  int depth;
+};
+thread_local std::vector<HeldEntry> t_held;
+
+HeldEntry* find_held(const Header* h) {
+  pid_t pid = getpid();
+  for (auto& e : t_held) {
+    if (e.pid == pid && std::memcmp(e.instance_id, h->instance_id, 16) == 0) return &e;
+  }
+  return nullptr;
+}
+
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+
+// Copies with the widest loads available; memcpy is already optimal for
+// the sizes that matter, the wrapper only documents that the source may be
+// concurrently modified (seqlock reader), which is why the result is
+// validated by re-reading seq afterwards.
+inline void racy_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
+
+constexpr int kFastTries = 4;           // full-copy attempts before the lock
+constexpr double kOddSpinSeconds = 20e-6;  // spin on an odd seq before the lock
+
+}  // namespace
+
+uint32_t dtype_itemsize(uint32_t code) {
+  switch (code) {
+    case kBool:
+    case kInt8:
+    case kUInt8:
+      return 1;
+    case kInt16:
+    case kUInt16:
+    case kFloat16:
+    case kBFloat16:
+      return 2;
+    case kInt32:
+    case kUInt32:
+    case kFloat32:
+      return 4;
+    case kInt64:
+    case kUInt64:
+    case kFloat64:
+    case kComplex64:
+      return 8;
+    case kComplex128:
+      return 16;
+    default:
+      return 0;
+  }
+}
+
+int64_t now_realtime_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+std::string Stream::os_name(const std::string& name) {
+  if (name.empty()) throw Error(ErrorKind::kValue, "stream name must not be empty");
+  if (name.size() > kMaxNameBytes)
+    throw Error(ErrorKind::kValue, "stream name is " + std::to_string(name.size()) +
+                                       " bytes in UTF-8; the limit is " +
+                                       std::to_string(kMaxNameBytes));
+  for (unsigned char c : name) {
+    if (c == '/')
+      throw Error(ErrorKind::kValue, "stream name '" + name + "' must not contain '/'");
+    if (c < 0x20 || c == 0x7f)
+      throw Error(ErrorKind::kValue, "stream name must not contain control characters");
+  }
+  return std::string(kOsPrefix) + name;
+}
+
+Stream* Stream::create(const std::string& name, const Geometry& g) {
+  const std::string os = os_name(name);
+  uint32_t itemsize = dtype_itemsize(g.dtype_code);
+  if (itemsize == 0) throw Error(ErrorKind::kValue, "unknown dtype code");
+  if (g.ndim > kMaxDims)
+    throw Error(ErrorKind::kValue, "shape has " + std::to_string(g.ndim) +
+                                       " dimensions; the limit is " + std::to_string(kMaxDims));
+  uint64_t nbytes = itemsize;
+  for (uint32_t i = 0; i < g.ndim; ++i) {
+    if (g.shape[i] < 0) throw Error(ErrorKind::kValue, "shape dimensions must be >= 0");
+    if (mul_overflows(nbytes, static_cast<uint64_t>(g.shape[i]), &nbytes))
+      throw Error(ErrorKind::kValue, "shape is too large");
+  }
+  if (nbytes > (uint64_t(1) << 46)) throw Error(ErrorKind::kValue, "payload is too large");
+  const uint64_t total = kHeaderBytes + round_up(nbytes, 4096);
+
+  int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) throw_os("cannot create shared memory '" + os + "'", errno);
+  auto fail = [&](const std::string& what, int err) {
+    ::close(fd);
+    shm_unlink(os.c_str());
+    throw_os(what, err);
+  };
+  // Apply the exact mode regardless of the umask (0600 unless asked).
+  if (fchmod(fd, g.mode & 0777) != 0) fail("fchmod", errno);
+  if (ftruncate(fd, static_cast<off_t>(total)) != 0) fail("ftruncate", errno);
+  // Reserve every page now: on tmpfs a later first touch of an unreserved
+  // page beyond the free space would be a SIGBUS in whichever process
+  // touched it.
+  int err = posix_fallocate(fd, 0, static_cast<off_t>(total));
+  if (err != 0) {
+    struct statvfs vfs;
+    std::string detail;
+    if (fstatvfs(fd, &vfs) == 0) {
+      detail = " (stream needs " + std::to_string(total) + " bytes, /dev/shm has " +
+               std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize) + " free)";
+    }
+    fail("cannot reserve " + std::to_string(total) + " bytes of shared memory" + detail, err);
+  }
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+  if (base == MAP_FAILED) fail("mmap", errno);
+  ::close(fd);
+
+  // The pages come from fallocate zero-filled; fill in the header and
+  // publish `magic` last so an opener never trusts a half-initialized one.
+  Header* h = static_cast<Header*>(base);
+  h->layout_version = kLayoutVersion;
+  h->header_bytes = static_cast<uint32_t>(kHeaderBytes);
+  h->payload_offset = kHeaderBytes;
+  h->payload_bytes = nbytes;
+  h->segment_bytes = total;
+  h->dtype_code = g.dtype_code;
+  h->itemsize = itemsize;
+  h->ndim = g.ndim;
+  h->flags = g.flags;
+  h->creator_pid = getpid();
+  h->mode = g.mode & 0777;
+  h->create_time_ns = now_realtime_ns();
+  if (getrandom(h->instance_id, sizeof(h->instance_id), 0) != sizeof(h->instance_id)) {
+    // Fall back to time/pid mixing; uniqueness per name is what matters.
+    uint64_t a = static_cast<uint64_t>(h->create_time_ns), b = static_cast<uint64_t>(getpid());
+    std::memcpy(h->instance_id, &a, 8);
+    std::memcpy(h->instance_id + 8, &b, 8);
+  }
+  for (uint32_t i = 0; i < g.ndim; ++i) h->shape[i] = g.shape[i];
+  h->name_len = static_cast<uint32_t>(name.size());
+  std::memcpy(h->name, name.data(), name.size());
+
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+  int rc = pthread_mutex_init(&h->mutex, &attr);
+  pthread_mutexattr_destroy(&attr);
+  if (rc != 0) {
+    munmap(base, total);
+    shm_unlink(os.c_str());
+    throw_os("pthread_mutex_init", rc);
+  }
+  h->seq.store(0, std::memory_order_relaxed);
+  h->magic.store(kMagic, std::memory_order_release);
+
+  Stream* s = new Stream();
+  s->name_ = name;
+  s->hdr_ = h;
+  s->payload_ = static_cast<uint8_t*>(base) + kHeaderBytes;
+  s->payload_bytes_ = nbytes;
+  s->map_bytes_ = total;
+  return s;
+}
+
+void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& name) {
+  auto bad = [&](const std::string& what) {
+    throw Error(ErrorKind::kValue, "shared memory '" + std::string(kOsPrefix) + name +
+                                       "' is corrupted or not a torch_shmem stream: " + what);
+  };
+  if (h->layout_version != kLayoutVersion)
+    bad("layout version " + std::to_string(h->layout_version) + ", this build reads " +
+        std::to_string(kLayoutVersion));
+  if (h->header_bytes != kHeaderBytes || h->payload_offset != kHeaderBytes)
+    bad("unexpected header size");
+  uint32_t itemsize = dtype_itemsize(h->dtype_code);
+  if (itemsize == 0 || h->itemsize != itemsize)
+    bad("invalid dtype code " + std::to_string(h->dtype_code));
+  if (h->ndim > kMaxDims) bad("invalid ndim " + std::to_string(h->ndim));
+  uint64_t nbytes = itemsize;
+  for (uint32_t i = 0; i < h->ndim; ++i) {
+    if (h->shape[i] < 0) bad("negative dimension");
+    if (mul_overflows(nbytes, static_cast<uint64_t>(h->shape[i]), &nbytes)) bad("shape overflows");
+  }
+  if (nbytes != h->payload_bytes) bad("shape does not match payload size");
+  if (h->segment_bytes != file_bytes)
+    bad("header claims " + std::to_string(h->segment_bytes) + " bytes, segment has " +
+        std::to_string(file_bytes));
+  if (h->payload_offset + h->payload_bytes > file_bytes) bad("payload exceeds the segment");
+  if (h->name_len != name.size() || std::memcmp(h->name, name.data(), name.size()) != 0)
+    bad("stored name does not match");
+  if (h->flags & ~(kFlagGpu | kFlagCpuMirror)) bad("unknown flags");
+}
+
+Stream* Stream::open(const std::string& name, bool readonly) {
+  const std::string os = os_name(name);
+  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (fd < 0) throw_os("cannot open shared memory '" + os + "'", errno);
+  struct stat st;
+  // A creator between shm_open and the publication of `magic` is given a
+  // moment; anything still incomplete after that is reported as corrupted.
+  const double deadline = mono_now() + 1.0;
+  void* base = MAP_FAILED;
+  uint64_t file_bytes = 0;
+  for (;;) {
+    if (fstat(fd, &st) != 0) {
+      int e = errno;
+      ::close(fd);
+      throw_os("fstat", e);
+    }
+    file_bytes = static_cast<uint64_t>(st.st_size);
+    if (file_bytes >= kHeaderBytes) {
+      base = mmap(nullptr, file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (base == MAP_FAILED) {
+        int e = errno;
+        ::close(fd);
+        throw_os("mmap", e);
+      }
+      uint64_t magic = static_cast<Header*>(base)->magic.load(std::memory_order_acquire);
+      if (magic == kMagic) break;
+      munmap(base, file_bytes);
+      base = MAP_FAILED;
+      if (magic != 0) {
+        ::close(fd);
+        throw Error(ErrorKind::kValue, "shared memory '" + os +
+                                           "' is not a torch_shmem stream (bad magic)");
+      }
+    }
+    if (mono_now() > deadline) {
+      ::close(fd);
+      throw Error(ErrorKind::kValue,
+                  "shared memory '" + os + "' is not a torch_shmem stream (" +
+                      (file_bytes < kHeaderBytes
+                           ? "only " + std::to_string(file_bytes) + " bytes"
+                           : std::string("header never initialized")) +
+                      "); remove it with torch_shmem.unlink(" + "'" + name + "')");
+    }
+    usleep(1000);
+  }
+  ::close(fd);
+  Header* h = static_cast<Header*>(base);
+  try {
+    validate(h, file_bytes, name);
+  } catch (...) {
+    munmap(base, file_bytes);
+    throw;
+  }
+  if (readonly && h->payload_bytes > 0) {
+    // The header stays writable (waiters and the lock fallback need it);
+    // the payload pages are mapped read-only for this handle.
+    mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(h->payload_bytes, 4096),
+             PROT_READ);
+  }
+  Stream* s = new Stream();
+  s->name_ = name;
+  s->hdr_ = h;
+  s->payload_ = static_cast<uint8_t*>(base) + kHeaderBytes;
+  s->payload_bytes_ = h->payload_bytes;
+  s->map_bytes_ = file_bytes;
+  s->readonly_ = readonly;
+  return s;
+}
+
+bool Stream::unlink_name(const std::string& name) {
+  const std::string os = os_name(name);
+  // Flag the current generation so that open handles can tell.
+  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (fd >= 0) {
+    struct stat st;
+    if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
+      void* base = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (base != MAP_FAILED) {
+        Header* h = static_cast<Header*>(base);
+        if (h->magic.load(std::memory_order_acquire) == kMagic) {
+          h->unlinked.store(1, std::memory_order_release);
+          // Parked readers re-check their handles' state.
+          h->epoch.fetch_add(1, std::memory_order_seq_cst);
+          futex_wake(&h->epoch);
+        }
+        munmap(base, kHeaderBytes);
+      }
+    }
+    ::close(fd);
+  }
+  if (shm_unlink(os.c_str()) != 0) {
+    if (errno == ENOENT) return false;
+    throw_os("cannot unlink shared memory '" + os + "'", errno);
+  }
+  return true;
+}
+
+Stream::~Stream() { unmap(); }
+
+void Stream::unmap() {
+  if (hdr_ != nullptr) {
+    munmap(hdr_, map_bytes_);
+    hdr_ = nullptr;
+    payload_ = nullptr;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Lock
+//
+// State machine of the shared mutex (robust, process-shared):
+//   FREE --lock--> HELD(pid,tid) --unlock--> FREE
+//   HELD --owner thread/process dies--> OWNER_DIED (kernel, robust list)
+//   OWNER_DIED --next lock returns EOWNERDEAD--> HELD(new owner), after
+//     pthread_mutex_consistent and, if the dead owner left seq odd, the
+//     stream is marked broken (the payload is torn; readers raise
+//     InconsistentStreamError until the next completed write).
+// The kernel clears the dead owner's tid from the futex word itself, so a
+// recycled pid/tid can never look like the owner.
+// ---------------------------------------------------------------------------
+
+int Stream::held_depth() const {
+  const HeldEntry* e = find_held(hdr_);
+  return e ? e->depth : 0;
+}
+
+bool Stream::lock_for(double seconds) {
+  HeldEntry* e = find_held(hdr_);
+  if (e != nullptr && e->depth > 0) {
+    e->depth += 1;
+    return true;
+  }
+  int rc = pthread_mutex_trylock(&hdr_->mutex);
+  if (rc == EBUSY && seconds > 0) {
+    timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    timespec add = to_timespec(seconds);
+    timespec abs{now.tv_sec + add.tv_sec, now.tv_nsec + add.tv_nsec};
+    if (abs.tv_nsec >= 1000000000L) {
+      abs.tv_sec += 1;
+      abs.tv_nsec -= 1000000000L;
+    }
+    rc = pthread_mutex_clocklock(&hdr_->mutex, CLOCK_MONOTONIC, &abs);
+  }
+  if (rc == EBUSY || rc == ETIMEDOUT) return false;
+  if (rc == EOWNERDEAD) {
+    // The previous owner died holding the lock. If it died inside the odd
+    // window of a write, the payload is torn: mark the stream broken.
+    pthread_mutex_consistent(&hdr_->mutex);
+    if (hdr_->seq.load(std::memory_order_relaxed) & 1)
+      hdr_->broken.store(1, std::memory_order_release);
+    rc = 0;
+  }
+  if (rc == ENOTRECOVERABLE)
+    throw Error(ErrorKind::kState, "the lock of stream '" + name_ + "' is not recoverable");
+  if (rc != 0) throw_os("lock of stream '" + name_ + "'", rc);
+  hdr_->owner_pid.store(getpid(), std::memory_order_relaxed);
+  hdr_->owner_tid.store(this_tid(), std::memory_order_relaxed);
+  if (e == nullptr) {
+    t_held.push_back(HeldEntry{});
+    e = &t_held.back();
+    std::memcpy(e->instance_id, hdr_->instance_id, 16);
+    e->pid = getpid();
+  }
+  e->depth = 1;
+  return true;
+}
+
+void Stream::unlock() {
+  HeldEntry* e = find_held(hdr_);
+  if (e == nullptr || e->depth <= 0)
+    throw Error(ErrorKind::kState,
+                "cannot release the lock of stream '" + name_ + "': this thread does not hold it");
+  if (--e->depth > 0) return;
+  hdr_->owner_pid.store(0, std::memory_order_relaxed);
+  hdr_->owner_tid.store(0, std::memory_order_relaxed);
+  for (size_t i = 0; i < t_held.size(); ++i) {
+    if (&t_held[i] == e) {
+      t_held[i] = t_held.back();
+      t_held.pop_back();
+      break;
+    }
+  }
+  pthread_mutex_unlock(&hdr_->mutex);
+}
+
+// ---------------------------------------------------------------------------
+// Publication (seqlock writer). Caller holds the lock, so seq only changes
+// here. Ordering:
+//   seq <- odd (relaxed) ; fence(release)     -- seq odd is visible before
+//                                                 any payload byte changes
+//   payload, write_time, frame_id stores
+//   seq <- even (release)                      -- payload visible before even
+//   epoch += 1 (seq_cst) ; if waiters: wake     -- Dekker pair with wait_slice
+// ---------------------------------------------------------------------------
+
+void Stream::begin_locked() {
+  uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
+  if ((s & 1) == 0) {
+    hdr_->seq.store(s + 1, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+  }
+  // An odd seq here means a dead or aborted writer left a torn payload;
+  // it stays odd and this write repairs it.
+}
+
+uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
+  uint64_t s = hdr_->seq.load(std::memory_order_relaxed);  // odd
+  hdr_->write_time_ns.store(now_realtime_ns(), std::memory_order_relaxed);
+  if (has_frame_id) hdr_->frame_id.store(frame_id, std::memory_order_relaxed);
+  hdr_->broken.store(0, std::memory_order_relaxed);
+  hdr_->seq.store(s + 1, std::memory_order_release);
+  hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
+  if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
+  return (s + 1) >> 1;
+}
+
+uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
+  begin_locked();
+  std::memcpy(payload_, src, payload_bytes_);
+  return publish_locked(has_frame_id, frame_id);
+}
+
+uint64_t Stream::clear_locked() {
+  begin_locked();
+  std::memset(payload_, 0, payload_bytes_);
+  return publish_locked(false, 0);
+}
+
+void Stream::begin_write_locked() { begin_locked(); }
+
+uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
+  return publish_locked(has_frame_id, frame_id);
+}
+
+void Stream::abort_write_locked() {
+  // seq stays odd: the payload may be partially written.
+  hdr_->broken.store(1, std::memory_order_release);
+  hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
+  if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot (seqlock reader):
+//   s1 <- seq (acquire); odd -> writer active (spin briefly) or broken
+//   copy payload, load write_time/frame_id (relaxed)
+//   fence(acquire); s2 <- seq (relaxed)    -- copy happens-before the re-load
+//   s1 == s2 -> the copy is exactly the write that produced s1
+// After kFastTries changed-under-us copies, or kOddSpinSeconds of odd seq,
+// the reader takes the lock: that bounds its work and guarantees progress
+// against a writer that never pauses.
+// ---------------------------------------------------------------------------
+
+bool Stream::read_fast(void* dst, Snapshot* snap) const {
+  double spin_start = -1;
+  int tries = 0;
+  for (;;) {
+    uint64_t s1 = hdr_->seq.load(std::memory_order_acquire);
+    if (s1 & 1) {
+      if (hdr_->broken.load(std::memory_order_acquire))
+        throw Error(ErrorKind::kInconsistent,
+                    "stream '" + name_ +
+                        "' holds an incomplete write (its writer died or aborted "
+                        "mid-write); the next completed write repairs it");
+      double now = mono_now();
+      if (spin_start < 0) spin_start = now;
+      if (now - spin_start > kOddSpinSeconds) return false;
+      for (int i = 0; i < 16; ++i) TSHM_CPU_RELAX();
+      continue;
+    }
+    racy_copy(dst, payload_, payload_bytes_);
+    int64_t t = hdr_->write_time_ns.load(std::memory_order_relaxed);
+    uint64_t fid = hdr_->frame_id.load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    uint64_t s2 = hdr_->seq.load(std::memory_order_relaxed);
+    if (s1 == s2) {
+      snap->seq = s1;
+      snap->count = s1 >> 1;
+      snap->write_time_ns = t;
+      snap->frame_id = fid;
+      return true;
+    }
+    if (++tries >= kFastTries) return false;
+  }
+}
+
+Snapshot Stream::read_locked(void* dst) const {
+  uint64_t s = hdr_->seq.load(std::memory_order_acquire);
+  if (s & 1) {
+    if (hdr_->broken.load(std::memory_order_acquire))
+      throw Error(ErrorKind::kInconsistent,
+                  "stream '" + name_ +
+                      "' holds an incomplete write (its writer died or aborted "
+                      "mid-write); the next completed write repairs it");
+    throw Error(ErrorKind::kState, "stream '" + name_ +
+                                       "': cannot take a snapshot while this thread "
+                                       "has a write in progress");
+  }
+  std::memcpy(dst, payload_, payload_bytes_);
+  Snapshot snap;
+  snap.seq = s;
+  snap.count = s >> 1;
+  snap.write_time_ns = hdr_->write_time_ns.load(std::memory_order_relaxed);
+  snap.frame_id = hdr_->frame_id.load(std::memory_order_relaxed);
+  return snap;
+}
+
+// ---------------------------------------------------------------------------
+// Waiting. Reader side of the Dekker pair with publish_locked:
+//   e <- epoch (acquire); check count
+//   waiters += 1 (seq_cst); re-check count (seq_cst)
+//   futex_wait(epoch, e)   -- returns at once if a publication bumped epoch
+// Either the writer sees waiters > 0 and wakes, or the reader sees the new
+// seq/epoch; a wake can never be lost.
+// ---------------------------------------------------------------------------
+
+bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) const {
+  if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+  if (spin_seconds > 0) {
+    double end = mono_now() + spin_seconds;
+    do {
+      for (int i = 0; i < 32; ++i) TSHM_CPU_RELAX();
+      if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+    } while (mono_now() < end);
+  }
+  if (seconds <= 0) return false;
+  uint32_t e = hdr_->epoch.load(std::memory_order_acquire);
+  if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+  auto* waiters = const_cast<std::atomic<uint32_t>*>(&hdr_->waiters);
+  waiters->fetch_add(1, std::memory_order_seq_cst);
+  if ((hdr_->seq.load(std::memory_order_seq_cst) >> 1) > after) {
+    waiters->fetch_sub(1, std::memory_order_seq_cst);
+    return true;
+  }
+  futex_wait(&hdr_->epoch, e, seconds);
+  waiters->fetch_sub(1, std::memory_order_seq_cst);
+  (void)hdr_->epoch.load(std::memory_order_acquire);
+  return (hdr_->seq.load(std::memory_order_acquire) >> 1) > after;
+}
+
+void Stream::wake_all() const {
+  auto* epoch = const_cast<std::atomic<uint32_t>*>(&hdr_->epoch);
+  epoch->fetch_add(1, std::memory_order_seq_cst);
+  futex_wake(epoch);
+}
+
+}  // namespace core
+}  // namespace torch_shmem

@@ -1,0 +1,250 @@
+// torch_shmem core: one named shared-memory stream (header + payload in one
+// POSIX shm object). Plain C++17, no Python and no torch types, so the NumPy
+// binding (csrc/python) and the torch op library (csrc/ops) share it.
+//
+// Segment layout (one POSIX shm object "/torch_shmem.<name>", mode 0600):
+//
+//   offset 0      +-------------------------------------------------------+
+//                 | identity + geometry (written once by create, before   |
+//                 | `magic` is published with release ordering)           |
+//   offset 1024   +-------------------------------------------------------+
+//                 | publication line: seq (= 2*count, odd while writing), |
+//                 | write_time, frame_id, broken, unlinked                |
+//                 | (written by the lock holder only)                     |
+//   offset 1152   +-------------------------------------------------------+
+//                 | lock line: robust process-shared pthread mutex,       |
+//                 | owner pid/tid (diagnostics)                           |
+//   offset 1280   +-------------------------------------------------------+
+//                 | wait line: epoch (futex word), waiters                |
+//   offset 4096   +-------------------------------------------------------+
+//                 | payload (payload_bytes, page aligned)                 |
+//                 +-------------------------------------------------------+
+//
+// Each hot line is 128 bytes so that the adjacent-line prefetcher does not
+// couple them: readers spinning on `seq` do not steal the line holding the
+// lock word, and waiters registering in `waiters` do not disturb `seq`.
+#pragma once
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <atomic>
+#include <stdexcept>
+#include <string>
+
+namespace torch_shmem {
+namespace core {
+
+constexpr uint64_t kMagic = 0x314D485354484354ULL;  // "TCHTSHM1" little endian
+constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kMaxDims = 32;
+constexpr uint32_t kMaxNameBytes = 200;
+constexpr uint64_t kHeaderBytes = 4096;
+constexpr const char* kOsPrefix = "/torch_shmem.";
+
+// Stable dtype codes stored in the header. Never renumber.
+enum DType : uint32_t {
+  kBool = 1,
+  kInt8 = 2,
+  kUInt8 = 3,
+  kInt16 = 4,
+  kUInt16 = 5,
+  kInt32 = 6,
+  kUInt32 = 7,
+  kInt64 = 8,
+  kUInt64 = 9,
+  kFloat16 = 10,
+  kFloat32 = 11,
+  kFloat64 = 12,
+  kComplex64 = 13,
+  kComplex128 = 14,
+  kBFloat16 = 15,  // reserved for GPU streams
+  kDTypeEnd = 16,
+};
+
+// Bytes per element for a dtype code, 0 if the code is unknown.
+uint32_t dtype_itemsize(uint32_t code);
+
+// Header flags.
+constexpr uint32_t kFlagGpu = 1u << 0;
+constexpr uint32_t kFlagCpuMirror = 1u << 1;
+
+struct alignas(128) Header {
+  // ---- identity and geometry: immutable after create --------------------
+  std::atomic<uint64_t> magic;  // stored last at create (release)
+  uint32_t layout_version;
+  uint32_t header_bytes;
+  uint64_t payload_offset;
+  uint64_t payload_bytes;
+  uint64_t segment_bytes;
+  uint32_t dtype_code;
+  uint32_t itemsize;
+  uint32_t ndim;
+  uint32_t flags;
+  int32_t creator_pid;
+  uint32_t mode;
+  int64_t create_time_ns;
+  uint8_t instance_id[16];
+  int64_t shape[kMaxDims];
+  uint32_t name_len;
+  char name[kMaxNameBytes + 4];
+  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4)];
+
+  // ---- publication line: written only by the lock holder -----------------
+  // seq is odd while a write is in progress and equals 2 * count when
+  // stable, so count is exact even if a writer dies mid-write (the next
+  // good write takes the odd seq to the next even value). write_time and
+  // frame_id are stored inside the odd window, so a reader that sees the
+  // same even seq before and after its copy also saw the metadata of that
+  // write.
+  alignas(128) std::atomic<uint64_t> seq;
+  std::atomic<int64_t> write_time_ns;
+  std::atomic<uint64_t> frame_id;
+  // 1 when a writer died (or aborted) inside the odd window: the payload is
+  // torn. Cleared by the next completed write.
+  std::atomic<uint32_t> broken;
+  std::atomic<uint32_t> unlinked;  // set by unlink(); handles can notice
+
+  // ---- lock line ----------------------------------------------------------
+  alignas(128) pthread_mutex_t mutex;  // robust, process-shared, errorcheck
+  std::atomic<int32_t> owner_pid;  // diagnostics only, 0 when free
+  std::atomic<int32_t> owner_tid;
+
+  // ---- wait line ----------------------------------------------------------
+  // epoch is the futex word: bumped after every publication. waiters counts
+  // parked readers so that the write path makes no syscall when nobody waits.
+  alignas(128) std::atomic<uint32_t> epoch;
+  std::atomic<uint32_t> waiters;
+};
+
+static_assert(offsetof(Header, seq) == 1024, "header layout changed");
+static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
+static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
+static_assert(sizeof(Header) <= kHeaderBytes, "header exceeds its page");
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "need lock-free 64-bit atomics");
+static_assert(sizeof(std::atomic<uint32_t>) == 4, "futex word must be 32 bits");
+
+// Error kinds, mapped to Python exceptions at one choke point in the binding.
+enum class ErrorKind {
+  kValue,         // ValueError: bad argument, foreign or corrupted segment
+  kNotFound,      // FileNotFoundError
+  kExists,        // FileExistsError
+  kPermission,    // PermissionError
+  kTimeout,       // TimeoutError
+  kInconsistent,  // InconsistentStreamError: torn payload after a writer died
+  kState,         // RuntimeError: wrong usage (e.g. release without acquire)
+  kNoSpace,       // OSError(ENOSPC)
+  kOS,            // OSError(errno)
+};
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorKind kind, const std::string& msg, int err = 0)
+      : std::runtime_error(msg), kind_(kind), errno_(err) {}
+  ErrorKind kind() const { return kind_; }
+  int err() const { return errno_; }
+
+ private:
+  ErrorKind kind_;
+  int errno_;
+};
+
+struct Geometry {
+  uint32_t dtype_code = 0;
+  uint32_t ndim = 0;
+  int64_t shape[kMaxDims] = {};
+  uint32_t flags = 0;
+  uint32_t mode = 0600;
+};
+
+struct Snapshot {
+  uint64_t seq = 0;
+  uint64_t count = 0;
+  int64_t write_time_ns = 0;
+  uint64_t frame_id = 0;
+};
+
+// A mapping of one stream. Thread-safety: the lock/publish/snapshot/wait
+// methods may run concurrently from any number of threads and processes;
+// unmap() must only run when no other method is in flight on this object
+// (the binding guarantees it with an in-flight counter).
+//
+// Blocking is done in bounded slices (lock_for, wait_slice) so that the
+// binding can drop the GIL for one slice, then check signals, deadlines and
+// close() requests between slices.
+class Stream {
+ public:
+  // Creates a new stream; throws kExists when the name is taken, kNoSpace
+  // when /dev/shm cannot hold it (pages are reserved up front, so a full
+  // tmpfs fails here and never with SIGBUS later).
+  static Stream* create(const std::string& name, const Geometry& g);
+  // Opens an existing stream; throws kNotFound, kPermission, kValue
+  // (foreign, truncated or corrupted segment).
+  static Stream* open(const std::string& name, bool readonly);
+  // Removes the name; returns false when it did not exist.
+  static bool unlink_name(const std::string& name);
+  // Validates a user-visible name (throws kValue) and returns the OS name.
+  static std::string os_name(const std::string& name);
+
+  ~Stream();
+  void unmap();
+
+  const Header* header() const { return hdr_; }
+  Header* header() { return hdr_; }
+  const std::string& name() const { return name_; }
+  uint8_t* payload() const { return payload_; }
+  uint64_t payload_bytes() const { return payload_bytes_; }
+  bool readonly() const { return readonly_; }
+  bool mapped() const { return hdr_ != nullptr; }
+
+  // ---- lock: re-entrant per thread, robust to owner death ----------------
+  // Tries for at most `seconds` (<= 0: one try). Returns true when this
+  // thread holds the lock afterwards.
+  bool lock_for(double seconds);
+  void unlock();
+  int held_depth() const;  // this thread's depth on this stream (any handle)
+
+  // ---- publication (caller holds the lock) ------------------------------
+  // count += 1 per completed write; seq = 2 * count (+1 while writing).
+  uint64_t write_locked(const void* src, bool has_frame_id, uint64_t frame_id);
+  uint64_t clear_locked();
+  // Two-phase write for in-place producers.
+  void begin_write_locked();
+  uint64_t commit_write_locked(bool has_frame_id, uint64_t frame_id);
+  void abort_write_locked();  // leaves the stream broken until the next write
+
+  // ---- snapshot ---------------------------------------------------------
+  // Lock-free attempt; false means "take the lock and use read_locked".
+  // Throws kInconsistent when the last write was torn by a dead writer.
+  bool read_fast(void* dst, Snapshot* snap) const;
+  Snapshot read_locked(void* dst) const;  // caller holds the lock
+
+  // ---- waiting ------------------------------------------------------------
+  // Spins for up to spin_seconds, then parks on the futex for at most
+  // `seconds`. Returns true when count > after. May return false early
+  // (spurious wake, wake_all, signal); callers loop.
+  bool wait_slice(uint64_t after, double spin_seconds, double seconds) const;
+  void wake_all() const;
+
+  uint64_t seq() const { return hdr_->seq.load(std::memory_order_acquire); }
+  uint64_t count() const { return seq() >> 1; }
+
+ private:
+  Stream() = default;
+  void begin_locked();
+  uint64_t publish_locked(bool has_frame_id, uint64_t frame_id);
+  static void validate(const Header* h, uint64_t file_bytes, const std::string& name);
+
+  std::string name_;
+  Header* hdr_ = nullptr;
+  uint8_t* payload_ = nullptr;
+  uint64_t payload_bytes_ = 0;
+  size_t map_bytes_ = 0;
+  bool readonly_ = false;
+};
+
+int64_t now_realtime_ns();
+
+}  // namespace core
+}  // namespace torch_shmem

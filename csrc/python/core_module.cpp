@@ -1,0 +1,883 @@
+// torch_shmem._core: the NumPy-path binding of the C++ core.
+//
+// Plain CPython + NumPy C API (no torch, no pybind11): `import torch_shmem`
+// must stay cheap and must not load libtorch, and the per-call overhead at
+// small frame sizes is a large share of the total (see design.md, 4).
+//
+// The binding is mechanism only: it moves bytes, blocks in bounded slices
+// with the GIL released, and maps core errors to Python exceptions at one
+// choke point (raise_core_error). Argument policy (dtype casting, friendly
+// messages, keyword handling) lives in torch_shmem/_stream.py.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <errno.h>
+#include <time.h>
+
+#include <atomic>
+#include <cmath>
+#include <string>
+
+#include "../core/stream.h"
+
+using torch_shmem::core::Error;
+using torch_shmem::core::ErrorKind;
+using torch_shmem::core::Geometry;
+using torch_shmem::core::Snapshot;
+using torch_shmem::core::Stream;
+
+namespace {
+
+PyObject* InconsistentStreamError = nullptr;
+
+// Copies at least this large run with the GIL released.
+constexpr uint64_t kReleaseGilBytes = 256 * 1024;
+// Slice lengths for blocking calls: the longest a pending signal or a
+// close() from another thread waits to be noticed.
+constexpr double kLockSlice = 0.05;
+constexpr double kWaitSlice = 0.1;
+// Spin before parking in read_new/read_after (wake-up latency vs CPU).
+constexpr double kDefaultSpin = 50e-6;
+
+double mono_now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int dtype_to_typenum(uint32_t code) {
+  using namespace torch_shmem::core;
+  switch (code) {
+    case kBool: return NPY_BOOL;
+    case kInt8: return NPY_INT8;
+    case kUInt8: return NPY_UINT8;
+    case kInt16: return NPY_INT16;
+    case kUInt16: return NPY_UINT16;
+    case kInt32: return NPY_INT32;
+    case kUInt32: return NPY_UINT32;
+    case kInt64: return NPY_INT64;
+    case kUInt64: return NPY_UINT64;
+    case kFloat16: return NPY_FLOAT16;
+    case kFloat32: return NPY_FLOAT32;
+    case kFloat64: return NPY_FLOAT64;
+    case kComplex64: return NPY_COMPLEX64;
+    case kComplex128: return NPY_COMPLEX128;
+    default: return -1;  // bfloat16 has no NumPy type
+  }
+}
+
+struct Handle {
+  PyObject_HEAD
+  Stream* s;
+  PyObject* name;  // str
+  int typenum;
+  int ndim;
+  npy_intp dims[torch_shmem::core::kMaxDims];
+  uint64_t nbytes;
+  std::atomic<int> inflight;
+  bool closing;
+  bool closed;
+  Py_ssize_t exports;  // live buffer exports (unsafe views)
+  double spin;
+  // read bookkeeping (exact: computed from the count of each snapshot)
+  uint64_t last_read_count;
+  uint64_t missed_writes;
+  uint64_t total_missed_writes;
+  Snapshot last;
+};
+
+PyTypeObject HandleType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+PyObject* raise_core_error(Handle* h, const Error& e) {
+  std::string msg = e.what();
+  if (h != nullptr && h->name != nullptr) {
+    const char* n = PyUnicode_AsUTF8(h->name);
+    if (n != nullptr && msg.find(std::string("'") + n + "'") == std::string::npos)
+      msg = std::string("stream '") + n + "': " + msg;
+  }
+  msg = "torch_shmem: " + msg;
+  switch (e.kind()) {
+    case ErrorKind::kValue:
+      PyErr_SetString(PyExc_ValueError, msg.c_str());
+      break;
+    case ErrorKind::kNotFound:
+      PyErr_SetObject(PyExc_FileNotFoundError, Py_BuildValue("(is)", ENOENT, msg.c_str()));
+      break;
+    case ErrorKind::kExists:
+      PyErr_SetObject(PyExc_FileExistsError, Py_BuildValue("(is)", EEXIST, msg.c_str()));
+      break;
+    case ErrorKind::kPermission:
+      PyErr_SetObject(PyExc_PermissionError,
+                      Py_BuildValue("(is)", e.err() ? e.err() : EACCES, msg.c_str()));
+      break;
+    case ErrorKind::kTimeout:
+      PyErr_SetString(PyExc_TimeoutError, msg.c_str());
+      break;
+    case ErrorKind::kInconsistent:
+      PyErr_SetString(InconsistentStreamError, msg.c_str());
+      break;
+    case ErrorKind::kState:
+      PyErr_SetString(PyExc_RuntimeError, msg.c_str());
+      break;
+    case ErrorKind::kNoSpace:
+    case ErrorKind::kOS:
+      PyErr_SetObject(PyExc_OSError, Py_BuildValue("(is)", e.err(), msg.c_str()));
+      break;
+  }
+  return nullptr;
+}
+
+PyObject* closed_error(Handle* h) {
+  PyErr_Format(PyExc_RuntimeError,
+               "torch_shmem: stream %R is closed on this handle; reopen it with "
+               "torch_shmem.open(%R)",
+               h->name, h->name);
+  return nullptr;
+}
+
+// In-flight guard: close() waits for it to drop to zero before unmapping.
+struct Guard {
+  Handle* h;
+  bool ok;
+  explicit Guard(Handle* handle) : h(handle), ok(false) {
+    if (h->closed || h->closing) {
+      closed_error(h);
+      return;
+    }
+    h->inflight.fetch_add(1, std::memory_order_acq_rel);
+    ok = true;
+  }
+  ~Guard() {
+    if (ok) h->inflight.fetch_sub(1, std::memory_order_acq_rel);
+  }
+};
+
+// Runs f() with the GIL released when `release` is true, converting core
+// errors after the GIL is back. Returns false with a Python error set.
+template <typename F>
+bool run_core(Handle* h, bool release, F&& f) {
+  bool failed = false;
+  Error err(ErrorKind::kState, "");
+  if (release) {
+    Py_BEGIN_ALLOW_THREADS
+    try {
+      f();
+    } catch (const Error& e) {
+      failed = true;
+      err = e;
+    }
+    Py_END_ALLOW_THREADS
+  } else {
+    try {
+      f();
+    } catch (const Error& e) {
+      failed = true;
+      err = e;
+    }
+  }
+  if (failed) raise_core_error(h, err);
+  return !failed;
+}
+
+// timeout: None -> forever (-1), else non-negative float seconds.
+bool parse_timeout(Handle* h, PyObject* obj, double* out) {
+  if (obj == nullptr || obj == Py_None) {
+    *out = -1;
+    return true;
+  }
+  double t = PyFloat_AsDouble(obj);
+  if (t == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    PyErr_Format(PyExc_TypeError, "torch_shmem: stream %R: timeout must be a number or None",
+                 h->name);
+    return false;
+  }
+  if (std::isnan(t) || t < 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "torch_shmem: stream %R: timeout must be >= 0 or None, got %R", h->name, obj);
+    return false;
+  }
+  *out = t;
+  return true;
+}
+
+// Acquires the stream lock, blocking in slices. Returns false with an error.
+bool acquire_lock(Handle* h, double timeout) {
+  Stream* s = h->s;
+  bool ok = false;
+  if (!run_core(h, false, [&] { ok = s->lock_for(0); })) return false;
+  if (ok) return true;
+  const double deadline = timeout < 0 ? INFINITY : mono_now() + timeout;
+  for (;;) {
+    double remaining = deadline - mono_now();
+    if (remaining <= 0) {
+      int pid = s->header()->owner_pid.load(std::memory_order_relaxed);
+      PyErr_Format(PyExc_TimeoutError,
+                   "torch_shmem: stream %R: timed out after %.3g s waiting for the write "
+                   "lock (held by pid %d)",
+                   h->name, timeout, pid);
+      return false;
+    }
+    double slice = remaining < kLockSlice ? remaining : kLockSlice;
+    if (!run_core(h, true, [&] { ok = s->lock_for(slice); })) return false;
+    if (ok) return true;
+    if (PyErr_CheckSignals() < 0) return false;
+    if (h->closing) {
+      closed_error(h);
+      return false;
+    }
+  }
+}
+
+void unlock_quiet(Handle* h) {
+  try {
+    h->s->unlock();
+  } catch (const Error&) {
+  }
+}
+
+void record_read(Handle* h, const Snapshot& snap) {
+  uint64_t missed = snap.count > h->last_read_count + 1 ? snap.count - h->last_read_count - 1 : 0;
+  h->missed_writes = missed;
+  h->total_missed_writes += missed;
+  h->last_read_count = snap.count;
+  h->last = snap;
+}
+
+// Consistent snapshot into dst (payload-sized). Returns false with an error.
+bool snapshot_into(Handle* h, void* dst, double timeout) {
+  Stream* s = h->s;
+  Snapshot snap;
+  bool ok = false;
+  const bool big = h->nbytes >= kReleaseGilBytes;
+  if (!run_core(h, big, [&] { ok = s->read_fast(dst, &snap); })) return false;
+  if (!ok) {
+    // The writer keeps winning (or died mid-write): take the lock.
+    if (!acquire_lock(h, timeout)) return false;
+    bool r = run_core(h, big, [&] { snap = s->read_locked(dst); });
+    unlock_quiet(h);
+    if (!r) return false;
+  }
+  record_read(h, snap);
+  return true;
+}
+
+PyObject* new_payload_array(Handle* h) {
+  return PyArray_SimpleNew(h->ndim, h->dims, h->typenum);
+}
+
+// Returns 1 if obj is an ndarray with exactly this stream's dtype, shape and
+// C-contiguous native layout, 0 otherwise.
+int exact_array(Handle* h, PyObject* obj) {
+  if (!PyArray_Check(obj)) return 0;
+  PyArrayObject* a = reinterpret_cast<PyArrayObject*>(obj);
+  if (PyArray_NDIM(a) != h->ndim) return 0;
+  int t = PyArray_TYPE(a);
+  if (t != h->typenum && !PyArray_EquivTypenums(t, h->typenum)) return 0;
+  if (!PyArray_ISNOTSWAPPED(a) || !PyArray_IS_C_CONTIGUOUS(a)) return 0;
+  const npy_intp* d = PyArray_DIMS(a);
+  for (int i = 0; i < h->ndim; ++i)
+    if (d[i] != h->dims[i]) return 0;
+  return 1;
+}
+
+bool wait_after(Handle* h, uint64_t after, double timeout, const char* what) {
+  Stream* s = h->s;
+  const double deadline = timeout < 0 ? INFINITY : mono_now() + timeout;
+  double spin = h->spin;
+  for (;;) {
+    double remaining = deadline - mono_now();
+    double slice = remaining < kWaitSlice ? remaining : kWaitSlice;
+    bool ok = false;
+    if (slice < 0) slice = 0;
+    if (!run_core(h, true, [&] { ok = s->wait_slice(after, spin, slice); })) return false;
+    if (ok) return true;
+    spin = 0;
+    if (PyErr_CheckSignals() < 0) return false;
+    if (h->closing) {
+      PyErr_Format(PyExc_RuntimeError,
+                   "torch_shmem: stream %R was closed on this handle while %s was waiting",
+                   h->name, what);
+      return false;
+    }
+    if (mono_now() >= deadline) {
+      PyErr_Format(PyExc_TimeoutError,
+                   "torch_shmem: stream %R: timed out after %.3g s waiting for a write "
+                   "newer than count %llu",
+                   h->name, timeout, static_cast<unsigned long long>(after));
+      return false;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Construction
+// ---------------------------------------------------------------------------
+
+Handle* wrap(Stream* s, PyObject* name) {
+  Handle* h = PyObject_New(Handle, &HandleType);
+  if (h == nullptr) {
+    delete s;
+    return nullptr;
+  }
+  h->s = s;
+  Py_INCREF(name);
+  h->name = name;
+  const auto* hdr = s->header();
+  h->typenum = dtype_to_typenum(hdr->dtype_code);
+  h->ndim = static_cast<int>(hdr->ndim);
+  for (int i = 0; i < h->ndim; ++i) h->dims[i] = static_cast<npy_intp>(hdr->shape[i]);
+  h->nbytes = hdr->payload_bytes;
+  new (&h->inflight) std::atomic<int>(0);
+  h->closing = false;
+  h->closed = false;
+  h->exports = 0;
+  h->spin = kDefaultSpin;
+  h->last = Snapshot();
+  h->last_read_count = s->count();
+  h->missed_writes = 0;
+  h->total_missed_writes = 0;
+  return h;
+}
+
+bool utf8_name(PyObject* name, std::string* out) {
+  if (!PyUnicode_Check(name)) {
+    PyErr_Format(PyExc_TypeError, "torch_shmem: stream name must be a str, got %s",
+                 Py_TYPE(name)->tp_name);
+    return false;
+  }
+  Py_ssize_t n = 0;
+  const char* p = PyUnicode_AsUTF8AndSize(name, &n);
+  if (p == nullptr) return false;
+  out->assign(p, static_cast<size_t>(n));
+  if (out->find('\0') != std::string::npos) {
+    PyErr_SetString(PyExc_ValueError, "torch_shmem: stream name must not contain NUL");
+    return false;
+  }
+  return true;
+}
+
+// create(name, dtype_code, shape, mode, flags)
+PyObject* mod_create(PyObject*, PyObject* args) {
+  PyObject* name;
+  unsigned int code, mode, flags;
+  PyObject* shape;
+  if (!PyArg_ParseTuple(args, "UIO!II", &name, &code, &PyTuple_Type, &shape, &mode, &flags))
+    return nullptr;
+  std::string n;
+  if (!utf8_name(name, &n)) return nullptr;
+  Geometry g;
+  g.dtype_code = code;
+  g.mode = mode;
+  g.flags = flags;
+  Py_ssize_t nd = PyTuple_GET_SIZE(shape);
+  if (nd > static_cast<Py_ssize_t>(torch_shmem::core::kMaxDims)) {
+    PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: shape has %zd dimensions; the limit is %u",
+                 name, nd, torch_shmem::core::kMaxDims);
+    return nullptr;
+  }
+  g.ndim = static_cast<uint32_t>(nd);
+  for (Py_ssize_t i = 0; i < nd; ++i) {
+    long long v = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    if (v == -1 && PyErr_Occurred()) return nullptr;
+    g.shape[i] = v;
+  }
+  Stream* s = nullptr;
+  Error err(ErrorKind::kState, "");
+  bool failed = false;
+  Py_BEGIN_ALLOW_THREADS  // fallocate of a large stream takes a while
+  try {
+    s = Stream::create(n, g);
+  } catch (const Error& e) {
+    failed = true;
+    err = e;
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) return raise_core_error(nullptr, err);
+  return reinterpret_cast<PyObject*>(wrap(s, name));
+}
+
+// open(name, readonly)
+PyObject* mod_open(PyObject*, PyObject* args) {
+  PyObject* name;
+  int readonly = 0;
+  if (!PyArg_ParseTuple(args, "Up", &name, &readonly)) return nullptr;
+  std::string n;
+  if (!utf8_name(name, &n)) return nullptr;
+  Stream* s = nullptr;
+  Error err(ErrorKind::kState, "");
+  bool failed = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    s = Stream::open(n, readonly != 0);
+  } catch (const Error& e) {
+    failed = true;
+    err = e;
+  }
+  Py_END_ALLOW_THREADS
+  if (failed) return raise_core_error(nullptr, err);
+  if (dtype_to_typenum(s->header()->dtype_code) < 0) {
+    // A GPU-only dtype: the NumPy path cannot represent it.
+    delete s;
+    PyErr_Format(PyExc_TypeError, "torch_shmem: stream %R has a dtype NumPy cannot represent",
+                 name);
+    return nullptr;
+  }
+  return reinterpret_cast<PyObject*>(wrap(s, name));
+}
+
+PyObject* mod_unlink(PyObject*, PyObject* arg) {
+  std::string n;
+  if (!utf8_name(arg, &n)) return nullptr;
+  try {
+    return PyBool_FromLong(Stream::unlink_name(n));
+  } catch (const Error& e) {
+    return raise_core_error(nullptr, e);
+  }
+}
+
+PyObject* mod_os_name(PyObject*, PyObject* arg) {
+  std::string n;
+  if (!utf8_name(arg, &n)) return nullptr;
+  try {
+    std::string os = Stream::os_name(n);
+    return PyUnicode_DecodeUTF8(os.data(), static_cast<Py_ssize_t>(os.size()), "strict");
+  } catch (const Error& e) {
+    return raise_core_error(nullptr, e);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Handle methods
+// ---------------------------------------------------------------------------
+
+// write(value, frame_id=None, timeout=None) -> count, or NotImplemented when
+// value is not an exact-match ndarray (the Python layer converts and calls
+// again).
+PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 3) {
+    PyErr_SetString(PyExc_TypeError, "write(value, frame_id=None, timeout=None)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->s->readonly()) {
+    PyErr_Format(PyExc_PermissionError, "torch_shmem: stream %R is open read-only", h->name);
+    return nullptr;
+  }
+  if (!exact_array(h, args[0])) Py_RETURN_NOTIMPLEMENTED;
+  bool has_fid = false;
+  unsigned long long fid = 0;
+  if (nargs >= 2 && args[1] != Py_None) {
+    fid = PyLong_AsUnsignedLongLong(args[1]);
+    if (fid == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+      PyErr_Clear();
+      PyErr_Format(PyExc_ValueError,
+                   "torch_shmem: stream %R: frame_id must be an int in [0, 2**64), got %R",
+                   h->name, args[1]);
+      return nullptr;
+    }
+    has_fid = true;
+  }
+  double timeout = -1;
+  if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
+  const void* src = PyArray_DATA(reinterpret_cast<PyArrayObject*>(args[0]));
+  if (!acquire_lock(h, timeout)) return nullptr;
+  uint64_t count = 0;
+  Stream* s = h->s;
+  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes,
+                     [&] { count = s->write_locked(src, has_fid, fid); });
+  unlock_quiet(h);
+  if (!ok) return nullptr;
+  return PyLong_FromUnsignedLongLong(count);
+}
+
+// read(out=None, timeout=None) -> ndarray
+PyObject* H_read(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  PyObject* out = nargs >= 1 ? args[0] : Py_None;
+  double timeout = -1;
+  if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
+  PyObject* result;
+  if (out == Py_None) {
+    result = new_payload_array(h);
+    if (result == nullptr) return nullptr;
+  } else {
+    if (!exact_array(h, out) ||
+        !PyArray_ISWRITEABLE(reinterpret_cast<PyArrayObject*>(out))) {
+      PyErr_Format(PyExc_ValueError,
+                   "torch_shmem: stream %R: out must be a writeable C-contiguous ndarray "
+                   "of the stream's shape and dtype",
+                   h->name);
+      return nullptr;
+    }
+    Py_INCREF(out);
+    result = out;
+  }
+  if (!snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)), timeout)) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  return result;
+}
+
+// read_after(after, out=None, timeout=None) -> ndarray: blocks until
+// count > after (level-triggered), then takes a snapshot. after=-1 means
+// "the count at entry" (read_new's edge-triggered semantics).
+PyObject* H_read_after(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError, "read_after(after, out=None, timeout=None)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  long long after_in = PyLong_AsLongLong(args[0]);
+  if (after_in == -1 && PyErr_Occurred()) return nullptr;
+  uint64_t after = after_in < 0 ? h->s->count() : static_cast<uint64_t>(after_in);
+  PyObject* out = nargs >= 2 ? args[1] : Py_None;
+  double timeout = -1;
+  if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
+  PyObject* result;
+  if (out == Py_None) {
+    result = new_payload_array(h);
+    if (result == nullptr) return nullptr;
+  } else {
+    if (!exact_array(h, out) ||
+        !PyArray_ISWRITEABLE(reinterpret_cast<PyArrayObject*>(out))) {
+      PyErr_Format(PyExc_ValueError,
+                   "torch_shmem: stream %R: out must be a writeable C-contiguous ndarray "
+                   "of the stream's shape and dtype",
+                   h->name);
+      return nullptr;
+    }
+    Py_INCREF(out);
+    result = out;
+  }
+  const double start = mono_now();
+  if (!wait_after(h, after, timeout, "a read")) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  double remaining = timeout < 0 ? -1 : std::max(0.0, timeout - (mono_now() - start));
+  if (!snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)), remaining)) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  return result;
+}
+
+// wait_for_count(after, timeout=None) -> count
+PyObject* H_wait_for_count(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1) {
+    PyErr_SetString(PyExc_TypeError, "wait_for_count(after, timeout=None)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  long long after_in = PyLong_AsLongLong(args[0]);
+  if (after_in == -1 && PyErr_Occurred()) return nullptr;
+  uint64_t after = after_in < 0 ? h->s->count() : static_cast<uint64_t>(after_in);
+  double timeout = -1;
+  if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
+  if (!wait_after(h, after, timeout, "wait_for_count")) return nullptr;
+  return PyLong_FromUnsignedLongLong(h->s->count());
+}
+
+PyObject* H_clear(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->s->readonly()) {
+    PyErr_Format(PyExc_PermissionError, "torch_shmem: stream %R is open read-only", h->name);
+    return nullptr;
+  }
+  double timeout = -1;
+  if (nargs >= 1 && !parse_timeout(h, args[0], &timeout)) return nullptr;
+  if (!acquire_lock(h, timeout)) return nullptr;
+  uint64_t count = 0;
+  Stream* s = h->s;
+  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] { count = s->clear_locked(); });
+  unlock_quiet(h);
+  if (!ok) return nullptr;
+  return PyLong_FromUnsignedLongLong(count);
+}
+
+PyObject* H_acquire(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  double timeout = -1;
+  if (nargs >= 1 && !parse_timeout(h, args[0], &timeout)) return nullptr;
+  if (!acquire_lock(h, timeout)) return nullptr;
+  Py_RETURN_NONE;
+}
+
+PyObject* H_release(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  try {
+    h->s->unlock();
+  } catch (const Error& e) {
+    return raise_core_error(h, e);
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* H_held_depth(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  return PyLong_FromLong(h->s->held_depth());
+}
+
+// begin_write() / commit_write(frame_id=None) / abort_write(): the caller
+// holds the lock (checked here).
+PyObject* H_begin_write(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->s->held_depth() <= 0) {
+    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
+                 h->name);
+    return nullptr;
+  }
+  h->s->begin_write_locked();
+  Py_RETURN_NONE;
+}
+
+PyObject* H_commit_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->s->held_depth() <= 0) {
+    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
+                 h->name);
+    return nullptr;
+  }
+  bool has_fid = false;
+  unsigned long long fid = 0;
+  if (nargs >= 1 && args[0] != Py_None) {
+    fid = PyLong_AsUnsignedLongLong(args[0]);
+    if (fid == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+    has_fid = true;
+  }
+  return PyLong_FromUnsignedLongLong(h->s->commit_write_locked(has_fid, fid));
+}
+
+PyObject* H_abort_write(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  h->s->abort_write_locked();
+  Py_RETURN_NONE;
+}
+
+// close(timeout): wakes this handle's blocked callers, waits for in-flight
+// calls to leave, then unmaps (deferred while unsafe views are alive).
+PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (h->closed) Py_RETURN_NONE;
+  double timeout = 5.0;
+  if (nargs >= 1 && args[0] != Py_None) {
+    timeout = PyFloat_AsDouble(args[0]);
+    if (timeout == -1.0 && PyErr_Occurred()) return nullptr;
+  }
+  h->closing = true;
+  if (h->inflight.load(std::memory_order_acquire) > 0) {
+    const double deadline = mono_now() + timeout;
+    Stream* s = h->s;
+    while (h->inflight.load(std::memory_order_acquire) > 0) {
+      s->wake_all();
+      if (mono_now() > deadline) {
+        h->closing = false;
+        PyErr_Format(PyExc_RuntimeError,
+                     "torch_shmem: cannot close stream %R: %d call(s) on this handle did "
+                     "not finish within %.3g s",
+                     h->name, h->inflight.load(), timeout);
+        return nullptr;
+      }
+      // Let the woken threads take the GIL and leave.
+      Py_BEGIN_ALLOW_THREADS
+      struct timespec ts = {0, 1000000};
+      nanosleep(&ts, nullptr);
+      Py_END_ALLOW_THREADS
+    }
+  }
+  h->closed = true;
+  if (h->exports == 0) h->s->unmap();
+  Py_RETURN_NONE;
+}
+
+PyObject* H_unlink_mark(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  h->s->header()->unlinked.store(1, std::memory_order_release);
+  Py_RETURN_NONE;
+}
+
+// info() -> (dtype_code, shape, nbytes, flags, creator_pid, instance_id,
+//            create_time, mode)
+PyObject* H_info(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  const auto* hdr = h->s->header();
+  PyObject* shape = PyTuple_New(h->ndim);
+  if (shape == nullptr) return nullptr;
+  for (int i = 0; i < h->ndim; ++i)
+    PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(static_cast<long long>(h->dims[i])));
+  return Py_BuildValue("(INKIiy#dI)", hdr->dtype_code, shape,
+                       static_cast<unsigned long long>(hdr->payload_bytes), hdr->flags,
+                       hdr->creator_pid, reinterpret_cast<const char*>(hdr->instance_id),
+                       static_cast<Py_ssize_t>(16), hdr->create_time_ns * 1e-9, hdr->mode);
+}
+
+// state() -> (seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
+//             owner_tid, waiters)
+PyObject* H_state(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  const auto* hdr = h->s->header();
+  return Py_BuildValue(
+      "(KLKIIiiI)", static_cast<unsigned long long>(hdr->seq.load(std::memory_order_acquire)),
+      static_cast<long long>(hdr->write_time_ns.load(std::memory_order_relaxed)),
+      static_cast<unsigned long long>(hdr->frame_id.load(std::memory_order_relaxed)),
+      hdr->broken.load(), hdr->unlinked.load(), hdr->owner_pid.load(), hdr->owner_tid.load(),
+      hdr->waiters.load());
+}
+
+PyObject* H_count(Handle* h, PyObject*) {
+  if (h->closed || h->closing) return closed_error(h);
+  return PyLong_FromUnsignedLongLong(h->s->count());
+}
+
+PyObject* H_seq(Handle* h, PyObject*) {
+  if (h->closed || h->closing) return closed_error(h);
+  return PyLong_FromUnsignedLongLong(h->s->seq());
+}
+
+// read_stats() -> (last_read_count, missed_writes, total_missed_writes,
+//                  last_count, last_write_time_ns, last_frame_id)
+PyObject* H_read_stats(Handle* h, PyObject*) {
+  if (h->closed) return closed_error(h);
+  return Py_BuildValue("(KKKKLK)", static_cast<unsigned long long>(h->last_read_count),
+                       static_cast<unsigned long long>(h->missed_writes),
+                       static_cast<unsigned long long>(h->total_missed_writes),
+                       static_cast<unsigned long long>(h->last.count),
+                       static_cast<long long>(h->last.write_time_ns),
+                       static_cast<unsigned long long>(h->last.frame_id));
+}
+
+PyObject* H_set_spin(Handle* h, PyObject* arg) {
+  double v = PyFloat_AsDouble(arg);
+  if (v == -1.0 && PyErr_Occurred()) return nullptr;
+  h->spin = v < 0 ? 0 : v;
+  Py_RETURN_NONE;
+}
+
+PyObject* H_get_closed(Handle* h, void*) { return PyBool_FromLong(h->closed || h->closing); }
+PyObject* H_get_readonly(Handle* h, void*) {
+  return PyBool_FromLong(h->s != nullptr && h->s->readonly());
+}
+PyObject* H_get_name(Handle* h, void*) {
+  Py_INCREF(h->name);
+  return h->name;
+}
+
+// Buffer protocol: the live payload, for unsafe (locked) views. Each export
+// keeps the mapping alive even past close().
+int H_getbuffer(Handle* h, Py_buffer* view, int flags) {
+  if (h->closed || h->closing || !h->s->mapped()) {
+    closed_error(h);
+    view->obj = nullptr;
+    return -1;
+  }
+  int ro = h->s->readonly() ? 1 : 0;
+  if (PyBuffer_FillInfo(view, reinterpret_cast<PyObject*>(h), h->s->payload(),
+                        static_cast<Py_ssize_t>(h->nbytes), ro, flags) < 0)
+    return -1;
+  h->exports += 1;
+  return 0;
+}
+
+void H_releasebuffer(Handle* h, Py_buffer*) {
+  h->exports -= 1;
+  if (h->exports == 0 && h->closed) h->s->unmap();
+}
+
+void H_dealloc(Handle* h) {
+  // No call can be in flight (each holds a reference) and no export is
+  // alive (each holds a reference): unmapping is safe.
+  delete h->s;
+  h->s = nullptr;
+  Py_XDECREF(h->name);
+  h->inflight.~atomic<int>();
+  PyObject_Free(h);
+}
+
+PyMethodDef handle_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))H_write, METH_FASTCALL, nullptr},
+    {"read", (PyCFunction)(void (*)(void))H_read, METH_FASTCALL, nullptr},
+    {"read_after", (PyCFunction)(void (*)(void))H_read_after, METH_FASTCALL, nullptr},
+    {"wait_for_count", (PyCFunction)(void (*)(void))H_wait_for_count, METH_FASTCALL, nullptr},
+    {"clear", (PyCFunction)(void (*)(void))H_clear, METH_FASTCALL, nullptr},
+    {"acquire", (PyCFunction)(void (*)(void))H_acquire, METH_FASTCALL, nullptr},
+    {"release", (PyCFunction)H_release, METH_NOARGS, nullptr},
+    {"held_depth", (PyCFunction)H_held_depth, METH_NOARGS, nullptr},
+    {"begin_write", (PyCFunction)H_begin_write, METH_NOARGS, nullptr},
+    {"commit_write", (PyCFunction)(void (*)(void))H_commit_write, METH_FASTCALL, nullptr},
+    {"abort_write", (PyCFunction)H_abort_write, METH_NOARGS, nullptr},
+    {"close", (PyCFunction)(void (*)(void))H_close, METH_FASTCALL, nullptr},
+    {"mark_unlinked", (PyCFunction)H_unlink_mark, METH_NOARGS, nullptr},
+    {"info", (PyCFunction)H_info, METH_NOARGS, nullptr},
+    {"state", (PyCFunction)H_state, METH_NOARGS, nullptr},
+    {"count", (PyCFunction)H_count, METH_NOARGS, nullptr},
+    {"seq", (PyCFunction)H_seq, METH_NOARGS, nullptr},
+    {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
+    {"set_spin", (PyCFunction)H_set_spin, METH_O, nullptr},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyGetSetDef handle_getset[] = {
+    {"closed", (getter)H_get_closed, nullptr, nullptr, nullptr},
+    {"readonly", (getter)H_get_readonly, nullptr, nullptr, nullptr},
+    {"name", (getter)H_get_name, nullptr, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+PyBufferProcs handle_buffer = {(getbufferproc)H_getbuffer, (releasebufferproc)H_releasebuffer};
+
+PyMethodDef module_methods[] = {
+    {"create", mod_create, METH_VARARGS, "create(name, dtype_code, shape, mode, flags)"},
+    {"open", mod_open, METH_VARARGS, "open(name, readonly)"},
+    {"unlink", mod_unlink, METH_O, "unlink(name) -> bool"},
+    {"os_name", mod_os_name, METH_O, "os_name(name) -> str"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_core",
+                          "torch_shmem native core (NumPy path, no torch)", -1, module_methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__core(void) {
+  import_array();
+  HandleType.tp_name = "torch_shmem._core.Handle";
+  HandleType.tp_basicsize = sizeof(Handle);
+  HandleType.tp_flags = Py_TPFLAGS_DEFAULT;
+  HandleType.tp_doc = "A mapping of one stream (internal; see torch_shmem.SharedMemory).";
+  HandleType.tp_methods = handle_methods;
+  HandleType.tp_getset = handle_getset;
+  HandleType.tp_as_buffer = &handle_buffer;
+  HandleType.tp_dealloc = (destructor)H_dealloc;
+  if (PyType_Ready(&HandleType) < 0) return nullptr;
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  InconsistentStreamError = PyErr_NewExceptionWithDoc(
+      "torch_shmem.InconsistentStreamError",
+      "The stream holds an incomplete write (its writer died or aborted mid-write); "
+      "the next completed write repairs it.",
+      PyExc_RuntimeError, nullptr);
+  if (InconsistentStreamError == nullptr) return nullptr;
+  Py_INCREF(InconsistentStreamError);
+  PyModule_AddObject(m, "InconsistentStreamError", InconsistentStreamError);
+  Py_INCREF(&HandleType);
+  PyModule_AddObject(m, "Handle", reinterpret_cast<PyObject*>(&HandleType));
+  PyModule_AddIntConstant(m, "MAX_DIMS", torch_shmem::core::kMaxDims);
+  PyModule_AddIntConstant(m, "MAX_NAME_BYTES", torch_shmem::core::kMaxNameBytes);
+  PyModule_AddIntConstant(m, "FLAG_GPU", torch_shmem::core::kFlagGpu);
+  PyModule_AddIntConstant(m, "FLAG_CPU_MIRROR", torch_shmem::core::kFlagCpuMirror);
+  return m;
+}

@@ -1,0 +1,93 @@
+"""Build script for torch_shmem.
+
+Two native modules:
+
+* ``torch_shmem._core``: the C++ core (csrc/core) plus its CPython/NumPy
+  binding (csrc/python). It links neither torch nor CUDA, so ``import
+  torch_shmem`` stays cheap and never loads libtorch.
+* ``torch_shmem._C``: the ``torch.ops.shmem`` library (csrc/ops, plus
+  csrc/cuda when a CUDA toolkit matching torch is present), built with
+  torch.utils.cpp_extension. It is only built when csrc/ops has sources.
+
+CUDA is chosen by toolkit, never by the presence of a GPU: set
+``TORCH_SHMEM_USE_CUDA=0`` to skip it, ``=1`` to require it; by default it is
+built when torch is a CUDA build and ``CUDA_HOME`` names a toolkit. Set
+``DEBUG=1`` for an unoptimized build with assertions.
+
+Build with ``pip install --no-build-isolation -e .`` (the extension builds
+against the torch already installed).
+"""
+
+import glob
+import os
+
+import numpy as np
+from setuptools import Extension, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - build-time guard
+    raise SystemExit(
+        "torch_shmem builds against an installed torch: pip install torch numpy ninja, "
+        "then pip install --no-build-isolation -e ."
+    ) from exc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEBUG = os.environ.get("DEBUG", "0") == "1"
+OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
+CXX_FLAGS = ["-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-missing-field-initializers"] + OPT
+
+
+def rel(pattern):
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+def cuda_decision():
+    """Return (use_cuda, reason) from the toolkit, never from a GPU."""
+    flag = os.environ.get("TORCH_SHMEM_USE_CUDA")
+    if flag == "0":
+        return False, "TORCH_SHMEM_USE_CUDA=0"
+    have = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
+        os.path.join(CUDA_HOME, "bin", "nvcc")
+    )
+    if flag == "1" and not have:
+        raise SystemExit(
+            "TORCH_SHMEM_USE_CUDA=1 but no usable toolkit: torch.version.cuda="
+            f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
+        )
+    if not have:
+        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (set CUDA_HOME)"
+        return False, why
+    return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+
+
+core = Extension(
+    "torch_shmem._core",
+    sources=rel("csrc/core/*.cpp") + rel("csrc/python/*.cpp"),
+    include_dirs=[np.get_include(), os.path.join(HERE, "csrc")],
+    extra_compile_args=CXX_FLAGS,
+    libraries=["rt", "pthread"],
+    language="c++",
+)
+ext_modules = [core]
+
+ops_sources = rel("csrc/ops/*.cpp")
+if ops_sources:
+    use_cuda, reason = cuda_decision()
+    cuda_sources = rel("csrc/cuda/*.cu") if use_cuda else []
+    print(f"torch_shmem: building torch.ops.shmem {'with' if cuda_sources else 'without'} CUDA ({reason})")
+    common = dict(
+        name="torch_shmem._C",
+        sources=rel("csrc/core/*.cpp") + ops_sources + cuda_sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": OPT + ["-std=c++17"]},
+        libraries=["rt"],
+        py_limited_api=False,
+    )
+    ext_modules.append(CUDAExtension(**common) if cuda_sources else CppExtension(**common))
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

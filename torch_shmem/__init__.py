@@ -1,0 +1,28 @@
+"""torch_shmem: named shared-memory streams of NumPy arrays and tensors.
+
+A drop-in for the pyshmem 1.4 API (``import torch_shmem as pyshmem``).
+Importing this package and using CPU streams never imports torch.
+"""
+
+from ._stream import (
+    InconsistentStreamError,
+    SharedMemory,
+    StaleStreamError,
+    create,
+    gpu_available,
+    open,
+    unlink,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InconsistentStreamError",
+    "SharedMemory",
+    "StaleStreamError",
+    "__version__",
+    "create",
+    "gpu_available",
+    "open",
+    "unlink",
+]

@@ -317,7 +317,8 @@ class SharedMemory:
                 f"torch_shmem: stream {self._name!r}: expected shape {self._shape}, "
                 f"got {array.shape}"
             )
-        return np.ascontiguousarray(array, dtype=self._dtype)
+        # np.asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray does not)
+        return np.asarray(array, dtype=self._dtype, order="C")
 
     def write(self, value: Any, *, frame_id: int | None = None, timeout: float | None = None) -> None:
         """Publish ``value`` (copied in; the stream's shape, a castable dtype).
@@ -329,7 +330,8 @@ class SharedMemory:
         """
         if self._h.write(value, frame_id, timeout) is NotImplemented:
             self._check_open()
-            self._h.write(self._coerce(value), frame_id, timeout)
+            if self._h.write(self._coerce(value), frame_id, timeout) is NotImplemented:
+                raise AssertionError("torch_shmem: internal error: coerced value rejected")
 
     def read(
         self,

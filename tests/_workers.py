@@ -1,0 +1,129 @@
+"""Child-process bodies for the multi-process tests (spawn context).
+
+Frames carry their own checksum: element i of frame k is k ^ (i * C), so a
+frame mixing bytes of two writes is detected by `frame_ok`.
+"""
+
+import os
+import signal
+import time
+
+import numpy as np
+
+import torch_shmem
+
+C = np.uint64(0x9E3779B97F4A7C15)
+
+
+def make_frame(k, n):
+    return np.uint64(k) ^ (np.arange(n, dtype=np.uint64) * C)
+
+
+def frame_seq(frame):
+    """Return k if frame is an intact frame k, else -1."""
+    if frame.size == 0:
+        return 0
+    k = frame[0]
+    if frame.size > 1 and not np.array_equal(frame, k ^ (np.arange(frame.size, dtype=np.uint64) * C)):
+        return -1
+    return int(k)
+
+
+def writer(name, n, frames, min_seconds, ready, done, results):
+    """Write frames 1, 2, ... : at least `frames` of them and for at least `min_seconds`."""
+    s = torch_shmem.open(name)
+    ready.wait(30)
+    buf = np.empty(n, dtype=np.uint64)
+    base = np.arange(n, dtype=np.uint64) * C
+    end = time.monotonic() + min_seconds
+    k = 0
+    while k < frames or time.monotonic() < end:
+        k += 1
+        np.bitwise_xor(base, np.uint64(k), out=buf)
+        s.write(buf)
+    results.put(("writer", k))
+    done.set()
+    s.close()
+
+
+def reader(name, ready, done, results):
+    """Read until the writer is done; count torn frames and regressions."""
+    s = torch_shmem.open(name)
+    ready.wait(30)
+    reads = torn = regress = 0
+    last = 0
+    deadline = time.monotonic() + 120
+    out = np.empty(s.shape, dtype=np.uint64)
+    while time.monotonic() < deadline:
+        finished = done.is_set()
+        s.read(out=out)
+        k = frame_seq(out)
+        reads += 1
+        if k < 0:
+            torn += 1
+        elif k < last:
+            regress += 1
+        else:
+            last = k
+        if finished:
+            break
+    results.put(("reader", (reads, torn, regress, last, s.total_missed_writes)))
+    s.close()
+
+
+def hold_lock_forever(name, ready):
+    s = torch_shmem.open(name)
+    s.acquire()
+    ready.set()
+    time.sleep(600)
+
+
+def die_mid_write(name, ready):
+    """Start a write (seq odd), scribble half the payload, then wait to be killed."""
+    s = torch_shmem.open(name)
+    s.acquire()
+    s._h.begin_write()
+    with_lock_view = np.frombuffer(s._h, dtype=np.uint64)
+    with_lock_view[: with_lock_view.size // 2] = 0xDEAD
+    ready.set()
+    time.sleep(600)
+
+
+def write_loop(name, n, ready):
+    s = torch_shmem.open(name)
+    base = np.arange(n, dtype=np.uint64) * C
+    buf = np.empty(n, dtype=np.uint64)
+    ready.set()
+    k = 1
+    while True:
+        np.bitwise_xor(base, np.uint64(k), out=buf)
+        s.write(buf)
+        k += 1
+
+
+def read_loop(name, ready):
+    s = torch_shmem.open(name)
+    ready.set()
+    while True:
+        s.read()
+
+
+def write_after(name, delay, value):
+    s = torch_shmem.open(name)
+    time.sleep(delay)
+    s.write(np.asarray(value, dtype=s.dtype))
+    s.close()
+
+
+def create_and_exit(name):
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int32)
+    s.write(np.array([7, 8, 9], dtype=np.int32))
+    # no close, no unlink: the stream must outlive this process
+
+
+def read_pickled(handle, results):
+    results.put(handle.read().tolist())
+
+
+def kill(pid):
+    os.kill(pid, signal.SIGKILL)

@@ -242,6 +242,11 @@ def add_ratios(rows: list[dict]) -> None:
             r["vs_pyshmem"] = r["hz"] / hz[(r["n"], py)] if (r["n"], py) in hz else None
 
 
+def _fmt_hz(hz: float) -> str:
+    """Iterations per second with sensible precision."""
+    return f"{hz:,.0f}" if hz >= 1000 else f"{hz:.1f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Render the result rows as a Markdown table."""
 
@@ -259,7 +264,7 @@ def markdown_table(rows: list[dict]) -> str:
         raw_base, py_base = BASELINES.get(r["impl"], (None, None))
         lines.append(
             f"| {r['n']}x{r['n']} | {r['payload_bytes'] / 1e6:.3g} MB | {r['impl']} "
-            f"| {r['hz']:,.1f} | {r['gbps']:.2f} "
+            f"| {_fmt_hz(r['hz'])} | {r['gbps']:.2f} "
             f"| {ratio(r, 'vs_raw', raw_base)} | {ratio(r, 'vs_pyshmem', py_base)} |"
         )
     return "\n".join(lines)

@@ -351,7 +351,8 @@ class SharedMemory:
 
         ``safe=False`` returns the live shared payload; the calling thread must
         hold the lock (``with shm.locked():``) and the view is only meaningful
-        while it does.
+        while it does. Editing it in place is not a publication: ``count`` does
+        not move and concurrent safe readers may see a partial edit.
         """
         if safe:
             return self._h.read(out, timeout)

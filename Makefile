@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (Linux, Python >= 3.10):
+#   make demo   set up .venv, build, run the two-process demo
+#   make test   set up .venv, build, run the CPU test suite
+PYTHON ?= python3
+VENV ?= .venv
+# No GPU is needed to build the CUDA half: name the architectures explicitly.
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export CUDA_HOME ?= /usr/local/cuda
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: demo test bench clean
+
+$(VENV)/.built: $(SOURCES)
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch numpy ninja pytest setuptools wheel triton
+	$(VENV)/bin/pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: $(VENV)/.built
+	$(VENV)/bin/python examples/demo.py
+
+test: $(VENV)/.built
+	$(VENV)/bin/python -m pytest -m cpu -q
+
+bench: $(VENV)/.built
+	$(VENV)/bin/python -m bench --quick
+
+clean:
+	rm -rf build $(VENV) torch_shmem/*.so *.egg-info

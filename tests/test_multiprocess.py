@@ -172,3 +172,24 @@ def test_handles_pickle_to_children(name):
     p = start(_workers.read_pickled, s, results)
     assert results.get(timeout=60) == [11, 12]
     join_all([p])
+
+
+def test_forked_child_does_not_inherit_the_lock(name):
+    import os
+
+    s = torch_shmem.create(name, shape=(1,), dtype=np.int32)
+    s.acquire()
+    pid = os.fork()
+    if pid == 0:  # child: must not believe it holds the parent's lock
+        code = 1
+        try:
+            try:
+                s.acquire(timeout=0.1)
+                code = 2
+            except TimeoutError:
+                code = 0 if s.lock_owner == os.getppid() else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    s.release()
+    assert os.waitstatus_to_exitcode(status) == 0

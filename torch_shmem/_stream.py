@@ -239,7 +239,11 @@ class SharedMemory:
 
     @property
     def last_read_count(self) -> int:
-        """The count of the publication returned by this handle's latest read."""
+        """The count of the publication this handle read last.
+
+        Before the handle's first read it is the stream's count when the
+        handle was opened, so ``missed_writes`` counts from the open.
+        """
         return self._h.read_stats()[0]
 
     @property

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -79,13 +80,32 @@ void futex_wake(const std::atomic<uint32_t>* addr) {
           nullptr, nullptr, 0);
 }
 
+// getpid()/gettid() are real system calls (glibc caches neither), and the
+// lock path needs both; cache them and refresh in a forked child.
+pid_t g_pid = 0;
+std::atomic<int> g_fork_generation{0};
+
+void on_fork_child() {
+  g_pid = getpid();
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
+
+struct PidCache {
+  PidCache() {
+    g_pid = getpid();
+    pthread_atfork(nullptr, nullptr, on_fork_child);
+  }
+} g_pid_cache;
+
+inline pid_t this_pid() { return g_pid; }
+
 pid_t this_tid() {
   static thread_local pid_t tid = 0;
-  static thread_local pid_t tid_pid = 0;
-  pid_t pid = getpid();
-  if (tid == 0 || tid_pid != pid) {  // refresh in a forked child
+  static thread_local int generation = -1;
+  int gen = g_fork_generation.load(std::memory_order_relaxed);
+  if (generation != gen) {
     tid = static_cast<pid_t>(syscall(SYS_gettid));
-    tid_pid = pid;
+    generation = gen;
   }
   return tid;
 }
@@ -101,7 +121,7 @@ struct HeldEntry {
 thread_local std::vector<HeldEntry> t_held;
 
 HeldEntry* find_held(const Header* h) {
-  pid_t pid = getpid();
+  pid_t pid = this_pid();
   for (auto& e : t_held) {
     if (e.pid == pid && std::memcmp(e.instance_id, h->instance_id, 16) == 0) return &e;
   }
@@ -450,13 +470,13 @@ bool Stream::lock_for(double seconds) {
   if (rc == ENOTRECOVERABLE)
     throw Error(ErrorKind::kState, "the lock of stream '" + name_ + "' is not recoverable");
   if (rc != 0) throw_os("lock of stream '" + name_ + "'", rc);
-  hdr_->owner_pid.store(getpid(), std::memory_order_relaxed);
+  hdr_->owner_pid.store(this_pid(), std::memory_order_relaxed);
   hdr_->owner_tid.store(this_tid(), std::memory_order_relaxed);
   if (e == nullptr) {
     t_held.push_back(HeldEntry{});
     e = &t_held.back();
     std::memcpy(e->instance_id, hdr_->instance_id, 16);
-    e->pid = getpid();
+    e->pid = this_pid();
   }
   e->depth = 1;
   return true;
@@ -613,10 +633,14 @@ Snapshot Stream::read_locked(void* dst) const {
 bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) const {
   if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
   if (spin_seconds > 0) {
+    // Spin briefly for microsecond wake-ups, but yield between polls: on a
+    // machine with few cores the writer we wait for may be runnable on this
+    // very CPU, and a pure busy-wait would delay it by the whole spin.
     double end = mono_now() + spin_seconds;
     do {
-      for (int i = 0; i < 32; ++i) TSHM_CPU_RELAX();
+      for (int i = 0; i < 8; ++i) TSHM_CPU_RELAX();
       if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+      sched_yield();
     } while (mono_now() < end);
   }
   if (seconds <= 0) return false;

@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from multiprocessing import shared_memory
@@ -207,6 +208,21 @@ def bench_size(n: int, pyshmem, duration: float, repeats: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- report
+def git_revision() -> str:
+    """HEAD commit of the package source, ``-dirty`` when csrc/ or torch_shmem/ has local edits."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ts.__file__)))
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "torch_shmem")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def machine_info() -> dict:
     """CPU, memory and software versions of this host (torch only if already imported)."""
     cpu = "unknown"
@@ -225,6 +241,9 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "torch_shmem": ts.__version__,
+        "git": git_revision(),
+        "core_built": datetime.datetime.fromtimestamp(
+            os.path.getmtime(ts._core.__file__)).astimezone().isoformat(timespec="seconds"),
         "torch_imported": "torch" in sys.modules,
     }
     if "torch" in sys.modules:

@@ -438,3 +438,16 @@ def test_repr(name):
     assert repr(s) == f"SharedMemory(name='{name}', shape=(2, 2), dtype='uint8', gpu_device=None)"
     s.close()
     assert "closed" in repr(s)
+
+
+def test_lock_depth_is_shared_by_handles_of_one_thread(name):
+    a = torch_shmem.create(name, shape=(2,), dtype=np.int32)
+    b = torch_shmem.open(name)
+    with a.locked(timeout=1):
+        b.write(np.array([1, 2], np.int32), timeout=1)  # same thread: re-entrant
+        with b.locked(timeout=1):
+            assert b.read(safe=False).tolist() == [1, 2]
+        assert a.lock_owner == os.getpid()
+    assert a.lock_owner is None
+    with pytest.raises(RuntimeError, match="does not hold"):
+        b.release()

@@ -110,24 +110,6 @@ pid_t this_tid() {
   return tid;
 }
 
-// Re-entrancy bookkeeping: the shared mutex is not recursive; the depth of
-// the calling thread is kept here, keyed by the stream's generation id and
-// the pid (so a forked child never believes it inherited the lock).
-struct HeldEntry {
-  uint8_t instance_id[16];
-  pid_t pid;
-  int depth;
-};
-thread_local std::vector<HeldEntry> t_held;
-
-HeldEntry* find_held(const Header* h) {
-  pid_t pid = this_pid();
-  for (auto& e : t_held) {
-    if (e.pid == pid && std::memcmp(e.instance_id, h->instance_id, 16) == 0) return &e;
-  }
-  return nullptr;
-}
-
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
@@ -435,15 +417,24 @@ void Stream::unmap() {
 // recycled pid/tid can never look like the owner.
 // ---------------------------------------------------------------------------
 
+// The futex word of a glibc robust mutex holds the owner's tid (the kernel
+// reads it to mark OWNER_DIED when that thread dies, clearing the tid).
+// Reading it is the authoritative "does this thread hold the lock" test;
+// owner_pid guards against equal tids in another pid namespace.
+bool Stream::held_by_this_thread() const {
+  const int* word = reinterpret_cast<const int*>(&hdr_->mutex);
+  int v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+  return (v & FUTEX_TID_MASK) == this_tid() &&
+         hdr_->owner_pid.load(std::memory_order_relaxed) == this_pid();
+}
+
 int Stream::held_depth() const {
-  const HeldEntry* e = find_held(hdr_);
-  return e ? e->depth : 0;
+  return held_by_this_thread() ? hdr_->owner_depth.load(std::memory_order_relaxed) : 0;
 }
 
 bool Stream::lock_for(double seconds) {
-  HeldEntry* e = find_held(hdr_);
-  if (e != nullptr && e->depth > 0) {
-    e->depth += 1;
+  if (held_by_this_thread()) {
+    hdr_->owner_depth.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
   int rc = pthread_mutex_trylock(&hdr_->mutex);
@@ -472,31 +463,17 @@ bool Stream::lock_for(double seconds) {
   if (rc != 0) throw_os("lock of stream '" + name_ + "'", rc);
   hdr_->owner_pid.store(this_pid(), std::memory_order_relaxed);
   hdr_->owner_tid.store(this_tid(), std::memory_order_relaxed);
-  if (e == nullptr) {
-    t_held.push_back(HeldEntry{});
-    e = &t_held.back();
-    std::memcpy(e->instance_id, hdr_->instance_id, 16);
-    e->pid = this_pid();
-  }
-  e->depth = 1;
+  hdr_->owner_depth.store(1, std::memory_order_relaxed);
   return true;
 }
 
 void Stream::unlock() {
-  HeldEntry* e = find_held(hdr_);
-  if (e == nullptr || e->depth <= 0)
+  if (!held_by_this_thread())
     throw Error(ErrorKind::kState,
                 "cannot release the lock of stream '" + name_ + "': this thread does not hold it");
-  if (--e->depth > 0) return;
+  if (hdr_->owner_depth.fetch_sub(1, std::memory_order_relaxed) > 1) return;
   hdr_->owner_pid.store(0, std::memory_order_relaxed);
   hdr_->owner_tid.store(0, std::memory_order_relaxed);
-  for (size_t i = 0; i < t_held.size(); ++i) {
-    if (&t_held[i] == e) {
-      t_held[i] = t_held.back();
-      t_held.pop_back();
-      break;
-    }
-  }
   pthread_mutex_unlock(&hdr_->mutex);
 }
 

@@ -108,8 +108,14 @@ struct alignas(128) Header {
 
   // ---- lock line ----------------------------------------------------------
   alignas(128) pthread_mutex_t mutex;  // robust, process-shared, errorcheck
-  std::atomic<int32_t> owner_pid;  // diagnostics only, 0 when free
+  // Written only by the thread holding the mutex. owner_pid/owner_tid are
+  // for diagnostics and, together with the tid the kernel keeps in the
+  // futex word, tell a thread that it already holds the lock; owner_depth is
+  // the re-entrancy depth. Keeping them here (not in thread-local storage)
+  // lets every handle and every library in the process share one depth.
+  std::atomic<int32_t> owner_pid;
   std::atomic<int32_t> owner_tid;
+  std::atomic<int32_t> owner_depth;
 
   // ---- wait line ----------------------------------------------------------
   // epoch is the futex word: bumped after every publication. waiters counts
@@ -204,6 +210,7 @@ class Stream {
   bool lock_for(double seconds);
   void unlock();
   int held_depth() const;  // this thread's depth on this stream (any handle)
+  bool held_by_this_thread() const;
 
   // ---- publication (caller holds the lock) ------------------------------
   // count += 1 per completed write; seq = 2 * count (+1 while writing).

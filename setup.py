@@ -36,7 +36,11 @@ except ImportError as exc:  # pragma: no cover - build-time guard
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
-CXX_FLAGS = ["-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-missing-field-initializers"] + OPT
+WARN = ["-Wall", "-Wextra", "-Wno-missing-field-initializers"]
+# The NumPy binding is plain C++17; the torch library uses the standard
+# torch.utils.cpp_extension picks for the installed torch (C++20 for recent ones).
+CORE_FLAGS = ["-std=c++17", "-fvisibility=hidden"] + WARN + OPT
+OPS_FLAGS = WARN + ["-Wno-unused-parameter"] + OPT
 
 
 def rel(pattern):
@@ -66,7 +70,7 @@ core = Extension(
     "torch_shmem._core",
     sources=rel("csrc/core/*.cpp") + rel("csrc/python/*.cpp"),
     include_dirs=[np.get_include(), os.path.join(HERE, "csrc")],
-    extra_compile_args=CXX_FLAGS,
+    extra_compile_args=CORE_FLAGS,
     libraries=["rt", "pthread"],
     language="c++",
 )
@@ -76,12 +80,14 @@ ops_sources = rel("csrc/ops/*.cpp")
 if ops_sources:
     use_cuda, reason = cuda_decision()
     cuda_sources = rel("csrc/cuda/*.cu") if use_cuda else []
+    if use_cuda and not cuda_sources:
+        reason += "; csrc/cuda has no sources yet"
     print(f"torch_shmem: building torch.ops.shmem {'with' if cuda_sources else 'without'} CUDA ({reason})")
     common = dict(
         name="torch_shmem._C",
         sources=rel("csrc/core/*.cpp") + ops_sources + cuda_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": OPT + ["-std=c++17"]},
+        extra_compile_args={"cxx": OPS_FLAGS, "nvcc": OPT},
         libraries=["rt"],
         py_limited_api=False,
     )

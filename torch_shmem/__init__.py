@@ -16,6 +16,14 @@ from ._stream import (
 
 __version__ = "0.1.0"
 
+import sys as _sys
+
+if "torch" in _sys.modules:  # torch users get torch.ops.shmem at once
+    from . import _torch as _torch_hook
+
+    _torch_hook.autoload()
+del _sys
+
 __all__ = [
     "InconsistentStreamError",
     "SharedMemory",

@@ -1,0 +1,172 @@
+"""Typed wrappers over ``torch.ops.shmem`` (thin: no policy).
+
+A stream is addressed by a :class:`Stream`: a small record holding the
+stream *token* (a private int64[4] CPU tensor that the data ops declare as
+mutated, so ``torch.compile`` keeps every publish and read, in order) and the
+stream's geometry (so allocating reads have a fake kernel).
+
+Control functions (:func:`create`, :func:`open`, :func:`close`,
+:func:`unlink`) run eagerly only (``torch.compiler.disable``); data functions
+(:func:`publish`, :func:`read`, :func:`read_into`, :func:`wait_read_into`,
+:func:`count`) trace into ``torch.compile(fullgraph=True)`` graphs without a
+break. Streams are the same ones the NumPy API uses: a tensor published here
+is read by ``torch_shmem.open(name).read()`` in any process, and vice versa.
+See docs/ops.md.
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.shmem)
+
+__all__ = [
+    "Stream",
+    "close",
+    "count",
+    "create",
+    "open",
+    "publish",
+    "read",
+    "read_into",
+    "unlink",
+    "wait_read_into",
+]
+
+# header dtype code -> torch dtype (csrc/core/stream.h, DType)
+_DTYPES = {
+    1: torch.bool,
+    2: torch.int8,
+    3: torch.uint8,
+    4: torch.int16,
+    5: torch.uint16,
+    6: torch.int32,
+    7: torch.uint32,
+    8: torch.int64,
+    9: torch.uint64,
+    10: torch.float16,
+    11: torch.float32,
+    12: torch.float64,
+    13: torch.complex64,
+    14: torch.complex128,
+}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An opened stream for the torch ops.
+
+    ``token`` is the int64[4] CPU tensor ``[handle, generation_lo,
+    generation_hi, last_count]``; ``last_count`` is the count of the
+    publication this token last published or read.
+    """
+
+    token: torch.Tensor
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def last_count(self) -> int:
+        return int(self.token[3])
+
+
+def _wrap(token: torch.Tensor) -> Stream:
+    name, shape, code = torch.ops.shmem.info(token)
+    return Stream(token, name, tuple(shape), _DTYPES[code], torch.device("cpu"))
+
+
+@torch.compiler.disable
+def create(name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32, *, mode: int = 0o600) -> Stream:
+    """Create a CPU stream (same semantics as ``torch_shmem.create``)."""
+    return _wrap(torch.ops.shmem.create(name, list(shape), dtype, mode))
+
+
+@torch.compiler.disable
+def open(name: str, *, readonly: bool = False) -> Stream:  # noqa: A001
+    """Attach to an existing stream (created by either API)."""
+    return _wrap(torch.ops.shmem.open(name, readonly))
+
+
+@torch.compiler.disable
+def close(stream: Stream) -> None:
+    """Forget the stream in this process; blocked waits on it raise. Idempotent."""
+    torch.ops.shmem.close(stream.token)
+
+
+@torch.compiler.disable
+def unlink(name: str) -> bool:
+    """Destroy the named stream; False if it did not exist."""
+    return torch.ops.shmem.unlink(name)
+
+
+def publish(stream: Stream, src: torch.Tensor) -> None:
+    """Copy ``src`` (the stream's shape and dtype, any layout) in and publish it.
+
+    Takes the cross-process write lock for the copy; records the new count in
+    ``stream.token[3]``.
+    """
+    torch.ops.shmem.publish(stream.token, src)
+
+
+def read_into(stream: Stream, out: torch.Tensor) -> torch.Tensor:
+    """Copy the latest completed write into ``out`` (contiguous); returns ``out``.
+
+    Never blocks a writer (seqlock); falls back to the lock if the writer keeps
+    overwriting. Records the snapshot's count in ``stream.token[3]``.
+    """
+    torch.ops.shmem.read_into(stream.token, out)
+    return out
+
+
+def read(stream: Stream) -> torch.Tensor:
+    """Return a new tensor holding the latest completed write."""
+    return torch.ops.shmem.read(stream.token, builtins.list(stream.shape), stream.dtype, str(stream.device))
+
+
+def wait_read_into(stream: Stream, out: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+    """Block until a publication newer than ``stream.last_count``, then read it into ``out``.
+
+    Level-triggered: if a newer publication already exists it returns at once,
+    so a loop of ``wait_read_into`` sees every publication it can keep up with
+    and never deadlocks a request/reply exchange. Raises RuntimeError after
+    ``timeout`` seconds (None: wait forever) or if the stream is closed.
+    """
+    torch.ops.shmem.wait_read_into(stream.token, out, -1.0 if timeout is None else float(timeout))
+    return out
+
+
+def count(stream: Stream) -> torch.Tensor:
+    """The stream's publication count, as a 0-d int64 CPU tensor."""
+    return torch.ops.shmem.count(stream.token)
+
+
+# ---------------------------------------------------------------- fake kernels
+@torch.library.register_fake("shmem::publish")
+def _publish_fake(stream, src):
+    return None
+
+
+@torch.library.register_fake("shmem::read_into")
+def _read_into_fake(stream, out):
+    return None
+
+
+@torch.library.register_fake("shmem::read")
+def _read_fake(stream, shape, dtype, device="cpu"):
+    return torch.empty(shape, dtype=dtype, device=torch.device(device))
+
+
+@torch.library.register_fake("shmem::wait_read_into")
+def _wait_read_into_fake(stream, out, timeout=-1.0):
+    return None
+
+
+@torch.library.register_fake("shmem::count")
+def _count_fake(stream):
+    return torch.empty((), dtype=torch.int64)

@@ -160,6 +160,10 @@ int64_t now_realtime_ns() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
 }
 
+std::string sim_device_name(const std::string& name) {
+  return std::string(kSimDevicePrefix) + name;
+}
+
 std::string Stream::os_name(const std::string& name) {
   if (name.empty()) throw Error(ErrorKind::kValue, "stream name must not be empty");
   if (name.size() > kMaxNameBytes)
@@ -189,7 +193,14 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
       throw Error(ErrorKind::kValue, "shape is too large");
   }
   if (nbytes > (uint64_t(1) << 46)) throw Error(ErrorKind::kValue, "payload is too large");
-  const uint64_t total = kHeaderBytes + round_up(nbytes, 4096);
+  if (g.flags & ~kKnownFlags) throw Error(ErrorKind::kValue, "unknown flags");
+  const bool slotted = (g.flags & kFlagGpu) != 0;
+  if (slotted != (g.nslots != 0) ||
+      (slotted && (g.nslots < kMinSlots || g.nslots > kMaxSlots)))
+    throw Error(ErrorKind::kValue, "GPU streams need " + std::to_string(kMinSlots) + " to " +
+                                       std::to_string(kMaxSlots) + " slots");
+  const bool cpu_payload = has_cpu_payload(g.flags);
+  const uint64_t total = kHeaderBytes + (cpu_payload ? round_up(nbytes, 4096) : 0);
 
   int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) throw_os("cannot create shared memory '" + os + "'", errno);
@@ -242,6 +253,20 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
   for (uint32_t i = 0; i < g.ndim; ++i) h->shape[i] = g.shape[i];
   h->name_len = static_cast<uint32_t>(name.size());
   std::memcpy(h->name, name.data(), name.size());
+  if (slotted) {
+    h->nslots = g.nslots;
+    h->slot_stride = round_up(nbytes == 0 ? 1 : nbytes, kSlotAlign);
+    h->device_bytes = kDeviceCountersBytes + h->slot_stride * g.nslots;
+    if (g.init_device) {
+      try {
+        g.init_device(h);
+      } catch (...) {
+        munmap(base, total);
+        shm_unlink(os.c_str());
+        throw;
+      }
+    }
+  }
 
   pthread_mutexattr_t attr;
   pthread_mutexattr_init(&attr);
@@ -261,7 +286,7 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
   Stream* s = new Stream();
   s->name_ = name;
   s->hdr_ = h;
-  s->payload_ = static_cast<uint8_t*>(base) + kHeaderBytes;
+  s->payload_ = cpu_payload ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
   s->payload_bytes_ = nbytes;
   s->map_bytes_ = total;
   return s;
@@ -290,10 +315,23 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   if (h->segment_bytes != file_bytes)
     bad("header claims " + std::to_string(h->segment_bytes) + " bytes, segment has " +
         std::to_string(file_bytes));
-  if (h->payload_offset + h->payload_bytes > file_bytes) bad("payload exceeds the segment");
+  if (h->flags & ~kKnownFlags) bad("unknown flags");
+  const bool cpu_payload = has_cpu_payload(h->flags);
+  const uint64_t want = kHeaderBytes + (cpu_payload ? round_up(h->payload_bytes, 4096) : 0);
+  if (file_bytes != want) bad("payload does not fit the segment");
   if (h->name_len != name.size() || std::memcmp(h->name, name.data(), name.size()) != 0)
     bad("stored name does not match");
-  if (h->flags & ~(kFlagGpu | kFlagCpuMirror)) bad("unknown flags");
+  if (h->flags & kFlagGpu) {
+    if (h->nslots < kMinSlots || h->nslots > kMaxSlots) bad("invalid slot count");
+    if (h->slot_stride < h->payload_bytes || h->slot_stride % kSlotAlign != 0 ||
+        h->slot_stride > (uint64_t(1) << 46))
+      bad("invalid slot stride");
+    if (h->device_bytes != kDeviceCountersBytes + h->slot_stride * h->nslots)
+      bad("invalid device allocation size");
+    if (h->latest_slot.load(std::memory_order_relaxed) >= h->nslots) bad("invalid latest slot");
+  } else if (h->nslots != 0) {
+    bad("slots on a CPU stream");
+  }
 }
 
 Stream* Stream::open(const std::string& name, bool readonly) {
@@ -349,7 +387,8 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     munmap(base, file_bytes);
     throw;
   }
-  if (readonly && h->payload_bytes > 0) {
+  const bool cpu_payload = has_cpu_payload(h->flags);
+  if (readonly && cpu_payload && h->payload_bytes > 0) {
     // The header stays writable (waiters and the lock fallback need it);
     // the payload pages are mapped read-only for this handle.
     mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(h->payload_bytes, 4096),
@@ -358,7 +397,7 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   Stream* s = new Stream();
   s->name_ = name;
   s->hdr_ = h;
-  s->payload_ = static_cast<uint8_t*>(base) + kHeaderBytes;
+  s->payload_ = cpu_payload ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
   s->payload_bytes_ = h->payload_bytes;
   s->map_bytes_ = file_bytes;
   s->readonly_ = readonly;
@@ -376,6 +415,7 @@ bool Stream::unlink_name(const std::string& name) {
       if (base != MAP_FAILED) {
         Header* h = static_cast<Header*>(base);
         if (h->magic.load(std::memory_order_acquire) == kMagic) {
+          if (h->flags & kFlagSimDevice) shm_unlink(sim_device_name(name).c_str());
           h->unlinked.store(1, std::memory_order_release);
           // Parked readers re-check their handles' state.
           h->epoch.fetch_add(1, std::memory_order_seq_cst);

@@ -30,6 +30,7 @@
 #include <stdint.h>
 
 #include <atomic>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -42,6 +43,9 @@ constexpr uint32_t kMaxDims = 32;
 constexpr uint32_t kMaxNameBytes = 200;
 constexpr uint64_t kHeaderBytes = 4096;
 constexpr const char* kOsPrefix = "/torch_shmem.";
+// Simulated device memory of a kFlagSimDevice stream (tests of the slot
+// protocol without a GPU). Not listed as a stream.
+constexpr const char* kSimDevicePrefix = "/torch_shmem-simdev.";
 
 // Stable dtype codes stored in the header. Never renumber.
 enum DType : uint32_t {
@@ -67,8 +71,21 @@ enum DType : uint32_t {
 uint32_t dtype_itemsize(uint32_t code);
 
 // Header flags.
-constexpr uint32_t kFlagGpu = 1u << 0;
-constexpr uint32_t kFlagCpuMirror = 1u << 1;
+constexpr uint32_t kFlagGpu = 1u << 0;        // payload in device slots (slots.h)
+constexpr uint32_t kFlagCpuMirror = 1u << 1;  // slotted stream keeps a CPU copy too
+constexpr uint32_t kFlagSimDevice = 1u << 2;  // "device" memory is host shm (tests)
+constexpr uint32_t kKnownFlags = kFlagGpu | kFlagCpuMirror | kFlagSimDevice;
+
+// Slotted streams: slot count bounds and slot alignment.
+constexpr uint32_t kMinSlots = 2;
+constexpr uint32_t kMaxSlots = 16;
+constexpr uint64_t kSlotAlign = 512;
+constexpr uint64_t kDeviceCountersBytes = 4096;
+
+// True when the segment holds a CPU payload after the header.
+inline bool has_cpu_payload(uint32_t flags) {
+  return !(flags & kFlagGpu) || (flags & kFlagCpuMirror);
+}
 
 struct alignas(128) Header {
   // ---- identity and geometry: immutable after create --------------------
@@ -89,7 +106,16 @@ struct alignas(128) Header {
   int64_t shape[kMaxDims];
   uint32_t name_len;
   char name[kMaxNameBytes + 4];
-  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4)];
+  // Slotted (GPU) streams only; all zero for CPU streams. The payload then
+  // lives in nslots slots of a device allocation (see slots.h), described
+  // here and exported by ipc_handle; never pickled, validated on open.
+  uint32_t nslots;
+  uint32_t device_index;
+  uint64_t slot_stride;
+  uint64_t device_bytes;
+  uint8_t device_uuid[16];
+  uint8_t ipc_handle[64];
+  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4) - 104];
 
   // ---- publication line: written only by the lock holder -----------------
   // seq is odd while a write is in progress and equals 2 * count when
@@ -105,6 +131,7 @@ struct alignas(128) Header {
   // torn. Cleared by the next completed write.
   std::atomic<uint32_t> broken;
   std::atomic<uint32_t> unlinked;  // set by unlink(); handles can notice
+  std::atomic<uint32_t> latest_slot;  // slotted streams: slot of publication `count`
 
   // ---- lock line ----------------------------------------------------------
   alignas(128) pthread_mutex_t mutex;  // robust, process-shared, errorcheck
@@ -162,6 +189,11 @@ struct Geometry {
   int64_t shape[kMaxDims] = {};
   uint32_t flags = 0;
   uint32_t mode = 0600;
+  uint32_t nslots = 0;  // > 0 with kFlagGpu: slotted stream
+  // Called after the header geometry is filled in and before `magic` is
+  // published: allocates the device memory and records its handle. If it
+  // throws, the segment is removed.
+  std::function<void(Header*)> init_device;
 };
 
 struct Snapshot {
@@ -199,7 +231,7 @@ class Stream {
   const Header* header() const { return hdr_; }
   Header* header() { return hdr_; }
   const std::string& name() const { return name_; }
-  uint8_t* payload() const { return payload_; }
+  uint8_t* payload() const { return payload_; }  // CPU payload; nullptr if none
   uint64_t payload_bytes() const { return payload_bytes_; }
   bool readonly() const { return readonly_; }
   bool mapped() const { return hdr_ != nullptr; }
@@ -252,6 +284,7 @@ class Stream {
 };
 
 int64_t now_realtime_ns();
+std::string sim_device_name(const std::string& name);
 
 }  // namespace core
 }  // namespace torch_shmem

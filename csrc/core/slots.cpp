@@ -1,0 +1,210 @@
+// Slotted publication protocol (see slots.h) and its host-memory backend.
+#include "slots.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstring>
+
+namespace torch_shmem {
+namespace core {
+
+namespace {
+
+constexpr int kSlotTries = 4;
+constexpr double kOddSpinSeconds = 20e-6;
+
+double mono_now() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+std::atomic<uint64_t>* word(uint8_t* base, uint64_t offset) {
+  return reinterpret_cast<std::atomic<uint64_t>*>(base + offset);
+}
+
+[[noreturn]] void throw_errno(const std::string& what, int err) {
+  ErrorKind kind = ErrorKind::kOS;
+  if (err == ENOENT) kind = ErrorKind::kNotFound;
+  if (err == EEXIST) kind = ErrorKind::kExists;
+  if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
+  if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
+  throw Error(kind, what + ": " + std::strerror(err), err);
+}
+
+[[noreturn]] void throw_torn(const Stream& s) {
+  throw Error(ErrorKind::kInconsistent,
+              "stream '" + s.name() +
+                  "' holds an incomplete write (its writer died or aborted mid-write); "
+                  "the next completed write repairs it");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Host backend
+// ---------------------------------------------------------------------------
+
+HostSlotMemory* HostSlotMemory::create(const std::string& name, uint64_t bytes, uint32_t mode) {
+  const std::string os = sim_device_name(name);
+  int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) throw_errno("cannot create simulated device memory '" + os + "'", errno);
+  auto fail = [&](const char* what, int err) {
+    ::close(fd);
+    shm_unlink(os.c_str());
+    throw_errno(what, err);
+  };
+  if (fchmod(fd, mode & 0777) != 0) fail("fchmod", errno);
+  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) fail("ftruncate", errno);
+  int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
+  if (err != 0) fail("cannot reserve simulated device memory", err);
+  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) fail("mmap", errno);
+  ::close(fd);
+  auto* m = new HostSlotMemory();
+  m->base_ = static_cast<uint8_t*>(base);
+  m->bytes_ = bytes;
+  return m;
+}
+
+HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes) {
+  const std::string os = sim_device_name(name);
+  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (fd < 0) throw_errno("cannot open simulated device memory '" + os + "'", errno);
+  struct stat st;
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
+    ::close(fd);
+    throw Error(ErrorKind::kValue, "simulated device memory '" + os + "' has the wrong size");
+  }
+  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  int e = errno;
+  ::close(fd);
+  if (base == MAP_FAILED) throw_errno("mmap", e);
+  auto* m = new HostSlotMemory();
+  m->base_ = static_cast<uint8_t*>(base);
+  m->bytes_ = bytes;
+  return m;
+}
+
+HostSlotMemory::~HostSlotMemory() {
+  if (base_ != nullptr) munmap(base_, bytes_);
+}
+
+// gen odd is stored before any slot byte changes (release fence), and the
+// slot bytes before gen even (release store): the seqlock writer pattern,
+// per slot.
+void HostSlotMemory::store_gen(uint32_t slot, uint64_t gen) {
+  if (gen & 1) {
+    word(base_, gen_offset(slot))->store(gen, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_release);
+  } else {
+    word(base_, gen_offset(slot))->store(gen, std::memory_order_release);
+  }
+}
+
+void HostSlotMemory::copy_in(uint32_t slot, const void* src, bool) {
+  std::memcpy(base_ + kDeviceCountersBytes + slot_stride_ * slot, src, payload_bytes_);
+}
+
+void HostSlotMemory::store_count(uint64_t count) {
+  word(base_, 0)->store(count, std::memory_order_release);
+}
+
+void HostSlotMemory::finish_writer() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+// The copy happens-before the gen re-load (acquire fence), as in a seqlock
+// reader.
+uint64_t HostSlotMemory::copy_out_then_gen(uint32_t slot, void* dst, bool) {
+  std::memcpy(dst, base_ + kDeviceCountersBytes + slot_stride_ * slot, payload_bytes_);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  return word(base_, gen_offset(slot))->load(std::memory_order_relaxed);
+}
+
+void* HostSlotMemory::slot_ptr(uint32_t slot) {
+  return base_ + kDeviceCountersBytes + slot_stride_ * slot;
+}
+
+uint64_t HostSlotMemory::load_gen(uint32_t slot) const {
+  return word(base_, gen_offset(slot))->load(std::memory_order_acquire);
+}
+
+uint64_t HostSlotMemory::load_count() const {
+  return word(base_, 0)->load(std::memory_order_acquire);
+}
+
+// ---------------------------------------------------------------------------
+// Protocol
+// ---------------------------------------------------------------------------
+
+uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
+                           bool has_frame_id, uint64_t frame_id) {
+  Header* h = s.header();
+  const uint64_t c = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
+  const uint32_t k = static_cast<uint32_t>(c % h->nslots);
+  m.store_gen(k, 2 * c - 1);
+  m.copy_in(k, src, src_on_device);
+  m.store_gen(k, 2 * c);
+  m.store_count(c);
+  m.finish_writer();
+  // Host publication: only now is slot k complete.
+  s.begin_write_locked();
+  h->latest_slot.store(k, std::memory_order_relaxed);
+  if (h->flags & kFlagCpuMirror) m.copy_out_then_gen(k, s.payload(), false);
+  return s.commit_write_locked(has_frame_id, frame_id);
+}
+
+bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device,
+                    Snapshot* snap) {
+  const Header* h = s.header();
+  double spin_start = -1;
+  int tries = 0;
+  for (;;) {
+    uint64_t s1 = h->seq.load(std::memory_order_acquire);
+    if (s1 & 1) {  // host metadata (and mirror) window of a writer
+      if (h->broken.load(std::memory_order_acquire)) throw_torn(s);
+      double now = mono_now();
+      if (spin_start < 0) spin_start = now;
+      if (now - spin_start > kOddSpinSeconds) return false;
+      continue;
+    }
+    uint32_t k = h->latest_slot.load(std::memory_order_relaxed);
+    int64_t t = h->write_time_ns.load(std::memory_order_relaxed);
+    uint64_t fid = h->frame_id.load(std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (h->seq.load(std::memory_order_relaxed) != s1) continue;
+    if (k >= h->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
+    const uint64_t c = s1 >> 1;
+    if (m.copy_out_then_gen(k, dst, dst_on_device) == 2 * c) {
+      snap->seq = s1;
+      snap->count = c;
+      snap->write_time_ns = t;
+      snap->frame_id = fid;
+      return true;
+    }
+    if (++tries >= kSlotTries) return false;
+  }
+}
+
+Snapshot slot_read_locked(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device) {
+  const Header* h = s.header();
+  uint64_t s1 = h->seq.load(std::memory_order_acquire);
+  if (s1 & 1) throw_torn(s);  // no writer can be active while we hold the lock
+  uint32_t k = h->latest_slot.load(std::memory_order_relaxed);
+  if (k >= h->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
+  const uint64_t c = s1 >> 1;
+  if (m.copy_out_then_gen(k, dst, dst_on_device) != 2 * c) throw_torn(s);
+  Snapshot snap;
+  snap.seq = s1;
+  snap.count = c;
+  snap.write_time_ns = h->write_time_ns.load(std::memory_order_relaxed);
+  snap.frame_id = h->frame_id.load(std::memory_order_relaxed);
+  return snap;
+}
+
+}  // namespace core
+}  // namespace torch_shmem

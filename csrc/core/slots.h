@@ -1,0 +1,115 @@
+// Slotted publication: the protocol of GPU streams, written once for any
+// memory backend (CUDA device memory in csrc/cuda, host shared memory for
+// tests of the protocol on machines without a GPU).
+//
+// Device allocation layout (device_bytes = 4096 + nslots * slot_stride):
+//
+//   offset 0               count (u64): latest published count, for
+//                          device-side waits (consumer stream waits until
+//                          count >= n)
+//   offset 128 * (1 + k)   gen[k] (u64), k < 16: generation of slot k;
+//                          odd while being written, 2 * c once it holds
+//                          publication c
+//   offset 4096            slot 0, slot 1, ... (slot_stride apart, 512 B
+//                          aligned); publication c lives in slot c % nslots
+//
+// Writer (holds the stream's CPU lock), publication c = count + 1, k = c % N:
+//   device queue:  gen[k] <- 2c - 1 ; copy src -> slot k ; gen[k] <- 2c ;
+//                  count <- c ; wait for the queue (an event, not the device)
+//   host:          seq odd ; latest_slot <- k ; [mirror: slot k -> CPU
+//                  payload] ; write_time, frame_id ; seq even ; wake waiters
+// The host publishes c only after slot k is complete, so a reader that
+// follows the host header never looks at a slot being written. A writer
+// that dies before its host publication leaves the stream untouched (the
+// torn slot is not the latest); the next writer rewrites the same slot.
+//
+// Reader (no lock):
+//   host:   s1 <- seq (even) ; k <- latest_slot ; write_time, frame_id ;
+//           s2 <- seq ; retry unless s1 == s2 ; c = s1 / 2
+//   device: copy slot k -> dst ; then g <- gen[k] (after the copy completes)
+//   g == 2c: dst is exactly publication c. Otherwise the writer lapped the
+//   ring (N - 1 more publications) and began rewriting slot k during the
+//   copy: retry, and after a few failures take the lock.
+// gen[k] only grows, so checking it once after the copy suffices: it was
+// 2c when the host published c, and any rewrite raises it before touching
+// the slot's bytes.
+#pragma once
+
+#include <stdint.h>
+
+#include <string>
+
+#include "stream.h"
+
+namespace torch_shmem {
+namespace core {
+
+inline uint64_t gen_offset(uint32_t slot) { return 128 * (uint64_t(1) + slot); }
+inline uint64_t slot_offset(const Header* h, uint32_t slot) {
+  return kDeviceCountersBytes + h->slot_stride * slot;
+}
+
+// Memory backend of a slotted stream. "Writer queue" and "reader queue"
+// are the backend's ordered work queues (CUDA streams on a GPU; immediate
+// execution on the host).
+class SlotMemory {
+ public:
+  virtual ~SlotMemory() = default;
+  // Writer queue, in order.
+  virtual void store_gen(uint32_t slot, uint64_t gen) = 0;
+  virtual void copy_in(uint32_t slot, const void* src, bool src_on_device) = 0;
+  virtual void store_count(uint64_t count) = 0;
+  // Blocks until every queued writer operation is complete and visible.
+  virtual void finish_writer() = 0;
+  // Reader queue: copy slot -> dst, then return gen[slot] read after the
+  // copy completed.
+  virtual uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) = 0;
+  // Address of a slot in this process (device pointer on a GPU).
+  virtual void* slot_ptr(uint32_t slot) = 0;
+};
+
+// Host shared-memory backend: the "device allocation" is a second POSIX shm
+// object (kSimDevicePrefix + name). Exercises the protocol across processes
+// on machines without a GPU.
+class HostSlotMemory : public SlotMemory {
+ public:
+  // Creates (and zero-fills) or opens the simulated allocation.
+  static HostSlotMemory* create(const std::string& name, uint64_t bytes, uint32_t mode);
+  static HostSlotMemory* open(const std::string& name, uint64_t bytes);
+  ~HostSlotMemory() override;
+
+  void store_gen(uint32_t slot, uint64_t gen) override;
+  void copy_in(uint32_t slot, const void* src, bool src_on_device) override;
+  void store_count(uint64_t count) override;
+  void finish_writer() override;
+  uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) override;
+  void* slot_ptr(uint32_t slot) override;
+
+  uint64_t load_gen(uint32_t slot) const;
+  uint64_t load_count() const;
+
+  void set_geometry(uint64_t slot_stride, uint64_t payload_bytes) {
+    slot_stride_ = slot_stride;
+    payload_bytes_ = payload_bytes;
+  }
+
+ private:
+  HostSlotMemory() = default;
+  uint8_t* base_ = nullptr;
+  uint64_t bytes_ = 0;
+  uint64_t slot_stride_ = 0;
+  uint64_t payload_bytes_ = 0;
+};
+
+// Protocol entry points. The stream must be slotted (kFlagGpu).
+// Caller holds the lock. Returns the new count.
+uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
+                           bool has_frame_id, uint64_t frame_id);
+// Lock-free attempt; false means "take the lock and use slot_read_locked".
+bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device,
+                    Snapshot* snap);
+// Caller holds the lock.
+Snapshot slot_read_locked(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device);
+
+}  // namespace core
+}  // namespace torch_shmem

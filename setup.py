@@ -83,11 +83,12 @@ if ops_sources:
     if use_cuda and not cuda_sources:
         reason += "; csrc/cuda has no sources yet"
     print(f"torch_shmem: building torch.ops.shmem {'with' if cuda_sources else 'without'} CUDA ({reason})")
+    defines = ["-DTORCH_SHMEM_WITH_CUDA"] if cuda_sources else []
     common = dict(
         name="torch_shmem._C",
         sources=rel("csrc/core/*.cpp") + ops_sources + cuda_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": OPS_FLAGS, "nvcc": OPT},
+        extra_compile_args={"cxx": OPS_FLAGS + defines, "nvcc": OPT + defines},
         libraries=["rt"],
         py_limited_api=False,
     )

@@ -219,3 +219,13 @@ def test_numpy_stream_read_through_ops_equals_numpy_read(name):
 def test_ops_available_in_any_import_order(code):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    from torch_shmem import _C
+
+    if not _C.WITH_CUDA:
+        pytest.skip("built without CUDA (no toolkit at build time or TORCH_SHMEM_USE_CUDA=0)")
+    for op in ("publish", "read_into", "read", "wait_read_into"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shmem::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shmem::{op}", "CPU"), op

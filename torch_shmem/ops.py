@@ -29,6 +29,7 @@ __all__ = [
     "close",
     "count",
     "create",
+    "create_gpu",
     "open",
     "publish",
     "read",
@@ -76,9 +77,13 @@ class Stream:
         return int(self.token[3])
 
 
+_DTYPES[15] = torch.bfloat16  # GPU streams only
+
+
 def _wrap(token: torch.Tensor) -> Stream:
-    name, shape, code = torch.ops.shmem.info(token)
-    return Stream(token, name, tuple(shape), _DTYPES[code], torch.device("cpu"))
+    name, shape, code, device = torch.ops.shmem.info(token)
+    dev = torch.device("cpu") if device < 0 else torch.device("cuda", device)
+    return Stream(token, name, tuple(shape), _DTYPES[code], dev)
 
 
 @torch.compiler.disable
@@ -88,9 +93,32 @@ def create(name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32, 
 
 
 @torch.compiler.disable
-def open(name: str, *, readonly: bool = False) -> Stream:  # noqa: A001
-    """Attach to an existing stream (created by either API)."""
-    return _wrap(torch.ops.shmem.open(name, readonly))
+def create_gpu(
+    name: str,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    device: int | str | torch.device = 0,
+    nslots: int = 3,
+    cpu_mirror: bool = False,
+    mode: int = 0o600,
+) -> Stream:
+    """Create a GPU stream: ``nslots`` payload slots in one CUDA IPC allocation.
+
+    See docs/gpu.md for the slot protocol and the guarantees of each mode.
+    """
+    index = torch.device(device if not isinstance(device, int) else f"cuda:{device}").index or 0
+    return _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode))
+
+
+@torch.compiler.disable
+def open(name: str, *, readonly: bool = False, device: int | None = None) -> Stream:  # noqa: A001
+    """Attach to an existing stream (created by either API).
+
+    A GPU stream is mapped on ``device`` (default: the device it was created
+    on, matched by uuid).
+    """
+    return _wrap(torch.ops.shmem.open(name, readonly, -1 if device is None else int(device)))
 
 
 @torch.compiler.disable

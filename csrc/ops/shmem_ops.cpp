@@ -32,7 +32,9 @@
 #include <string>
 #include <unordered_map>
 
+#include "../core/slots.h"
 #include "../core/stream.h"
+#include "registry.h"
 
 namespace torch_shmem {
 namespace ops {
@@ -42,14 +44,13 @@ using core::ErrorKind;
 using core::Stream;
 
 namespace {
+GpuBackend* g_gpu_backend = nullptr;
+}  // namespace
 
-struct Entry {
-  std::unique_ptr<Stream> stream;
-  std::string name;
-  int64_t iid_lo = 0;
-  int64_t iid_hi = 0;
-  std::atomic<bool> closing{false};
-};
+GpuBackend* gpu_backend() { return g_gpu_backend; }
+void set_gpu_backend(GpuBackend* backend) { g_gpu_backend = backend; }
+
+namespace {
 
 std::mutex g_mu;
 std::unordered_map<int64_t, std::shared_ptr<Entry>> g_entries;
@@ -129,9 +130,12 @@ std::string shape_str(at::IntArrayRef shape) {
   return out + "]";
 }
 
-at::Tensor register_stream(Stream* raw) {
+at::Tensor register_stream(Stream* raw, std::shared_ptr<core::SlotMemory> dev = nullptr,
+                           int device = -1) {
   auto e = std::make_shared<Entry>();
   e->stream.reset(raw);
+  e->dev = std::move(dev);
+  e->device = device;
   e->name = raw->name();
   std::memcpy(&e->iid_lo, raw->header()->instance_id, 8);
   std::memcpy(&e->iid_hi, raw->header()->instance_id + 8, 8);
@@ -189,9 +193,17 @@ void check_payload_tensor(const Entry& e, const at::Tensor& t, const char* op, c
   TORCH_CHECK_VALUE(t.sizes().vec() == want_shape, "shmem::", op, ": stream '", e.name,
                     "': expected ", what, " of shape ", shape_str(want_shape), ", got ",
                     shape_str(t.sizes()));
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "shmem::", op, ": stream '", e.name,
-                    "' is a CPU stream; expected ", what, " on the CPU, got ", t.device());
+  if (e.dev == nullptr) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), "shmem::", op, ": stream '", e.name,
+                      "' is a CPU stream; expected ", what, " on the CPU, got ", t.device());
+  } else {
+    TORCH_CHECK_VALUE(t.device().is_cpu() || (t.device().is_cuda() && t.device().index() == e.device),
+                      "shmem::", op, ": stream '", e.name, "' lives on cuda:", e.device,
+                      "; expected ", what, " on cuda:", e.device, " or the CPU, got ", t.device());
+  }
 }
+
+bool on_device(const at::Tensor& t) { return t.device().is_cuda(); }
 
 double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
@@ -214,21 +226,43 @@ void lock_stream(Entry& e, const char* op, double timeout) {
   }
 }
 
-void snapshot(Entry& e, void* dst, const char* op, double timeout, core::Snapshot* snap) {
+// Copies one completed publication into dst (on the device when
+// dst_on_device; GPU streams only).
+void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, double timeout,
+              core::Snapshot* snap) {
   Stream& s = *e.stream;
+  core::SlotMemory* dev = e.dev.get();
   try {
-    if (s.read_fast(dst, snap)) return;
+    if (dev ? core::slot_read_fast(s, *dev, dst, dst_on_device, snap) : s.read_fast(dst, snap))
+      return;
   } catch (const Error& err) {
     rethrow(op, e.name, err);
   }
   lock_stream(e, op, timeout);
   try {
-    *snap = s.read_locked(dst);
+    *snap = dev ? core::slot_read_locked(s, *dev, dst, dst_on_device) : s.read_locked(dst);
   } catch (const Error& err) {
     s.unlock();
     rethrow(op, e.name, err);
   }
   s.unlock();
+}
+
+void publish_bytes(Entry& e, const at::Tensor& src, const char* op) {
+  TORCH_CHECK(!e.stream->readonly(), "shmem::", op, ": stream '", e.name, "' is open read-only");
+  at::Tensor c = src.contiguous();
+  Stream& s = *e.stream;
+  lock_stream(e, op, -1);
+  uint64_t count;
+  try {
+    count = e.dev ? core::slot_write_locked(s, *e.dev, c.data_ptr(), on_device(c), false, 0)
+                  : s.write_locked(c.data_ptr(), false, 0);
+  } catch (const Error& err) {
+    s.unlock();
+    rethrow(op, e.name, err);
+  }
+  s.unlock();
+  (void)count;
 }
 
 }  // namespace
@@ -258,17 +292,60 @@ at::Tensor create_cpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarT
   }
 }
 
-at::Tensor open_cpu(c10::string_view name, bool readonly) {
+// open(name, readonly, device): device < 0 attaches a GPU stream to the
+// device it was created on (matched by uuid, so CUDA_VISIBLE_DEVICES may
+// differ between processes).
+at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
   std::string n(name);
+  Stream* s = nullptr;
   try {
-    Stream* s = Stream::open(n, readonly);
-    if (to_scalar_type(s->header()->dtype_code) == at::ScalarType::Undefined) {
-      delete s;
-      TORCH_CHECK_VALUE(false, "shmem::open: stream '", n, "' has an unknown dtype");
-    }
-    return register_stream(s);
+    s = Stream::open(n, readonly);
   } catch (const Error& err) {
     rethrow("open", n, err);
+  }
+  std::unique_ptr<Stream> guard(s);
+  TORCH_CHECK_VALUE(to_scalar_type(s->header()->dtype_code) != at::ScalarType::Undefined,
+                    "shmem::open: stream '", n, "' has an unknown dtype");
+  if (!(s->header()->flags & core::kFlagGpu)) return register_stream(guard.release());
+  TORCH_CHECK(!(s->header()->flags & core::kFlagSimDevice), "shmem::open: stream '", n,
+              "' uses simulated device memory (a test stream); open it with torch_shmem.open");
+  GpuBackend* b = gpu_backend();
+  TORCH_CHECK(b != nullptr, "shmem::open: stream '", n,
+              "' is a GPU stream and this build of torch_shmem has no CUDA support");
+  int used = -1;
+  auto dev = b->attach(s->header(), static_cast<int>(device), &used);
+  return register_stream(guard.release(), std::move(dev), used);
+}
+
+at::Tensor create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
+                      int64_t device, int64_t nslots, bool cpu_mirror, int64_t mode) {
+  std::string n(name);
+  GpuBackend* b = gpu_backend();
+  TORCH_CHECK(b != nullptr, "shmem::create_gpu: stream '", n,
+              "': this build of torch_shmem has no CUDA support");
+  core::Geometry g;
+  g.dtype_code = to_code(dtype);
+  TORCH_CHECK_VALUE(g.dtype_code != 0, "shmem::create_gpu: stream '", n, "': unsupported dtype ",
+                    dtype);
+  TORCH_CHECK_VALUE(shape.size() <= core::kMaxDims, "shmem::create_gpu: stream '", n,
+                    "': too many dimensions");
+  TORCH_CHECK_VALUE(nslots >= core::kMinSlots && nslots <= core::kMaxSlots,
+                    "shmem::create_gpu: stream '", n, "': nslots must be in [", core::kMinSlots,
+                    ", ", core::kMaxSlots, "], got ", nslots);
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 0777, "shmem::create_gpu: stream '", n,
+                    "': mode must be within 0o777");
+  g.ndim = static_cast<uint32_t>(shape.size());
+  for (size_t i = 0; i < shape.size(); ++i) g.shape[i] = shape[i];
+  g.mode = static_cast<uint32_t>(mode);
+  g.flags = core::kFlagGpu | (cpu_mirror ? core::kFlagCpuMirror : 0);
+  g.nslots = static_cast<uint32_t>(nslots);
+  std::shared_ptr<core::SlotMemory> dev;
+  g.init_device = [&](core::Header* h) { dev = b->create(h, static_cast<int>(device)); };
+  try {
+    Stream* s = Stream::create(n, g);
+    return register_stream(s, std::move(dev), static_cast<int>(device));
+  } catch (const Error& err) {
+    rethrow("create_gpu", n, err);
   }
 }
 
@@ -292,61 +369,60 @@ void close_cpu(const at::Tensor& token) {
 bool unlink_cpu(c10::string_view name) {
   std::string n(name);
   try {
+    if (GpuBackend* b = gpu_backend()) {
+      // The creating process drops its own reference to the allocation.
+      try {
+        std::unique_ptr<Stream> s(Stream::open(n, true));
+        if (s->header()->flags & core::kFlagGpu) b->forget(s->header()->instance_id);
+      } catch (const Error&) {
+      }
+    }
     return Stream::unlink_name(n);
   } catch (const Error& err) {
     rethrow("unlink", n, err);
   }
 }
 
-// info(stream) -> (name, shape, dtype code of the stream header)
-std::tuple<std::string, std::vector<int64_t>, int64_t> info_cpu(const at::Tensor& token) {
+// info(stream) -> (name, shape, dtype code of the stream header, CUDA
+// ordinal or -1 for a CPU stream)
+std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> info_cpu(const at::Tensor& token) {
   auto e = lookup(token, "info");
   return {e->name, stream_shape(*e->stream),
-          static_cast<int64_t>(e->stream->header()->dtype_code)};
+          static_cast<int64_t>(e->stream->header()->dtype_code), static_cast<int64_t>(e->device)};
 }
 
 // ---------------------------------------------------------------------------
 // Data ops (CPU streams)
 // ---------------------------------------------------------------------------
 
-void publish_cpu(at::Tensor& token, const at::Tensor& src) {
+// The data ops below serve CPU and GPU streams alike (registered for the
+// CPU and, in CUDA builds, the CUDA dispatch keys): GPU streams go through
+// the slot protocol, with host tensors uploaded/downloaded by the copies.
+void publish_impl(at::Tensor& token, const at::Tensor& src) {
   auto e = lookup(token, "publish");
   check_payload_tensor(*e, src, "publish", "src");
-  TORCH_CHECK(!e->stream->readonly(), "shmem::publish: stream '", e->name,
-              "' is open read-only");
-  at::Tensor c = src.contiguous();
-  Stream& s = *e->stream;
-  lock_stream(*e, "publish", -1);
-  uint64_t count;
-  try {
-    count = s.write_locked(c.data_ptr(), false, 0);
-  } catch (const Error& err) {
-    s.unlock();
-    rethrow("publish", e->name, err);
-  }
-  s.unlock();
-  token.data_ptr<int64_t>()[3] = static_cast<int64_t>(count);
+  publish_bytes(*e, src, "publish");
+  token.data_ptr<int64_t>()[3] = static_cast<int64_t>(e->stream->count());
 }
 
-void read_into_cpu(at::Tensor& token, at::Tensor& out) {
+void read_into_impl(at::Tensor& token, at::Tensor& out) {
   auto e = lookup(token, "read_into");
   check_payload_tensor(*e, out, "read_into", "out");
   TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::read_into: stream '", e->name,
                     "': out must be contiguous");
   core::Snapshot snap;
-  snapshot(*e, out.data_ptr(), "read_into", -1, &snap);
+  snapshot(*e, out.data_ptr(), on_device(out), "read_into", -1, &snap);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
-at::Tensor read_cpu(at::Tensor& token, at::IntArrayRef shape, c10::ScalarType dtype,
-                    c10::string_view device) {
+at::Tensor read_impl(at::Tensor& token, at::IntArrayRef shape, c10::ScalarType dtype,
+                     c10::string_view device) {
   auto e = lookup(token, "read");
-  TORCH_CHECK_VALUE(c10::Device(std::string(device)).is_cpu(), "shmem::read: stream '", e->name,
-                    "' is a CPU stream; expected device cpu, got ", device);
-  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
-  check_payload_tensor(*e, out, "read", "shape/dtype");
+  c10::Device dev{std::string(device)};
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype).device(dev));
+  check_payload_tensor(*e, out, "read", "result");
   core::Snapshot snap;
-  snapshot(*e, out.data_ptr(), "read", -1, &snap);
+  snapshot(*e, out.data_ptr(), on_device(out), "read", -1, &snap);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
   return out;
 }
@@ -354,7 +430,7 @@ at::Tensor read_cpu(at::Tensor& token, at::IntArrayRef shape, c10::ScalarType dt
 // Waits until the stream's count exceeds the token's last_count (the
 // publication this token last saw), then reads into out. Level-triggered:
 // a publication that landed before the call is returned at once.
-void wait_read_into_cpu(at::Tensor& token, at::Tensor& out, double timeout) {
+void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
   auto e = lookup(token, "wait_read_into");
   check_payload_tensor(*e, out, "wait_read_into", "out");
   TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::wait_read_into: stream '", e->name,
@@ -376,7 +452,7 @@ void wait_read_into_cpu(at::Tensor& token, at::Tensor& out, double timeout) {
   }
   core::Snapshot snap;
   double left = timeout < 0 ? -1 : std::max(0.0, deadline - now_s());
-  snapshot(*e, out.data_ptr(), "wait_read_into", left, &snap);
+  snapshot(*e, out.data_ptr(), on_device(out), "wait_read_into", left, &snap);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
@@ -389,10 +465,13 @@ at::Tensor count_cpu(const at::Tensor& token) {
 TORCH_LIBRARY(shmem, m) {
   // control (eager only)
   m.def("create(str name, int[] shape, ScalarType dtype, int mode=384) -> Tensor");
-  m.def("open(str name, bool readonly=False) -> Tensor");
+  m.def("open(str name, bool readonly=False, int device=-1) -> Tensor");
+  m.def(
+      "create_gpu(str name, int[] shape, ScalarType dtype, int device, int nslots=3, "
+      "bool cpu_mirror=False, int mode=384) -> Tensor");
   m.def("close(Tensor stream) -> ()");
   m.def("unlink(str name) -> bool");
-  m.def("info(Tensor stream) -> (str, int[], int)");
+  m.def("info(Tensor stream) -> (str, int[], int, int)");
   // data (per frame; compile-safe)
   m.def("publish(Tensor(a!) stream, Tensor src) -> ()");
   m.def("read_into(Tensor(a!) stream, Tensor(b!) out) -> ()");
@@ -407,6 +486,7 @@ TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
   // CPU) dispatch here regardless of other tensors' devices.
   m.impl("create", &create_cpu);
   m.impl("open", &open_cpu);
+  m.impl("create_gpu", &create_gpu);
   m.impl("close", &close_cpu);
   m.impl("unlink", &unlink_cpu);
   m.impl("info", &info_cpu);
@@ -421,11 +501,22 @@ TORCH_LIBRARY_IMPL(shmem, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(shmem, CPU, m) {
-  m.impl("publish", &publish_cpu);
-  m.impl("read_into", &read_into_cpu);
-  m.impl("read", &read_cpu);
-  m.impl("wait_read_into", &wait_read_into_cpu);
+  m.impl("publish", &publish_impl);
+  m.impl("read_into", &read_into_impl);
+  m.impl("read", &read_impl);
+  m.impl("wait_read_into", &wait_read_into_impl);
 }
+
+#ifdef TORCH_SHMEM_WITH_CUDA
+// Same kernels for CUDA tensors: the slot copies run on the current CUDA
+// stream of the tensor's device (csrc/cuda/gpu_stream.cu).
+TORCH_LIBRARY_IMPL(shmem, CUDA, m) {
+  m.impl("publish", &publish_impl);
+  m.impl("read_into", &read_into_impl);
+  m.impl("read", &read_impl);
+  m.impl("wait_read_into", &wait_read_into_impl);
+}
+#endif
 
 }  // namespace ops
 }  // namespace torch_shmem
@@ -433,4 +524,13 @@ TORCH_LIBRARY_IMPL(shmem, CPU, m) {
 // The module itself is empty: importing it runs the static registrations.
 static PyModuleDef shmem_ops_module = {PyModuleDef_HEAD_INIT, "_C",
                                        "torch.ops.shmem registrations", -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&shmem_ops_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&shmem_ops_module);
+  if (m == nullptr) return nullptr;
+#ifdef TORCH_SHMEM_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+  return m;
+}

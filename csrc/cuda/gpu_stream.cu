@@ -1,0 +1,243 @@
+// The CUDA half: device memory for GPU streams (csrc/core/slots.h).
+//
+// One cudaMalloc allocation per stream holds the device counters and the
+// payload slots; it is exported with cudaIpcGetMemHandle (the handle lives
+// in the stream's CPU header) and mapped with cudaIpcOpenMemHandle at most
+// once per process (legacy IPC forbids opening one's own handle, so the
+// creating process serves its own pointer from the same cache).
+//
+// Writer operations run on the current torch CUDA stream of the stream's
+// device and are ordered by it: gen odd (1-thread kernel) -> copy -> gen
+// even -> count; an event recorded after them is waited on before the host
+// publication, so only the writer's own work is waited for, never the
+// whole device. Readers copy on their current stream and read the slot's
+// generation after the copy (same stream), then synchronize that stream.
+//
+// Only c10/cuda headers are used (the toolkit on the build machines has no
+// cuBLAS headers, so ATen/cuda/CUDAContext.h is not available).
+#include <cuda_runtime.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "../core/slots.h"
+#include "../ops/registry.h"
+
+namespace torch_shmem {
+namespace cuda {
+
+namespace {
+
+using core::Header;
+using IID = std::array<uint8_t, 16>;
+
+#define TSHM_CUDA_CHECK(call, what)                                                        \
+  do {                                                                                     \
+    cudaError_t err_ = (call);                                                             \
+    TORCH_CHECK(err_ == cudaSuccess, "torch_shmem: ", what, ": ", #call, " failed: ",       \
+                cudaGetErrorString(err_));                                                 \
+  } while (0)
+
+__global__ void store_u64_kernel(unsigned long long* p, unsigned long long v) {
+  // One thread; stream order makes the store visible to later work on the
+  // writer's stream, the system fence to other streams and processes.
+  *reinterpret_cast<volatile unsigned long long*>(p) = v;
+  __threadfence_system();
+}
+
+IID iid_of(const Header* h) {
+  IID id;
+  std::memcpy(id.data(), h->instance_id, 16);
+  return id;
+}
+
+// One mapping of one allocation in this process.
+struct Mapping {
+  void* base = nullptr;
+  size_t bytes = 0;
+  int device = -1;
+  bool owned = false;  // allocated by this process (cudaFree) vs imported (close handle)
+  ~Mapping() {
+    if (base == nullptr) return;
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    if (owned)
+      cudaFree(base);
+    else
+      cudaIpcCloseMemHandle(base);
+  }
+};
+
+std::mutex g_mu;
+std::map<IID, std::weak_ptr<Mapping>> g_cache;    // every live mapping
+std::map<IID, std::shared_ptr<Mapping>> g_owned;  // creator keeps its allocation until unlink
+
+class CudaSlotMemory : public core::SlotMemory {
+ public:
+  CudaSlotMemory(std::shared_ptr<Mapping> map, const Header* h)
+      : map_(std::move(map)), stride_(h->slot_stride), nbytes_(h->payload_bytes) {
+    c10::cuda::CUDAGuard guard(device());
+    TSHM_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "event");
+  }
+  ~CudaSlotMemory() override {
+    c10::cuda::CUDAGuard guard(device());
+    cudaEventDestroy(done_);
+  }
+
+  void store_gen(uint32_t slot, uint64_t gen) override { store_u64(core::gen_offset(slot), gen); }
+
+  void copy_in(uint32_t slot, const void* src, bool src_on_device) override {
+    c10::cuda::CUDAGuard guard(device());
+    TSHM_CUDA_CHECK(cudaMemcpyAsync(slot_ptr(slot), src, nbytes_,
+                                    src_on_device ? cudaMemcpyDeviceToDevice
+                                                  : cudaMemcpyHostToDevice,
+                                    stream()),
+                    "copy into a GPU stream slot");
+  }
+
+  void store_count(uint64_t count) override { store_u64(0, count); }
+
+  void finish_writer() override {
+    c10::cuda::CUDAGuard guard(device());
+    TSHM_CUDA_CHECK(cudaEventRecord(done_, stream()), "record the write event");
+    TSHM_CUDA_CHECK(cudaEventSynchronize(done_), "wait for the write");
+  }
+
+  uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) override {
+    c10::cuda::CUDAGuard guard(device());
+    cudaStream_t st = stream();
+    TSHM_CUDA_CHECK(cudaMemcpyAsync(dst, slot_ptr(slot), nbytes_,
+                                    dst_on_device ? cudaMemcpyDeviceToDevice
+                                                  : cudaMemcpyDeviceToHost,
+                                    st),
+                    "copy out of a GPU stream slot");
+    unsigned long long gen = 0;
+    TSHM_CUDA_CHECK(cudaMemcpyAsync(&gen, static_cast<uint8_t*>(map_->base) + core::gen_offset(slot),
+                                    sizeof(gen), cudaMemcpyDeviceToHost, st),
+                    "read the slot generation");
+    TSHM_CUDA_CHECK(cudaStreamSynchronize(st), "wait for the read");
+    return gen;
+  }
+
+  void* slot_ptr(uint32_t slot) override {
+    return static_cast<uint8_t*>(map_->base) + core::kDeviceCountersBytes + stride_ * slot;
+  }
+
+ private:
+  c10::DeviceIndex device() const { return static_cast<c10::DeviceIndex>(map_->device); }
+  cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(device()).stream(); }
+  void store_u64(uint64_t offset, uint64_t v) {
+    c10::cuda::CUDAGuard guard(device());
+    auto* p = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(map_->base) + offset);
+    store_u64_kernel<<<1, 1, 0, stream()>>>(p, static_cast<unsigned long long>(v));
+    TSHM_CUDA_CHECK(cudaGetLastError(), "store a device counter");
+  }
+
+  std::shared_ptr<Mapping> map_;
+  uint64_t stride_;
+  uint64_t nbytes_;
+  cudaEvent_t done_ = nullptr;
+};
+
+int device_by_uuid(const uint8_t uuid[16]) {
+  int n = 0;
+  TSHM_CUDA_CHECK(cudaGetDeviceCount(&n), "count devices");
+  for (int i = 0; i < n; ++i) {
+    cudaDeviceProp prop;
+    TSHM_CUDA_CHECK(cudaGetDeviceProperties(&prop, i), "device properties");
+    if (std::memcmp(prop.uuid.bytes, uuid, 16) == 0) return i;
+  }
+  return -1;
+}
+
+class CudaBackend : public ops::GpuBackend {
+ public:
+  std::shared_ptr<core::SlotMemory> create(Header* h, int device) override {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    auto map = std::make_shared<Mapping>();
+    map->device = device;
+    map->bytes = h->device_bytes;
+    map->owned = true;
+    TSHM_CUDA_CHECK(cudaMalloc(&map->base, map->bytes), "allocate a GPU stream");
+    TSHM_CUDA_CHECK(cudaMemset(map->base, 0, map->bytes), "zero a GPU stream");
+    TSHM_CUDA_CHECK(cudaDeviceSynchronize(), "zero a GPU stream");
+    cudaIpcMemHandle_t handle;
+    TSHM_CUDA_CHECK(cudaIpcGetMemHandle(&handle, map->base), "export a GPU stream");
+    static_assert(sizeof(handle) <= sizeof(h->ipc_handle), "IPC handle does not fit");
+    std::memcpy(h->ipc_handle, &handle, sizeof(handle));
+    cudaDeviceProp prop;
+    TSHM_CUDA_CHECK(cudaGetDeviceProperties(&prop, device), "device properties");
+    std::memcpy(h->device_uuid, prop.uuid.bytes, 16);
+    h->device_index = static_cast<uint32_t>(device);
+    {
+      std::lock_guard<std::mutex> g(g_mu);
+      g_cache[iid_of(h)] = map;
+      g_owned[iid_of(h)] = map;
+    }
+    return std::make_shared<CudaSlotMemory>(map, h);
+  }
+
+  std::shared_ptr<core::SlotMemory> attach(const Header* h, int device, int* device_out) override {
+    int found = device_by_uuid(h->device_uuid);
+    TORCH_CHECK(found >= 0, "torch_shmem: GPU stream '", std::string(h->name, h->name_len),
+                "' lives on a device this process cannot see (check CUDA_VISIBLE_DEVICES)");
+    TORCH_CHECK(device < 0 || device == found, "torch_shmem: GPU stream '",
+                std::string(h->name, h->name_len), "' lives on cuda:", found,
+                " in this process, not cuda:", device);
+    *device_out = found;
+    const IID id = iid_of(h);
+    std::lock_guard<std::mutex> g(g_mu);
+    auto it = g_cache.find(id);
+    std::shared_ptr<Mapping> map = it == g_cache.end() ? nullptr : it->second.lock();
+    if (map == nullptr) {
+      c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(found));
+      cudaIpcMemHandle_t handle;
+      std::memcpy(&handle, h->ipc_handle, sizeof(handle));
+      map = std::make_shared<Mapping>();
+      map->device = found;
+      map->bytes = h->device_bytes;
+      cudaError_t err = cudaIpcOpenMemHandle(&map->base, handle, cudaIpcMemLazyEnablePeerAccess);
+      if (err != cudaSuccess) {
+        map->base = nullptr;
+        TORCH_CHECK(false, "torch_shmem: cannot map GPU stream '",
+                    std::string(h->name, h->name_len), "' (",
+                    cudaGetErrorString(err),
+                    "); its creating process may have exited, which frees the device memory");
+      }
+      g_cache[id] = map;
+    }
+    return std::make_shared<CudaSlotMemory>(map, h);
+  }
+
+  void forget(const uint8_t instance_id[16]) override {
+    IID id;
+    std::memcpy(id.data(), instance_id, 16);
+    std::shared_ptr<Mapping> drop;
+    {
+      std::lock_guard<std::mutex> g(g_mu);
+      auto it = g_owned.find(id);
+      if (it != g_owned.end()) {
+        drop = std::move(it->second);
+        g_owned.erase(it);
+      }
+    }
+    // `drop` frees the allocation here unless a handle of this process
+    // still uses it (then when that handle closes).
+  }
+};
+
+CudaBackend g_backend;
+
+struct Register {
+  Register() { ops::set_gpu_backend(&g_backend); }
+} g_register;
+
+}  // namespace
+}  // namespace cuda
+}  // namespace torch_shmem

@@ -1,0 +1,47 @@
+// Process-local registry of streams opened through torch.ops.shmem, and
+// the hook through which the CUDA half (csrc/cuda, built only with a CUDA
+// toolkit) provides device memory for GPU streams.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "../core/slots.h"
+#include "../core/stream.h"
+
+namespace torch_shmem {
+namespace ops {
+
+struct Entry {
+  std::unique_ptr<core::Stream> stream;
+  std::shared_ptr<core::SlotMemory> dev;  // GPU streams: the device slots
+  int device = -1;                        // CUDA ordinal in this process, -1: CPU
+  std::string name;
+  int64_t iid_lo = 0;
+  int64_t iid_hi = 0;
+  std::atomic<bool> closing{false};
+};
+
+// Device memory provider for GPU streams (implemented in csrc/cuda).
+class GpuBackend {
+ public:
+  virtual ~GpuBackend() = default;
+  // Allocates the slots of a new stream on `device`, zero-filled, and
+  // records the IPC handle, device index and uuid in the header.
+  virtual std::shared_ptr<core::SlotMemory> create(core::Header* h, int device) = 0;
+  // Maps an existing stream's slots in this process (cached per
+  // allocation). device < 0: the device whose uuid the header records.
+  // Sets *device_out to the ordinal used.
+  virtual std::shared_ptr<core::SlotMemory> attach(const core::Header* h, int device,
+                                                   int* device_out) = 0;
+  // Called by unlink: the creating process frees its allocation once no
+  // handle of this process uses it.
+  virtual void forget(const uint8_t instance_id[16]) = 0;
+};
+
+GpuBackend* gpu_backend();  // nullptr when built without CUDA
+void set_gpu_backend(GpuBackend* backend);
+
+}  // namespace ops
+}  // namespace torch_shmem

@@ -229,3 +229,13 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     for op in ("publish", "read_into", "read", "wait_read_into"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shmem::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shmem::{op}", "CPU"), op
+
+
+def test_publish_frame_id_full_uint64_range(stream, name):
+    reader = torch_shmem.open(name)
+    for fid in (0, 7, 2**63 - 1, 2**63, 2**64 - 1):
+        O.publish(stream, torch.zeros(2, 3), frame_id=fid)
+        assert reader.frame_id == fid
+    with pytest.raises(ValueError, match="frame_id"):
+        O.publish(stream, torch.zeros(2, 3), frame_id=2**64)
+    torch.library.opcheck(torch.ops.shmem.publish.default, (stream.token, torch.ones(2, 3), 5))

@@ -133,13 +133,22 @@ def unlink(name: str) -> bool:
     return torch.ops.shmem.unlink(name)
 
 
-def publish(stream: Stream, src: torch.Tensor) -> None:
+def publish(stream: Stream, src: torch.Tensor, frame_id: int | None = None) -> None:
     """Copy ``src`` (the stream's shape and dtype, any layout) in and publish it.
 
     Takes the cross-process write lock for the copy; records the new count in
-    ``stream.token[3]``.
+    ``stream.token[3]``. ``frame_id`` (uint64) is stamped with the write; in
+    compiled code prefer None (each distinct constant specializes the graph).
+    For a GPU stream ``src`` may be on its device (device-to-device copy) or on
+    the CPU (upload).
     """
-    torch.ops.shmem.publish(stream.token, src)
+    if frame_id is not None:
+        frame_id = int(frame_id)
+        if not 0 <= frame_id < 1 << 64:
+            raise ValueError(f"torch_shmem: stream {stream.name!r}: frame_id must be in [0, 2**64)")
+        if frame_id >= 1 << 63:
+            frame_id -= 1 << 64  # the schema carries the uint64 bit pattern as int64
+    torch.ops.shmem.publish(stream.token, src, frame_id)
 
 
 def read_into(stream: Stream, out: torch.Tensor) -> torch.Tensor:
@@ -176,7 +185,7 @@ def count(stream: Stream) -> torch.Tensor:
 
 # ---------------------------------------------------------------- fake kernels
 @torch.library.register_fake("shmem::publish")
-def _publish_fake(stream, src):
+def _publish_fake(stream, src, frame_id=None):
     return None
 
 

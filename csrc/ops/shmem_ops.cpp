@@ -248,15 +248,16 @@ void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, double ti
   s.unlock();
 }
 
-void publish_bytes(Entry& e, const at::Tensor& src, const char* op) {
+void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid = false,
+                   uint64_t fid = 0) {
   TORCH_CHECK(!e.stream->readonly(), "shmem::", op, ": stream '", e.name, "' is open read-only");
   at::Tensor c = src.contiguous();
   Stream& s = *e.stream;
   lock_stream(e, op, -1);
   uint64_t count;
   try {
-    count = e.dev ? core::slot_write_locked(s, *e.dev, c.data_ptr(), on_device(c), false, 0)
-                  : s.write_locked(c.data_ptr(), false, 0);
+    count = e.dev ? core::slot_write_locked(s, *e.dev, c.data_ptr(), on_device(c), has_fid, fid)
+                  : s.write_locked(c.data_ptr(), has_fid, fid);
   } catch (const Error& err) {
     s.unlock();
     rethrow(op, e.name, err);
@@ -398,10 +399,13 @@ std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> info_cpu(const a
 // The data ops below serve CPU and GPU streams alike (registered for the
 // CPU and, in CUDA builds, the CUDA dispatch keys): GPU streams go through
 // the slot protocol, with host tensors uploaded/downloaded by the copies.
-void publish_impl(at::Tensor& token, const at::Tensor& src) {
+// frame_id: the uint64 token stamped with the write, passed as its int64
+// bit pattern (the schema has no unsigned type).
+void publish_impl(at::Tensor& token, const at::Tensor& src, std::optional<int64_t> frame_id) {
   auto e = lookup(token, "publish");
   check_payload_tensor(*e, src, "publish", "src");
-  publish_bytes(*e, src, "publish");
+  publish_bytes(*e, src, "publish", frame_id.has_value(),
+                frame_id.has_value() ? static_cast<uint64_t>(*frame_id) : 0);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(e->stream->count());
 }
 
@@ -456,6 +460,24 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
+// live_view(stream) -> the latest slot of a GPU stream, aliased (eager
+// only). Meaningful while the caller holds the stream's lock: no writer
+// can publish meanwhile. The view keeps the device mapping alive.
+at::Tensor live_view_cpu(const at::Tensor& token) {
+  auto e = lookup(token, "live_view");
+  TORCH_CHECK(e->dev != nullptr, "shmem::live_view: stream '", e->name,
+              "' is a CPU stream; use torch_shmem.SharedMemory.read(safe=False)");
+  uint32_t k = e->stream->header()->latest_slot.load(std::memory_order_acquire);
+  TORCH_CHECK(k < e->stream->header()->nslots, "shmem::live_view: stream '", e->name,
+              "': corrupted latest slot");
+  std::shared_ptr<core::SlotMemory> keep = e->dev;
+  auto opts = at::TensorOptions()
+                  .dtype(to_scalar_type(e->stream->header()->dtype_code))
+                  .device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(e->device)));
+  return at::from_blob(e->dev->slot_ptr(k), stream_shape(*e->stream),
+                       [keep](void*) mutable { keep.reset(); }, opts);
+}
+
 at::Tensor count_cpu(const at::Tensor& token) {
   auto e = lookup(token, "count");
   return at::scalar_tensor(static_cast<int64_t>(e->stream->count()),
@@ -473,12 +495,13 @@ TORCH_LIBRARY(shmem, m) {
   m.def("unlink(str name) -> bool");
   m.def("info(Tensor stream) -> (str, int[], int, int)");
   // data (per frame; compile-safe)
-  m.def("publish(Tensor(a!) stream, Tensor src) -> ()");
+  m.def("publish(Tensor(a!) stream, Tensor src, int? frame_id=None) -> ()");
   m.def("read_into(Tensor(a!) stream, Tensor(b!) out) -> ()");
   // device is a str (not Device) so that opcheck's schema checker can inspect it
   m.def("read(Tensor(a!) stream, SymInt[] shape, ScalarType dtype, str device=\"cpu\") -> Tensor");
   m.def("wait_read_into(Tensor(a!) stream, Tensor(b!) out, float timeout=-1.0) -> ()");
   m.def("count(Tensor stream) -> Tensor");
+  m.def("live_view(Tensor stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
@@ -491,6 +514,7 @@ TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
   m.impl("unlink", &unlink_cpu);
   m.impl("info", &info_cpu);
   m.impl("count", &count_cpu);
+  m.impl("live_view", &live_view_cpu);
 }
 
 // The data ops are not differentiable: publishing or reading a tensor that

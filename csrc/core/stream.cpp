@@ -548,13 +548,30 @@ uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
   return (s + 1) >> 1;
 }
 
+void Stream::require_cpu_payload(bool writing) const {
+  if (hdr_->flags & kFlagGpu) {
+    if (writing)
+      throw Error(ErrorKind::kState, "stream '" + name_ +
+                                         "' is a GPU stream: write to it through a GPU "
+                                         "attachment (torch_shmem.open('" + name_ +
+                                         "', gpu_device='cuda:N'))");
+    if (payload_ == nullptr)
+      throw Error(ErrorKind::kState, "stream '" + name_ +
+                                         "' is a GPU stream without a CPU mirror: attach to "
+                                         "it with torch_shmem.open('" + name_ +
+                                         "', gpu_device='cuda:N') to read it");
+  }
+}
+
 uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
+  require_cpu_payload(true);
   begin_locked();
   std::memcpy(payload_, src, payload_bytes_);
   return publish_locked(has_frame_id, frame_id);
 }
 
 uint64_t Stream::clear_locked() {
+  require_cpu_payload(true);
   begin_locked();
   std::memset(payload_, 0, payload_bytes_);
   return publish_locked(false, 0);
@@ -585,6 +602,7 @@ void Stream::abort_write_locked() {
 // ---------------------------------------------------------------------------
 
 bool Stream::read_fast(void* dst, Snapshot* snap) const {
+  require_cpu_payload(false);
   double spin_start = -1;
   int tries = 0;
   for (;;) {
@@ -618,6 +636,7 @@ bool Stream::read_fast(void* dst, Snapshot* snap) const {
 }
 
 Snapshot Stream::read_locked(void* dst) const {
+  require_cpu_payload(false);
   uint64_t s = hdr_->seq.load(std::memory_order_acquire);
   if (s & 1) {
     if (hdr_->broken.load(std::memory_order_acquire))

@@ -273,6 +273,9 @@ class Stream {
   Stream() = default;
   void begin_locked();
   uint64_t publish_locked(bool has_frame_id, uint64_t frame_id);
+  // Throws kState for a GPU stream when writing (slots are written through a
+  // device attachment) or when it has no CPU payload to read.
+  void require_cpu_payload(bool writing) const;
   static void validate(const Header* h, uint64_t file_bytes, const std::string& name);
 
   std::string name_;

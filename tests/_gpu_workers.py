@@ -1,0 +1,54 @@
+"""Child-process bodies for tests/test_gpu.py (spawn; they import torch)."""
+
+import os
+import signal
+import time
+
+import torch
+
+import torch_shmem.ops as O
+
+
+def read_once(name, q):
+    s = O.open(name)
+    q.put(O.read(s).cpu().tolist())
+    O.close(s)
+
+
+def publish_frames(name, frames, ready):
+    s = O.open(name)
+    ready.wait(60)
+    x = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    for k in range(1, frames + 1):
+        x.fill_(k)
+        O.publish(s, x)
+    torch.cuda.synchronize()
+    O.close(s)
+
+
+def publish_after(name, delay, value):
+    s = O.open(name)
+    time.sleep(delay)
+    O.publish(s, torch.full(s.shape, value, dtype=s.dtype, device=s.device))
+    torch.cuda.synchronize()
+    O.close(s)
+
+
+def create_and_exit(name, q):
+    s = O.create_gpu(name, (4,), torch.float32, device=0)
+    O.publish(s, torch.arange(4.0, device="cuda"))
+    torch.cuda.synchronize()
+    q.put("created")
+
+
+def hold_lock_and_die(name, ready):
+    import torch_shmem
+
+    h = torch_shmem.open(name)
+    h.acquire()
+    ready.set()
+    time.sleep(600)
+
+
+def kill(pid):
+    os.kill(pid, signal.SIGKILL)

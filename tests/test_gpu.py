@@ -1,0 +1,185 @@
+"""GPU streams on a real device (marker gpu; skipped without CUDA).
+
+None of these can run on the development machines; run them first thing on a
+GPU machine: `pytest -m gpu -q`.
+"""
+
+import multiprocessing as mp
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device visible to torch", allow_module_level=True)
+
+from torch_shmem import _C  # noqa: E402
+
+if not _C.WITH_CUDA:
+    pytest.skip("torch_shmem was built without CUDA (no toolkit at build time)", allow_module_level=True)
+
+import _gpu_workers  # noqa: E402
+import torch_shmem  # noqa: E402
+import torch_shmem.ops as O  # noqa: E402
+
+ctx = mp.get_context("spawn")
+
+
+def join(p, timeout=120):
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        pytest.fail(f"{p.name} hung")
+    assert p.exitcode == 0, p.exitcode
+
+
+def test_same_process_publish_read_upload_download(name):
+    s = O.create_gpu(name, (4, 5), torch.float32, device=0)
+    assert s.device == torch.device("cuda", 0)
+    x = torch.randn(4, 5, device="cuda")
+    O.publish(s, x)
+    y = O.read(s)
+    assert y.device.type == "cuda" and torch.equal(y, x) and y.data_ptr() != x.data_ptr()
+    O.publish(s, x.cpu() * 2)  # host upload
+    assert torch.equal(O.read(s), x * 2)
+    out = torch.empty(4, 5)  # download into a host tensor
+    O.read_into(s, out)
+    assert torch.equal(out, (x * 2).cpu())
+    again = O.open(name)  # the creator can open its own stream
+    assert torch.equal(O.read(again), x * 2)
+    assert int(O.count(s)) == 2
+    O.close(again)
+    O.close(s)
+    O.unlink(name)
+
+
+def test_cross_process_read(name):
+    s = O.create_gpu(name, (3,), torch.float32, device=0)
+    O.publish(s, torch.tensor([1.0, 2.0, 3.0], device="cuda"))
+    q = ctx.Queue()
+    p = ctx.Process(target=_gpu_workers.read_once, args=(name, q))
+    p.start()
+    assert q.get(timeout=120) == [1.0, 2.0, 3.0]
+    join(p)
+    O.close(s)
+    O.unlink(name)
+
+
+@pytest.mark.parametrize("nbytes", [4, 1 << 20, 64 << 20])
+def test_consistency_under_a_fast_writer(name, nbytes):
+    n = nbytes // 4
+    s = O.create_gpu(name, (n,), torch.float32, device=0)
+    ready = ctx.Event()
+    p = ctx.Process(target=_gpu_workers.publish_frames, args=(name, 300, ready))
+    p.start()
+    ready.set()
+    torn = reads = 0
+    last = 0
+    while p.is_alive() or reads == 0:
+        y = O.read(s)
+        lo, hi = float(y.min()), float(y.max())
+        reads += 1
+        if lo != hi:
+            torn += 1
+        assert lo >= last  # never goes back
+        last = lo
+    join(p)
+    assert torn == 0, f"{torn}/{reads} torn reads"
+    assert float(O.read(s)[0]) == 300.0
+    O.close(s)
+    O.unlink(name)
+
+
+def test_cpu_mirror_on_and_off(name):
+    m = O.create_gpu(name, (2, 2), torch.float64, device=0, cpu_mirror=True)
+    O.publish(m, torch.ones(2, 2, dtype=torch.float64, device="cuda"))
+    np.testing.assert_array_equal(torch_shmem.open(name).read(), np.ones((2, 2)))
+    O.close(m)
+    O.unlink(name)
+    p = O.create_gpu(name, (2, 2), torch.float64, device=0)
+    O.publish(p, torch.ones(2, 2, dtype=torch.float64, device="cuda"))
+    with pytest.raises(RuntimeError, match="gpu_device"):
+        torch_shmem.open(name).read()
+    O.close(p)
+    O.unlink(name)
+
+
+def test_wait_read_into_woken_by_another_process(name):
+    s = O.create_gpu(name, (8,), torch.int32, device=0)
+    p = ctx.Process(target=_gpu_workers.publish_after, args=(name, 0.5, 7))
+    p.start()
+    out = torch.empty(8, dtype=torch.int32, device="cuda")
+    O.wait_read_into(s, out, timeout=60)
+    assert torch.equal(out.cpu(), torch.full((8,), 7, dtype=torch.int32))
+    join(p)
+    O.close(s)
+    O.unlink(name)
+
+
+def test_lock_holder_killed(name):
+    s = O.create_gpu(name, (4,), torch.float32, device=0)
+    ready = ctx.Event()
+    p = ctx.Process(target=_gpu_workers.hold_lock_and_die, args=(name, ready))
+    p.start()
+    assert ready.wait(60)
+    p.kill()
+    p.join(30)
+    t0 = time.monotonic()
+    O.publish(s, torch.ones(4, device="cuda"))
+    assert time.monotonic() - t0 < 1.0
+    assert torch.equal(O.read(s).cpu(), torch.ones(4))
+    O.close(s)
+    O.unlink(name)
+
+
+def test_no_leak_over_create_unlink_loops(name):
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info(0)[0]
+    for i in range(30):
+        s = O.create_gpu(f"{name}-{i}", (16 << 20,), torch.float32, device=0)  # 64 MiB x 3 slots
+        O.publish(s, torch.zeros(16 << 20, device="cuda"))
+        O.close(s)
+        O.unlink(f"{name}-{i}")
+    torch.cuda.synchronize()
+    free_after = torch.cuda.mem_get_info(0)[0]
+    assert free_before - free_after < (256 << 20), (free_before, free_after)
+
+
+def test_creator_exit_is_reported(name):
+    q = ctx.Queue()
+    p = ctx.Process(target=_gpu_workers.create_and_exit, args=(name, q))
+    p.start()
+    assert q.get(timeout=120) == "created"
+    join(p)
+    with pytest.raises(RuntimeError, match="creating process may have exited"):
+        O.open(name)
+    O.unlink(name)
+
+
+def test_compiled_publish_read_on_cuda(name):
+    s = O.create_gpu(name, (16,), torch.float32, device=0)
+
+    @torch.compile(fullgraph=True)
+    def step(x):
+        O.publish(s, x * 2)
+        return O.read(s) + 1
+
+    x = torch.randn(16, device="cuda")
+    torch.testing.assert_close(step(x), x * 2 + 1)
+    O.close(s)
+    O.unlink(name)
+
+
+def test_live_view_under_lock(name):
+    s = O.create_gpu(name, (4,), torch.float32, device=0)
+    O.publish(s, torch.arange(4.0, device="cuda"))
+    h = torch_shmem.open(name)
+    with h.locked():
+        view = torch.ops.shmem.live_view(s.token)
+        assert view.device.type == "cuda" and torch.equal(view, torch.arange(4.0, device="cuda"))
+    O.close(s)
+    O.unlink(name)

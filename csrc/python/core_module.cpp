@@ -47,6 +47,14 @@ double mono_now() {
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+// PyErr_Format has no floating-point conversions (an unknown one ends the
+// formatting and the rest of the format is copied verbatim), so seconds are
+// formatted here and passed as %s.
+struct Seconds {
+  char text[32];
+  explicit Seconds(double s) { snprintf(text, sizeof(text), "%.3g", s); }
+};
+
 int dtype_to_typenum(uint32_t code) {
   using namespace torch_shmem::core;
   switch (code) {
@@ -215,9 +223,9 @@ bool acquire_lock(Handle* h, double timeout) {
     if (remaining <= 0) {
       int pid = s->header()->owner_pid.load(std::memory_order_relaxed);
       PyErr_Format(PyExc_TimeoutError,
-                   "torch_shmem: stream %R: timed out after %.3g s waiting for the write "
+                   "torch_shmem: stream %R: timed out after %s s waiting for the write "
                    "lock (held by pid %d)",
-                   h->name, timeout, pid);
+                   h->name, Seconds(timeout).text, pid);
       return false;
     }
     double slice = remaining < kLockSlice ? remaining : kLockSlice;
@@ -304,9 +312,9 @@ bool wait_after(Handle* h, uint64_t after, double timeout, const char* what) {
     }
     if (mono_now() >= deadline) {
       PyErr_Format(PyExc_TimeoutError,
-                   "torch_shmem: stream %R: timed out after %.3g s waiting for a write "
+                   "torch_shmem: stream %R: timed out after %s s waiting for a write "
                    "newer than count %llu",
-                   h->name, timeout, static_cast<unsigned long long>(after));
+                   h->name, Seconds(timeout).text, static_cast<unsigned long long>(after));
       return false;
     }
   }
@@ -494,40 +502,58 @@ PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   return PyLong_FromUnsignedLongLong(count);
 }
 
+// The result array of a read: a new payload-sized array, or `out` after
+// checking it is a writeable exact match. Returns a new reference or null.
+PyObject* read_target(Handle* h, PyObject* out) {
+  if (out == Py_None) return new_payload_array(h);
+  if (!exact_array(h, out) || !PyArray_ISWRITEABLE(reinterpret_cast<PyArrayObject*>(out))) {
+    PyErr_Format(PyExc_ValueError,
+                 "torch_shmem: stream %R: out must be a writeable C-contiguous ndarray "
+                 "of the stream's shape and dtype",
+                 h->name);
+    return nullptr;
+  }
+  Py_INCREF(out);
+  return out;
+}
+
+// With kPub, a read returns (array, count, write_time_ns, frame_id, missed):
+// the metadata of exactly the snapshot copied, as recorded by record_read.
+// The tuple is built before the GIL can be released again, so another
+// thread reading through the same handle cannot interleave its snapshot.
+template <bool kPub>
+PyObject* read_result(Handle* h, PyObject* array) {
+  if (!kPub) return array;
+  return Py_BuildValue("(NKLKK)", array, static_cast<unsigned long long>(h->last.count),
+                       static_cast<long long>(h->last.write_time_ns),
+                       static_cast<unsigned long long>(h->last.frame_id),
+                       static_cast<unsigned long long>(h->missed_writes));
+}
+
 // read(out=None, timeout=None) -> ndarray
-PyObject* H_read(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+// read_pub(out=None, timeout=None) -> (ndarray, count, write_time_ns, frame_id, missed)
+template <bool kPub>
+PyObject* H_read_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   Guard g(h);
   if (!g.ok) return nullptr;
   PyObject* out = nargs >= 1 ? args[0] : Py_None;
   double timeout = -1;
   if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
-  PyObject* result;
-  if (out == Py_None) {
-    result = new_payload_array(h);
-    if (result == nullptr) return nullptr;
-  } else {
-    if (!exact_array(h, out) ||
-        !PyArray_ISWRITEABLE(reinterpret_cast<PyArrayObject*>(out))) {
-      PyErr_Format(PyExc_ValueError,
-                   "torch_shmem: stream %R: out must be a writeable C-contiguous ndarray "
-                   "of the stream's shape and dtype",
-                   h->name);
-      return nullptr;
-    }
-    Py_INCREF(out);
-    result = out;
-  }
+  PyObject* result = read_target(h, out);
+  if (result == nullptr) return nullptr;
   if (!snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)), timeout)) {
     Py_DECREF(result);
     return nullptr;
   }
-  return result;
+  return read_result<kPub>(h, result);
 }
 
 // read_after(after, out=None, timeout=None) -> ndarray: blocks until
 // count > after (level-triggered), then takes a snapshot. after=-1 means
 // "the count at entry" (read_new's edge-triggered semantics).
-PyObject* H_read_after(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+// read_after_pub(...) returns the tuple of read_pub.
+template <bool kPub>
+PyObject* H_read_after_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs < 1) {
     PyErr_SetString(PyExc_TypeError, "read_after(after, out=None, timeout=None)");
     return nullptr;
@@ -540,22 +566,8 @@ PyObject* H_read_after(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* out = nargs >= 2 ? args[1] : Py_None;
   double timeout = -1;
   if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
-  PyObject* result;
-  if (out == Py_None) {
-    result = new_payload_array(h);
-    if (result == nullptr) return nullptr;
-  } else {
-    if (!exact_array(h, out) ||
-        !PyArray_ISWRITEABLE(reinterpret_cast<PyArrayObject*>(out))) {
-      PyErr_Format(PyExc_ValueError,
-                   "torch_shmem: stream %R: out must be a writeable C-contiguous ndarray "
-                   "of the stream's shape and dtype",
-                   h->name);
-      return nullptr;
-    }
-    Py_INCREF(out);
-    result = out;
-  }
+  PyObject* result = read_target(h, out);
+  if (result == nullptr) return nullptr;
   const double start = mono_now();
   if (!wait_after(h, after, timeout, "a read")) {
     Py_DECREF(result);
@@ -566,7 +578,44 @@ PyObject* H_read_after(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
     Py_DECREF(result);
     return nullptr;
   }
-  return result;
+  return read_result<kPub>(h, result);
+}
+
+PyObject* H_read(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  return H_read_impl<false>(h, args, nargs);
+}
+PyObject* H_read_pub(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  return H_read_impl<true>(h, args, nargs);
+}
+PyObject* H_read_after(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  return H_read_after_impl<false>(h, args, nargs);
+}
+PyObject* H_read_after_pub(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  return H_read_after_impl<true>(h, args, nargs);
+}
+
+// note_read() -> (count, write_time_ns, frame_id, missed): records the
+// current publication as read by this handle, for reads of the live payload
+// (read(safe=False)). The caller holds the lock, so the metadata is stable.
+PyObject* H_note_read(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->s->held_depth() <= 0) {
+    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
+                 h->name);
+    return nullptr;
+  }
+  const auto* hdr = h->s->header();
+  Snapshot snap;
+  snap.seq = hdr->seq.load(std::memory_order_acquire);
+  snap.count = snap.seq >> 1;
+  snap.write_time_ns = hdr->write_time_ns.load(std::memory_order_relaxed);
+  snap.frame_id = hdr->frame_id.load(std::memory_order_relaxed);
+  record_read(h, snap);
+  return Py_BuildValue("(KLKK)", static_cast<unsigned long long>(snap.count),
+                       static_cast<long long>(snap.write_time_ns),
+                       static_cast<unsigned long long>(snap.frame_id),
+                       static_cast<unsigned long long>(h->missed_writes));
 }
 
 // wait_for_count(after, timeout=None) -> count
@@ -688,8 +737,8 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
         h->closing = false;
         PyErr_Format(PyExc_RuntimeError,
                      "torch_shmem: cannot close stream %R: %d call(s) on this handle did "
-                     "not finish within %.3g s",
-                     h->name, h->inflight.load(), timeout);
+                     "not finish within %s s",
+                     h->name, h->inflight.load(), Seconds(timeout).text);
         return nullptr;
       }
       // Let the woken threads take the GIL and leave.
@@ -814,6 +863,9 @@ PyMethodDef handle_methods[] = {
     {"write", (PyCFunction)(void (*)(void))H_write, METH_FASTCALL, nullptr},
     {"read", (PyCFunction)(void (*)(void))H_read, METH_FASTCALL, nullptr},
     {"read_after", (PyCFunction)(void (*)(void))H_read_after, METH_FASTCALL, nullptr},
+    {"read_pub", (PyCFunction)(void (*)(void))H_read_pub, METH_FASTCALL, nullptr},
+    {"read_after_pub", (PyCFunction)(void (*)(void))H_read_after_pub, METH_FASTCALL, nullptr},
+    {"note_read", (PyCFunction)H_note_read, METH_NOARGS, nullptr},
     {"wait_for_count", (PyCFunction)(void (*)(void))H_wait_for_count, METH_FASTCALL, nullptr},
     {"clear", (PyCFunction)(void (*)(void))H_clear, METH_FASTCALL, nullptr},
     {"acquire", (PyCFunction)(void (*)(void))H_acquire, METH_FASTCALL, nullptr},

@@ -127,3 +127,91 @@ def read_pickled(handle, results):
 
 def kill(pid):
     os.kill(pid, signal.SIGKILL)
+
+
+# ---- parity tests (tests/test_parity.py, tests/test_cli.py) -----------------
+
+
+def write_frames(name, frames, go, first_frame_id):
+    """After `go`, write frames k = 1..frames, frame k holds k and frame_id first_frame_id + k."""
+    s = torch_shmem.open(name)
+    go.wait(30)
+    for k in range(1, frames + 1):
+        s.write(np.full(s.shape, k, dtype=s.dtype), frame_id=first_frame_id + k)
+    s.close()
+
+
+def write_on_event(name, go, value, frame_id):
+    s = torch_shmem.open(name)
+    go.wait(30)
+    s.write(np.asarray(value, dtype=s.dtype), frame_id=frame_id)
+    s.close()
+
+
+def locked_many_loop(names, iterations, go, results):
+    """Lock every stream of `names` (in the order given) `iterations` times; bump each."""
+    handles = [torch_shmem.open(n) for n in names]
+    go.wait(30)
+    for _ in range(iterations):
+        with torch_shmem.locked_many(handles, timeout=30) as got:
+            assert [h.name for h in got] == list(names)
+            for h in got:
+                live = h.read(safe=False)
+                h.write_locked(live + 1)
+    results.put(("done", os.getpid()))
+    for h in handles:
+        h.close()
+
+
+def write_view_then_fail(name, ready, frame_id):
+    """Publish one frame in place, then start another and fail halfway through it."""
+    s = torch_shmem.open(name)
+    with s.write_view(frame_id=frame_id) as view:
+        view[...] = 1
+    try:
+        with s.write_view() as view:
+            view[: view.shape[0] // 2] = 99
+            raise RuntimeError("producer failed mid-frame")
+    except RuntimeError:
+        pass
+    ready.set()
+    s.close()
+
+
+def readonly_probe(name, results):
+    """Open read-only and report what each mutating call raises."""
+    s = torch_shmem.open(name, readonly=True)
+    got = {"read": s.read().tolist(), "readonly": s.readonly}
+    for label, call in [
+        ("write", lambda: s.write(np.zeros(s.shape, s.dtype))),
+        ("clear", s.clear),
+        ("acquire", s.acquire),
+        ("unsafe", lambda: s.read(safe=False)),
+        ("write_view", lambda: s.write_view().__enter__()),
+        ("unlink", s.unlink),
+    ]:
+        try:
+            call()
+            got[label] = "no error"
+        except Exception as exc:
+            got[label] = type(exc).__name__
+    view = np.frombuffer(s._h, dtype=s.dtype)
+    got["view_writeable"] = bool(view.flags.writeable)
+    results.put(got)
+    del view
+    s.close()
+
+
+def recreate(name, shape, results):
+    """Create a new generation of `name` and leave it behind."""
+    s = torch_shmem.create(name, shape=shape, dtype=np.float32)
+    s.write(np.full(shape, 5, np.float32))
+    results.put(s.instance_id)
+    s.close()
+
+
+def hold_open(name, ready):
+    """Map the stream and wait to be killed (keeps it 'held')."""
+    s = torch_shmem.open(name)
+    ready.set()
+    time.sleep(600)

@@ -4,14 +4,19 @@ A drop-in for the pyshmem 1.4 API (``import torch_shmem as pyshmem``).
 Importing this package and using CPU streams never imports torch.
 """
 
+from ._admin import list_streams, purge, stat
 from ._stream import (
     InconsistentStreamError,
+    Publication,
     SharedMemory,
     StaleStreamError,
     create,
     gpu_available,
+    locked_many,
     open,
+    stream,
     unlink,
+    unlink_quiet,
 )
 
 __version__ = "0.1.0"
@@ -26,11 +31,29 @@ del _sys
 
 __all__ = [
     "InconsistentStreamError",
+    "Publication",
     "SharedMemory",
     "StaleStreamError",
     "__version__",
     "create",
     "gpu_available",
+    "list_streams",
+    "locked_many",
     "open",
+    "purge",
+    "stat",
+    "stream",
     "unlink",
+    "unlink_quiet",
 ]
+# GPU_SUPPORTED_DTYPES is left out of __all__ so that a star import does not
+# import torch.
+
+
+def __getattr__(name: str):
+    # PEP 562: computed (importing torch) on first access, never at import.
+    if name == "GPU_SUPPORTED_DTYPES":
+        from ._stream import gpu_supported_dtypes
+
+        return gpu_supported_dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

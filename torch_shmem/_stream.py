@@ -7,27 +7,37 @@ bytes, blocks and maps errors. Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import operator
 import threading
-from typing import Any, Sequence
+import time
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import _core
-from ._dtypes import code_dtype, dtype_code, normalize_dtype
+from . import _aio, _core, _proc
+from ._dtypes import SUPPORTED_DTYPES, code_dtype, dtype_code, normalize_dtype
+from ._publication import Publication
 
 InconsistentStreamError = _core.InconsistentStreamError
 
 __all__ = [
     "InconsistentStreamError",
+    "Publication",
     "SharedMemory",
     "StaleStreamError",
     "create",
     "gpu_available",
+    "locked_many",
     "open",
+    "stream",
     "unlink",
+    "unlink_quiet",
 ]
+
+_U64_MAX = 2**64 - 1
 
 
 class StaleStreamError(RuntimeError):
@@ -42,6 +52,26 @@ def gpu_available() -> bool:
     imports torch.
     """
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_supported_dtypes() -> frozenset:
+    """The NumPy dtypes GPU streams accept: those with a torch equivalent.
+
+    Imports torch, so it is only called on first access of
+    ``torch_shmem.GPU_SUPPORTED_DTYPES`` (module ``__getattr__``); empty when
+    torch is not installed or fails to import. GPU streams themselves are not
+    implemented in this version (:func:`gpu_available` is False).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return frozenset()
+    try:
+        import torch
+    except Exception:  # a broken torch install must not break torch_shmem
+        return frozenset()
+    return frozenset(d for d in SUPPORTED_DTYPES if isinstance(getattr(torch, d.name, None), torch.dtype))
 
 
 def _check_name(name: Any) -> str:
@@ -98,6 +128,70 @@ class _LockScope:
         self._shm.release()
 
 
+class _WriteView:
+    """Context manager returned by :meth:`SharedMemory.write_view_locked`.
+
+    A class, not a generator, because in-place producers enter one per frame.
+    """
+
+    __slots__ = ("_shm", "_frame_id")
+
+    def __init__(self, shm: "SharedMemory", frame_id: int | None) -> None:
+        self._shm = shm
+        self._frame_id = frame_id
+
+    def __enter__(self) -> np.ndarray:
+        return self._shm._begin_view()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._shm._commit_view(self._frame_id)
+        else:
+            self._shm._abort_view()
+
+
+class _LockedWriteView:
+    """Context manager returned by :meth:`SharedMemory.write_view`."""
+
+    __slots__ = ("_shm", "_frame_id", "_timeout")
+
+    def __init__(self, shm: "SharedMemory", frame_id: int | None, timeout: float | None) -> None:
+        self._shm = shm
+        self._frame_id = frame_id
+        self._timeout = timeout
+
+    def __enter__(self) -> np.ndarray:
+        self._shm.acquire(timeout=self._timeout)
+        try:
+            return self._shm._begin_view()
+        except BaseException:
+            self._shm.release()
+            raise
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._shm._commit_view(self._frame_id)
+            else:
+                self._shm._abort_view()
+        finally:
+            self._shm.release()
+
+
+def _check_frame_id(frame_id: Any, name: str) -> int | None:
+    if frame_id is None:
+        return None
+    try:
+        value = operator.index(frame_id)
+    except TypeError:
+        value = -1
+    if not 0 <= value <= _U64_MAX:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: frame_id must be an int in [0, 2**64), got {frame_id!r}"
+        )
+    return value
+
+
 class SharedMemory:
     """A handle to a named shared-memory stream.
 
@@ -122,11 +216,13 @@ class SharedMemory:
         "_creator_pid",
         "_held",
         "_held_mutex",
+        "_create_time",
+        "_auto_unlink",
         "__weakref__",
     )
 
     def __init__(self, handle: Any, *, owner: bool) -> None:
-        code, shape, nbytes, _flags, creator_pid, instance_id, _ctime, _mode = handle.info()
+        code, shape, nbytes, _flags, creator_pid, instance_id, ctime, _mode = handle.info()
         self._h = handle
         self._name = handle.name
         self._shape = shape
@@ -135,6 +231,8 @@ class SharedMemory:
         self._owner = owner
         self._instance_id = instance_id
         self._creator_pid = creator_pid
+        self._create_time = ctime
+        self._auto_unlink = False
         # lock levels taken through this handle, per thread (for close())
         self._held: dict[int, int] = {}
         self._held_mutex = threading.Lock()
@@ -253,7 +351,49 @@ class SharedMemory:
 
     @property
     def total_missed_writes(self) -> int:
+        """Sum of :attr:`missed_writes` over all reads of this handle."""
         return self._h.read_stats()[2]
+
+    @property
+    def notify(self) -> bool:
+        """Always True: every torch_shmem wait parks on a futex and writers wake it.
+
+        pyshmem made futex notification opt-in (``create(..., notify=True)``);
+        here it is how waits work, so the flag is accepted and has no effect.
+        """
+        self._check_open()
+        return True
+
+    @property
+    def age(self) -> float:
+        """Seconds since the latest completed write; ``math.inf`` before the first."""
+        written_ns = self._h.state()[1]
+        if written_ns <= 0:
+            return math.inf
+        return max(0.0, time.time() - written_ns * 1e-9)
+
+    def is_stale(self, max_age: float) -> bool:
+        """True when the latest write is older than ``max_age`` seconds (or there is none).
+
+        ``max_age`` must be positive (ValueError).
+        """
+        if not max_age > 0:
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: max_age must be positive, got {max_age!r}"
+            )
+        return self.age > float(max_age)
+
+    def producer_alive(self) -> bool:
+        """Whether the process that created the stream is still running.
+
+        Best effort, this host only: a zombie counts as dead, and a pid that
+        was recycled by a process started after the stream was created
+        counts as dead too. It does not say whether anyone still writes (see
+        :attr:`age`); a writer killed mid-write is detected separately
+        (InconsistentStreamError).
+        """
+        self._check_open()
+        return _proc.pid_alive(self._creator_pid, created_at=self._create_time)
 
     def __repr__(self) -> str:
         if self._h.closed:
@@ -362,7 +502,8 @@ class SharedMemory:
             return self._h.read(out, timeout)
         return self._live_view(out)
 
-    def _live_view(self, out: Any) -> np.ndarray:
+    def _check_live(self, out: Any, what: str) -> None:
+        """Preconditions of a live-payload read: open, writable, no out, lock held."""
         self._check_open()
         if out is not None:
             raise ValueError(
@@ -374,11 +515,56 @@ class SharedMemory:
             )
         if self._h.held_depth() <= 0:
             raise RuntimeError(
-                f"torch_shmem: stream {self._name!r}: read(safe=False) requires the lock; "
+                f"torch_shmem: stream {self._name!r}: {what}(safe=False) requires the lock; "
                 "use it inside 'with shm.locked():'"
             )
+
+    def _live_view(self, out: Any, what: str = "read") -> np.ndarray:
+        self._check_live(out, what)
+        self._h.note_read()
+        return self._payload_view()
+
+    def _live_publication(self, out: Any, what: str) -> Publication:
+        self._check_live(out, what)
+        count, write_time_ns, frame_id, missed = self._h.note_read()
+        return Publication(self._payload_view(), count, frame_id, write_time_ns * 1e-9, missed)
+
+    def _payload_view(self) -> np.ndarray:
         view = np.frombuffer(self._h, dtype=self._dtype, count=math.prod(self._shape))
         return view.reshape(self._shape)
+
+    def _after(self, after: Any) -> int:
+        try:
+            value = operator.index(after)
+        except TypeError:
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: after must be an int, got {after!r}"
+            ) from None
+        if value < 0:
+            raise ValueError(f"torch_shmem: stream {self._name!r}: after must be >= 0, got {value}")
+        return value
+
+    def read_publication(
+        self,
+        *,
+        safe: bool = True,
+        poll_interval: float = 1e-6,
+        out: np.ndarray | None = None,
+        timeout: float | None = None,
+    ) -> Publication:
+        """Like :meth:`read`, returning the payload with its publication metadata.
+
+        ``count``, ``frame_id`` and ``write_time`` of the returned
+        :class:`Publication` were captured in the same seqlock window as the
+        payload copy, so they describe exactly that payload, even when other
+        threads read through this handle at the same time. Blocks and raises
+        as :meth:`read`. With ``safe=False`` (lock held) the payload is the
+        live view and the metadata is the stream's current publication.
+        """
+        if safe:
+            payload, count, write_time_ns, frame_id, missed = self._h.read_pub(out, timeout)
+            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+        return self._live_publication(out, "read_publication")
 
     def read_new(
         self,
@@ -394,25 +580,413 @@ class SharedMemory:
         call (or a later one if several land before it wakes). A write that
         landed just before the call does not count, so do not use it for
         request/reply exchanges; wait on a count instead
-        (:meth:`wait_for_count`). Raises TimeoutError after ``timeout``
-        seconds; RuntimeError if the handle is closed meanwhile. The GIL is
-        released while waiting and the wait parks on a futex (no polling).
+        (:meth:`read_after`, :meth:`wait_for_count`). Raises TimeoutError
+        after ``timeout`` seconds; RuntimeError if the handle is closed
+        meanwhile. The GIL is released while waiting and the wait parks on a
+        futex (no polling). ``safe=False`` needs the lock, and waiting while
+        holding it keeps other writers out, so it only returns for writes of
+        this thread's own making or times out.
         """
         if safe:
             return self._h.read_after(-1, out, timeout)
+        self._check_live(out, "read_new")
         self._h.wait_for_count(-1, timeout)
-        return self._live_view(out)
+        return self._live_view(out, "read_new")
 
-    def wait_for_count(self, *, after: int, timeout: float | None = None) -> int:
-        """Block until ``count > after`` (level-triggered); return the count."""
-        after = operator.index(after)
-        if after < 0:
-            raise ValueError(f"torch_shmem: stream {self._name!r}: after must be >= 0")
-        return self._h.wait_for_count(after, timeout)
+    def read_new_publication(
+        self,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> Publication:
+        """:meth:`read_new` returning a :class:`Publication` (see :meth:`read_publication`)."""
+        if safe:
+            payload, count, write_time_ns, frame_id, missed = self._h.read_after_pub(-1, out, timeout)
+            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+        self._check_live(out, "read_new_publication")
+        self._h.wait_for_count(-1, timeout)
+        return self._live_publication(out, "read_new_publication")
+
+    def read_after(
+        self,
+        after: int,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Wait until ``count > after``, then read (level-triggered).
+
+        Returns at once when a publication newer than ``after`` already
+        exists, so it is safe for request/reply and lock-step pipelines:
+        note ``n = shm.count`` (or ``last_read_count``) before sending a
+        request, then ``read_after(n)``. The wait and the copy share one
+        ``timeout`` (TimeoutError). The count of the publication read is
+        :attr:`last_read_count`; skipped ones are in :attr:`missed_writes`.
+        Raises ValueError for a negative ``after``; RuntimeError if the
+        handle is closed meanwhile.
+        """
+        after = self._after(after)
+        if safe:
+            return self._h.read_after(after, out, timeout)
+        self._check_live(out, "read_after")
+        self._h.wait_for_count(after, timeout)
+        return self._live_view(out, "read_after")
+
+    def read_after_publication(
+        self,
+        after: int,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> Publication:
+        """:meth:`read_after` returning a :class:`Publication` (see :meth:`read_publication`)."""
+        after = self._after(after)
+        if safe:
+            payload, count, write_time_ns, frame_id, missed = self._h.read_after_pub(after, out, timeout)
+            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+        self._check_live(out, "read_after_publication")
+        self._h.wait_for_count(after, timeout)
+        return self._live_publication(out, "read_after_publication")
+
+    def wait_for_count(
+        self, *, after: int, timeout: float | None = None, poll_interval: float = 1e-5
+    ) -> int:
+        """Block until ``count > after`` (level-triggered); return the count.
+
+        Copies nothing and records no read. TimeoutError after ``timeout``;
+        RuntimeError if the handle is closed meanwhile.
+        """
+        return self._h.wait_for_count(self._after(after), timeout)
 
     def clear(self) -> None:
         """Zero the payload; counts as a publication."""
         self._h.clear(None)
+
+    # ----------------------------------------------------------- in place
+    def write_locked(self, value: Any, *, frame_id: int | None = None) -> None:
+        """:meth:`write` for a caller that already holds the lock.
+
+        Raises RuntimeError when the calling thread does not hold the lock
+        (``with shm.locked():`` or :func:`locked_many`), so a missing lock is
+        a loud error rather than a silent extra acquire.
+        """
+        self._check_open()
+        if self._h.readonly:
+            raise PermissionError(f"torch_shmem: stream {self._name!r} is open read-only")
+        if self._h.held_depth() <= 0:
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r}: write_locked() requires the lock; "
+                "use it inside 'with shm.locked():' or use write()"
+            )
+        self.write(value, frame_id=frame_id)
+
+    def write_view_locked(self, *, frame_id: int | None = None) -> _WriteView:
+        """In-place publication for a caller that already holds the lock.
+
+        ``with shm.write_view_locked() as view:`` yields the live payload
+        (a writeable ndarray of the stream's shape); fill it in place, and a
+        normal exit publishes it as one write (``count`` + 1, ``frame_id``
+        stamped, waiters woken). Readers never see the partial edit: the
+        stream is marked "write in progress" for the whole block, so
+        concurrent safe reads wait for the commit or, after a short spin,
+        queue on the lock. An exception in the block aborts: the stream is
+        marked inconsistent and reads raise InconsistentStreamError until
+        the next completed write. RuntimeError when the lock is not held.
+
+        Inside the block do not write, clear or release the lock of this
+        stream; a publication made inside it is detected at exit, the stream
+        is marked inconsistent and RuntimeError is raised. The view must not
+        be used after the block.
+        """
+        return _WriteView(self, _check_frame_id(frame_id, self._name))
+
+    def write_view(self, *, timeout: float | None = None, frame_id: int | None = None) -> _LockedWriteView:
+        """Take the lock and publish in place: :meth:`write_view_locked` plus the lock.
+
+        ``with shm.write_view(frame_id=7) as view: view[...] = ...`` is a
+        zero-copy write. TimeoutError if the lock is not free within
+        ``timeout``. See :meth:`write_view_locked` for the commit/abort
+        contract.
+        """
+        return _LockedWriteView(self, _check_frame_id(frame_id, self._name), timeout)
+
+    def _begin_view(self) -> np.ndarray:
+        self._check_open()
+        if self._h.readonly:
+            raise PermissionError(f"torch_shmem: stream {self._name!r} is open read-only")
+        if self._h.held_depth() <= 0:
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r}: write_view_locked() requires the lock; "
+                "use it inside 'with shm.locked():' or use write_view()"
+            )
+        seq, _, _, broken = self._h.state()[:4]
+        if seq & 1 and not broken:
+            # Under the lock an odd sequence that is not marked broken can
+            # only be this thread's own unfinished write.
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r}: a write view is already open on this "
+                "stream in this thread; write views do not nest"
+            )
+        self._h.begin_write()
+        try:
+            return self._payload_view()
+        except BaseException:
+            self._h.abort_write()
+            raise
+
+    def _commit_view(self, frame_id: int | None) -> None:
+        if not self._h.seq() & 1:
+            # A write or clear published inside the block ended the
+            # in-progress window early: later edits were visible to readers
+            # as a completed write. Mark the stream torn and say so.
+            self._h.begin_write()
+            self._h.abort_write()
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r}: a write was published inside a write "
+                "view; the stream is marked inconsistent until the next write"
+            )
+        self._h.commit_write(frame_id)
+
+    def _abort_view(self) -> None:
+        if self._h.closed or self._h.held_depth() <= 0:
+            return  # nothing can be done without the lock; the next writer repairs
+        if not self._h.seq() & 1:
+            self._h.begin_write()
+        self._h.abort_write()
+
+    # ------------------------------------------------------------------ async
+    def _timeout_error(self, timeout: float | None, after: int | None) -> TimeoutError:
+        what = "a write" if after is None else f"a write newer than count {after}"
+        return TimeoutError(
+            f"torch_shmem: stream {self._name!r}: timed out after {timeout:.3g} s waiting for {what}"
+        )
+
+    async def _wait_async(
+        self, after: int, timeout: float | None, what: str, finish: Any
+    ) -> Any:
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: timeout must be >= 0 or None, got {timeout!r}"
+            )
+        h = self._h
+
+        def wait(slice_: float) -> int:
+            try:
+                return h.wait_for_count(after, slice_)
+            except RuntimeError:
+                if h.closed:
+                    raise RuntimeError(
+                        f"torch_shmem: stream {self._name!r} was closed on this handle while "
+                        f"{what} was waiting"
+                    ) from None
+                raise
+
+        return await _aio.run_wait(
+            wait, finish, timeout=timeout, on_timeout=lambda: self._timeout_error(timeout, after)
+        )
+
+    async def wait_for_count_async(
+        self, *, after: int, timeout: float | None = None, poll_interval: float = 1e-5
+    ) -> int:
+        """Awaitable :meth:`wait_for_count`; never blocks the event loop.
+
+        The futex wait runs in a worker thread (see torch_shmem._aio);
+        cancelling the awaiting task returns at once and the worker stops
+        within 50 ms. :meth:`close` from any thread wakes it with RuntimeError.
+        """
+        after = self._after(after)
+        self._check_open()
+        return await self._wait_async(after, timeout, "wait_for_count_async", lambda n, _: n)
+
+    async def read_after_async(
+        self,
+        after: int,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Awaitable :meth:`read_after` (safe reads only); never blocks the event loop.
+
+        The wait and the copy run in a worker thread; a task cancelled
+        before the wait completes reads nothing and leaves ``out`` untouched.
+        """
+        after = self._after(after)
+        self._check_async(safe)
+        return await self._wait_async(
+            after, timeout, "read_after_async", lambda _, rem: self._h.read(out, rem)
+        )
+
+    async def read_new_async(
+        self,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Awaitable :meth:`read_new` (safe reads only); never blocks the event loop.
+
+        Edge-triggered at the moment the coroutine starts running (when it is
+        awaited or its task first runs). The wait and the copy run in a
+        worker thread; cancelling the awaiting task returns at once, reads
+        nothing and leaves ``out`` untouched, and the worker stops within
+        50 ms. :meth:`close` wakes it with RuntimeError; TimeoutError after
+        ``timeout``.
+        """
+        self._check_async(safe)
+        after = self._h.count()
+        return await self._wait_async(
+            after, timeout, "read_new_async", lambda _, rem: self._h.read(out, rem)
+        )
+
+    async def read_new_publication_async(
+        self,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> Publication:
+        """Awaitable :meth:`read_new_publication`; see :meth:`read_new_async`."""
+        self._check_async(safe)
+        after = self._h.count()
+        return await self._wait_async(
+            after, timeout, "read_new_publication_async",
+            lambda _, rem: self.read_publication(out=out, timeout=rem),
+        )
+
+    async def read_after_publication_async(
+        self,
+        after: int,
+        *,
+        timeout: float | None = None,
+        safe: bool = True,
+        poll_interval: float = 1e-5,
+        out: np.ndarray | None = None,
+    ) -> Publication:
+        """Awaitable :meth:`read_after_publication`; see :meth:`read_after_async`."""
+        after = self._after(after)
+        self._check_async(safe)
+        return await self._wait_async(
+            after, timeout, "read_after_publication_async",
+            lambda _, rem: self.read_publication(out=out, timeout=rem),
+        )
+
+    def _check_async(self, safe: bool) -> None:
+        self._check_open()
+        if not safe:
+            # the lock is per thread and the wait runs in a worker thread
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: async reads are safe reads only "
+                "(safe=False needs the lock, which belongs to a thread)"
+            )
+
+    # ---------------------------------------------------------- description
+    def describe(self) -> str:
+        """A multi-line human summary of the stream and this handle.
+
+        Name, shape, dtype, size, count, write time and age, frame_id, the
+        creator and whether it is alive, the lock owner, this handle's role
+        (owner, read-only) and its read statistics. Reads metadata only.
+        """
+        self._check_open()
+        seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = self._h.state()
+        last_read, missed, total_missed = self._h.read_stats()[:3]
+        age = self.age
+        if write_ns:
+            written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(write_ns * 1e-9))
+            written += f" ({age:.3f} s ago)"
+        else:
+            written = "never"
+        if seq & 1:
+            state = "inconsistent (a write was cut short)" if broken else "write in progress"
+        else:
+            state = "consistent"
+        alive = "alive" if self.producer_alive() else "dead"
+        lock = "free" if not lock_pid else f"held by pid {lock_pid}"
+        lines = [
+            f"name:          {self._name}",
+            f"shape:         {self._shape}",
+            f"dtype:         {self._dtype}",
+            f"size:          {self._size} bytes",
+            "device:        cpu",
+            f"count:         {seq >> 1}",
+            f"state:         {state}",
+            f"last write:    {written}",
+            f"frame_id:      {frame_id}",
+            f"creator_pid:   {self._creator_pid} ({alive})",
+            f"producer:      {alive}",
+            f"lock:          {lock}",
+            f"waiters:       {waiters}",
+            f"owner:         {self._owner} (this handle {'created' if self._owner else 'opened'} it)",
+            f"readonly:      {self._h.readonly}",
+            f"instance_id:   {self._instance_id.hex()}",
+            f"reads:         last count {last_read}, missed {missed}, total missed {total_missed}",
+        ]
+        return "\n".join(lines)
+
+    def to_config(self) -> dict:
+        """The stream's configuration as a plain dict for :meth:`create_from_config`.
+
+        Keys as in pyshmem: ``name``, ``shape`` (list), ``dtype`` (str),
+        ``gpu_device``, ``cpu_mirror``, ``notify``.
+        """
+        self._check_open()
+        return {
+            "name": self._name,
+            "shape": list(self._shape),
+            "dtype": str(self._dtype),
+            "gpu_device": None,
+            "cpu_mirror": True,
+            "notify": True,
+        }
+
+    @classmethod
+    def create_from_config(cls, config: dict) -> "SharedMemory":
+        """Create a new stream from a :meth:`to_config` dict (or a hand-written one).
+
+        Needs ``name`` and ``shape``; ``dtype`` (default float32),
+        ``gpu_device``, ``cpu_mirror``, ``notify`` and ``mode`` are optional.
+        Raises as :func:`create`.
+        """
+        return create(
+            config["name"],
+            shape=config["shape"],
+            dtype=config.get("dtype", "float32"),
+            gpu_device=config.get("gpu_device"),
+            cpu_mirror=config.get("cpu_mirror"),
+            notify=config.get("notify", False),
+            mode=config.get("mode", 0o600),
+        )
+
+    # ----------------------------------------------------------------- DLPack
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(1, 0)``: kDLCPU. CPU streams live in host memory."""
+        self._check_open()
+        return (1, 0)
+
+    def __dlpack__(self, *, stream: Any = None, **kwargs: Any) -> Any:
+        """Export a snapshot (a :meth:`read` copy) as a DLPack capsule.
+
+        ``np.from_dlpack(shm)`` and ``torch.from_dlpack(shm)`` get an array
+        that owns a private copy of one completed write: never torn, never
+        aliasing the shared payload, valid after this handle closes. For a
+        live zero-copy view use ``read(safe=False)`` under the lock.
+        """
+        snapshot = self.read()
+        try:
+            return snapshot.__dlpack__(stream=stream, **kwargs)
+        except TypeError:
+            # NumPy versions that predate the newer keywords (max_version, copy)
+            return snapshot.__dlpack__()
 
     # ------------------------------------------------------------ lifecycle
     def close(self, *, timeout: float = 5.0) -> None:
@@ -441,7 +1015,12 @@ class SharedMemory:
         self._h.close(timeout)
 
     def unlink(self) -> None:
-        """Close this handle and destroy the stream (other handles keep their mapping)."""
+        """Close this handle and destroy the stream (other handles keep their mapping).
+
+        Raises StaleStreamError (and removes nothing) when the name was
+        re-created since this handle opened it; PermissionError on a
+        read-only handle. A stream already unlinked is not an error.
+        """
         if self._h.readonly:
             self._check_open()
             raise PermissionError(
@@ -459,7 +1038,7 @@ class SharedMemory:
             if current_id != instance_id:
                 raise StaleStreamError(
                     f"torch_shmem: stream {self._name!r} was re-created since this handle "
-                    "opened it; not unlinking the newer stream"
+                    "opened it: the name belongs to a newer generation, which is left alone"
                 )
         _core.unlink(self._name)
 
@@ -471,7 +1050,10 @@ class SharedMemory:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        if self._auto_unlink:
+            self.unlink()
+        else:
+            self.close()
 
     def __reduce__(self):
         return (_reopen, (self._name, self._h.readonly))
@@ -504,6 +1086,8 @@ def create(
     gpu_device: str | None = None,
     cpu_mirror: bool | None = None,
     mode: int = 0o600,
+    auto_unlink: bool = False,
+    notify: bool = False,
 ) -> SharedMemory:
     """Create a new stream and return its (owner) handle.
 
@@ -514,6 +1098,11 @@ def create(
     free space of /dev/shm fails here with OSError(ENOSPC). Raises
     FileExistsError when the name is taken. The stream outlives this process
     until :func:`unlink`.
+
+    The handle is a context manager: leaving the ``with`` block closes it,
+    or unlinks the stream when ``auto_unlink=True`` (see also :func:`stream`).
+    ``notify`` is accepted for pyshmem compatibility and has no effect:
+    every wait here parks on a futex that writers wake.
     """
     _check_name(name)
     _check_gpu_device(gpu_device, name)
@@ -536,7 +1125,9 @@ def create(
             f"torch_shmem: stream {name!r} already exists; attach to it with "
             f"torch_shmem.open({name!r}) or remove it with torch_shmem.unlink({name!r})",
         ) from None
-    return SharedMemory(handle, owner=True)
+    shm = SharedMemory(handle, owner=True)
+    shm._auto_unlink = bool(auto_unlink)
+    return shm
 
 
 def open(name: str, *, gpu_device: str | None = None, readonly: bool = False) -> SharedMemory:  # noqa: A001
@@ -567,3 +1158,116 @@ def unlink(name: str) -> None:
     """
     _check_name(name)
     _core.unlink(name)
+
+
+def unlink_quiet(name: str) -> None:
+    """:func:`unlink`, spelled for cleanup code: silent when the stream does not exist."""
+    unlink(name)
+
+
+@contextlib.contextmanager
+def stream(
+    name: str,
+    *,
+    shape: Sequence[int] | int,
+    dtype: Any = np.float32,
+    size: int | None = None,
+    gpu_device: str | None = None,
+    cpu_mirror: bool | None = None,
+    mode: int = 0o600,
+    notify: bool = False,
+) -> Iterator[SharedMemory]:
+    """Create a stream for the duration of a ``with`` block, then unlink it.
+
+    The stream is unlinked on exit, also when the block raises. Raises as
+    :func:`create`. For temporary streams in tests and one-shot pipelines::
+
+        with torch_shmem.stream("tmp", shape=(3,)) as shm:
+            shm.write([1, 2, 3])
+    """
+    shm = create(
+        name, shape=shape, dtype=dtype, size=size, gpu_device=gpu_device,
+        cpu_mirror=cpu_mirror, mode=mode, notify=notify, auto_unlink=True,
+    )
+    try:
+        yield shm
+    finally:
+        shm.unlink()
+
+
+class _LockedMany:
+    """Context manager returned by :func:`locked_many`."""
+
+    __slots__ = ("_handles", "_timeout", "_taken")
+
+    def __init__(self, handles: tuple, timeout: float | None) -> None:
+        self._handles = handles
+        self._timeout = timeout
+        self._taken: list[SharedMemory] = []
+
+    def __enter__(self) -> tuple:
+        handles = self._handles
+        for h in handles:
+            if not isinstance(h, SharedMemory):
+                raise TypeError(
+                    f"torch_shmem: locked_many() takes SharedMemory handles, got {type(h).__name__}"
+                )
+        ordered = sorted(handles, key=_name_key)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.name == b.name:
+                raise ValueError(
+                    f"torch_shmem: locked_many() got stream {a.name!r} twice; "
+                    "each stream may appear once"
+                )
+        timeout = self._timeout
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"torch_shmem: locked_many(): timeout must be >= 0, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken = self._taken
+        try:
+            for h in ordered:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                h.acquire(timeout=remaining)
+                taken.append(h)
+        except BaseException:
+            _release_reversed(taken)
+            raise
+        return handles
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _release_reversed(self._taken)
+
+
+def _name_key(handle: SharedMemory) -> bytes:
+    # Byte order of the UTF-8 name: the same total order in every process.
+    return handle.name.encode("utf-8")
+
+
+def _release_reversed(taken: list) -> None:
+    """Release ``taken`` last-first; every one is released even if one raises."""
+    error: BaseException | None = None
+    while taken:
+        try:
+            taken.pop().release()
+        except BaseException as exc:  # keep releasing the rest
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+def locked_many(
+    handles: Sequence[SharedMemory], *, timeout: float | None = None, poll_interval: float = 1e-3
+) -> _LockedMany:
+    """Hold the write locks of several streams at once, without deadlock.
+
+    ``with torch_shmem.locked_many([a, b]) as (a, b):`` takes every lock in
+    one global order (the UTF-8 bytes of the stream names), so two processes
+    locking the same streams in any order cannot deadlock each other. It
+    yields the handles as a tuple in the order given. ``timeout`` bounds the
+    whole acquisition (TimeoutError, with every lock taken so far released).
+    ValueError when a stream appears twice (also as two handles of one
+    name); PermissionError for a read-only handle. The locks are released in
+    reverse order on exit. Mixing it with manual ``acquire()`` of the same
+    streams in another order can still deadlock.
+    """
+    return _LockedMany(tuple(handles), timeout)

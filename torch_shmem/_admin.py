@@ -1,0 +1,319 @@
+"""Discovery and cleanup: list_streams(), stat(), purge() and the CLI's scan.
+
+Every stream is one file, ``/dev/shm/torch_shmem.<name>``; the part after
+the prefix is the user-visible name (any UTF-8 text the name rules allow).
+A file there counts as a stream only if it opens and validates (the native
+open checks the whole header), so nothing else in /dev/shm is ever listed
+or removed. Metadata is read through a read-only mapping that is closed
+before returning; the payload is never copied.
+
+Orphans: a stream whose creator is dead, that no live process maps and
+whose lock no live process holds. "Maps" comes from /proc/PID/maps matched
+by device and inode, so a process holding an older, unlinked generation of
+the name does not count. Where the maps of other users' processes cannot be read,
+only streams that other users could not open (mode 0600, ours) can be
+called orphans.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from typing import Any
+
+from . import _core, _proc
+from ._dtypes import code_dtype
+from ._stream import _check_name
+
+__all__ = ["list_streams", "purge", "scan", "stat", "PREFIX"]
+
+PREFIX = "torch_shmem."
+
+# torch's cross-process ref-count files. CUDA IPC ref counters (and the
+# file_system sharing strategy) use /dev/shm/torch_<pid>_<random>_<n> in
+# torch 2.x; pyshmem 1.4 looked for cuda.shm.<id>.<pid hex>.<n>. Both encode
+# the producer's pid.
+_TORCH_REFCOUNT = re.compile(r"^torch_(\d+)_\d+_\d+$")
+
+
+def _path(name: str) -> str:
+    return os.path.join(_proc.SHM_DIR, PREFIX + name)
+
+
+def _candidate_names() -> list[str]:
+    """User-visible names of the files carrying the stream prefix (unvalidated)."""
+    try:
+        entries = os.listdir(_proc.SHM_DIR)
+    except OSError:
+        return []
+    names = []
+    for entry in entries:
+        if not entry.startswith(PREFIX):
+            continue
+        name = entry[len(PREFIX):]
+        try:
+            _core.os_name(name)  # a name create() would accept (UTF-8, no '/', ...)
+        except ValueError:  # includes UnicodeEncodeError of non-UTF-8 file names
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def _missing(name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        2,
+        f"torch_shmem: stream {name!r} does not exist; create it with "
+        f"torch_shmem.create({name!r}, shape=..., dtype=...)",
+    )
+
+
+def _read_stat(name: str) -> dict[str, Any]:
+    """stat() without the name check; raises FileNotFoundError, PermissionError, ValueError."""
+    try:
+        st = os.stat(_path(name))
+        h = _core.open(name, True)
+    except FileNotFoundError:
+        raise _missing(name) from None
+    try:
+        code, shape, nbytes, flags, creator_pid, instance_id, ctime, mode = h.info()
+        seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = h.state()
+    finally:
+        h.close(1.0)
+    creator_alive = _proc.pid_alive(creator_pid, created_at=ctime)
+    lock_owner = lock_pid or None
+    lock_alive = lock_owner is not None and _proc.pid_alive(lock_owner)
+    if not seq & 1:
+        state = "ok"
+    elif not broken and lock_alive:
+        state = "writing"
+    else:
+        # torn: aborted, or the writer died mid-write (detected by the next
+        # lock acquirer, which sets `broken`; reported here already)
+        state = "inconsistent"
+    write_time = write_ns * 1e-9
+    gpu = bool(flags & _core.FLAG_GPU)
+    return {
+        "name": name,
+        "shape": list(shape),
+        "dtype": str(code_dtype(code)),
+        "size": nbytes,
+        "gpu_enabled": gpu,
+        "gpu_device": None,  # CPU streams; the device of a GPU stream is not read here
+        "cpu_mirror": not gpu or bool(flags & _core.FLAG_CPU_MIRROR),
+        "notify": True,
+        "instance_id": instance_id.hex(),
+        "creator_pid": creator_pid,
+        "creator_alive": creator_alive,
+        "create_time": ctime,
+        "count": seq >> 1,
+        "write_sequence": seq,
+        "write_time": write_time,
+        "age": max(0.0, time.time() - write_time) if write_ns > 0 else math.inf,
+        "frame_id": frame_id,
+        "state": state,
+        "lock_owner": lock_owner,
+        "lock_owner_alive": lock_alive,
+        "waiters": waiters,
+        "mode": mode,
+        "uid": st.st_uid,
+        "segment_bytes": st.st_size,
+        "_file": (st.st_dev, st.st_ino),
+    }
+
+
+def stat(name: str) -> dict[str, Any]:
+    """Metadata of a stream, without attaching a handle or copying the payload.
+
+    Keys: ``name``, ``shape`` (list), ``dtype`` (str), ``size`` (payload
+    bytes), ``gpu_enabled``, ``gpu_device``, ``cpu_mirror``, ``notify``
+    (True: waits are always futex-notified), ``instance_id``,
+    ``creator_pid``, ``creator_alive``, ``create_time``, ``count``,
+    ``write_sequence``, ``write_time`` (0.0 before the first write), ``age``
+    (``math.inf`` before it), ``frame_id``, ``state`` (``"ok"``,
+    ``"writing"`` or ``"inconsistent"``), ``lock_owner`` (pid or None),
+    ``lock_owner_alive``, ``waiters`` (parked readers), ``mode``, ``uid``
+    and ``segment_bytes`` (header + payload, page-rounded).
+
+    Raises FileNotFoundError when it does not exist, PermissionError when
+    this user may not open it, ValueError for a corrupted segment.
+    """
+    _check_name(name)
+    info = _read_stat(name)
+    del info["_file"]
+    return info
+
+
+def list_streams() -> list[str]:
+    """Sorted user-visible names of the streams in /dev/shm.
+
+    Only files that validate as torch_shmem streams are listed, plus the
+    streams of other users that this user may not open (their names are
+    visible; :func:`stat` raises PermissionError for them). Non-ASCII names
+    are returned as created.
+    """
+    names = []
+    for name in _candidate_names():
+        try:
+            h = _core.open(name, True)
+        except PermissionError:
+            names.append(name)
+            continue
+        except (FileNotFoundError, ValueError, TypeError):
+            continue  # removed meanwhile, or not a (NumPy-readable) stream
+        h.close(1.0)
+        names.append(name)
+    return names
+
+
+def scan(*, holders: bool = True) -> list[dict[str, Any]]:
+    """One entry per file carrying the stream prefix, for the CLI.
+
+    Valid streams get the :func:`stat` keys plus, with ``holders=True``,
+    ``holders`` (pids mapping the stream) and ``orphan`` (see the module
+    docstring). Files that are not readable streams get only ``name`` and
+    ``error`` (a message). Sorted by name.
+    """
+    entries: list[dict[str, Any]] = []
+    for name in _candidate_names():
+        try:
+            entries.append(_read_stat(name))
+        except FileNotFoundError:
+            continue
+        except (PermissionError, ValueError, TypeError) as exc:
+            entries.append({"name": name, "error": str(exc)})
+    if holders:
+        files = {e["_file"] for e in entries if "_file" in e}
+        mapped, complete = _proc.scan_mappings(files)
+        euid = os.geteuid()
+        for e in entries:
+            if "error" in e:
+                continue
+            pids = sorted(mapped.get(e["_file"], ()))
+            e["holders"] = pids
+            # Without every process's maps, only a stream no other user can
+            # open (ours, mode 0600) can be known to be unmapped.
+            known = complete or (e["uid"] == euid and not e["mode"] & 0o066)
+            e["orphan"] = bool(
+                known and not e["creator_alive"] and not pids and not e["lock_owner_alive"]
+            )
+    for e in entries:
+        e.pop("_file", None)
+    return entries
+
+
+def _unlink_generation(name: str, instance_id: str) -> bool:
+    """Unlink ``name`` only if it still holds generation ``instance_id``."""
+    try:
+        h = _core.open(name, True)
+    except (FileNotFoundError, ValueError, TypeError):
+        return False
+    try:
+        current = h.info()[5].hex()
+    finally:
+        h.close(1.0)
+    if current != instance_id:
+        return False  # re-created since the scan: leave the new one alone
+    return bool(_core.unlink(name))
+
+
+def cuda_orphans() -> list[str]:
+    """/dev/shm files of torch's cross-process ref counting left by dead producers.
+
+    A file qualifies when its name encodes a producer pid (``torch_<pid>_*``
+    in torch 2.x, ``cuda.shm.*.<pid hex>.*`` in pyshmem's description), that
+    process is dead, no live process maps the file, and it is ours with mode
+    0600 or every process's maps were readable. Returns base names, sorted.
+    """
+    try:
+        entries = os.listdir(_proc.SHM_DIR)
+    except OSError:
+        return []
+    found: dict[tuple[int, int], str] = {}
+    found_meta: dict[tuple[int, int], os.stat_result] = {}
+    for base in entries:
+        pid = _refcount_pid(base)
+        if pid is None or _proc.pid_alive(pid):
+            continue
+        try:
+            st = os.stat(os.path.join(_proc.SHM_DIR, base))
+        except OSError:
+            continue
+        found[(st.st_dev, st.st_ino)] = base
+        found_meta[(st.st_dev, st.st_ino)] = st
+    mapped, complete = _proc.scan_mappings(set(found))
+    euid = os.geteuid()
+    result = []
+    for key, base in found.items():
+        st = found_meta[key]
+        known = complete or (st.st_uid == euid and not st.st_mode & 0o066)
+        if known and key not in mapped:
+            result.append(base)
+    return sorted(result)
+
+
+def _refcount_pid(base: str) -> int | None:
+    m = _TORCH_REFCOUNT.match(base)
+    if m:
+        return int(m.group(1))
+    parts = base.split(".")
+    if len(parts) >= 4 and parts[0] == "cuda" and parts[1] == "shm":
+        try:
+            return int(parts[-2], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def purge_report(*, dead_only: bool = False, include_cuda_orphans: bool = False) -> dict[str, list]:
+    """The work of :func:`purge`, with everything the CLI reports.
+
+    Returns ``{"removed": [names], "skipped": [(name, reason)],
+    "cuda_removed": [base names]}``.
+    """
+    removed: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for e in scan(holders=dead_only):
+        name = e["name"]
+        if "error" in e:
+            skipped.append((name, e["error"]))
+            continue
+        if dead_only and not e["orphan"]:
+            continue
+        try:
+            if dead_only:
+                ok = _unlink_generation(name, e["instance_id"])
+            else:
+                ok = bool(_core.unlink(name))
+        except PermissionError as exc:
+            skipped.append((name, str(exc)))
+            continue
+        if ok:
+            removed.append(name)
+    cuda_removed: list[str] = []
+    if include_cuda_orphans:
+        for base in cuda_orphans():
+            try:
+                os.unlink(os.path.join(_proc.SHM_DIR, base))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                skipped.append((base, str(exc)))
+                continue
+            cuda_removed.append(base)
+    return {"removed": sorted(removed), "skipped": skipped, "cuda_removed": cuda_removed}
+
+
+def purge(*, include_cuda_orphans: bool = False, dead_only: bool = False) -> list[str]:
+    """Remove torch_shmem streams from /dev/shm; return the names removed, sorted.
+
+    By default every stream this user may remove is unlinked, in use or not
+    (handles that are open keep their mapping). ``dead_only=True`` removes
+    only orphans: streams whose creator died, that no live process maps and
+    whose lock no live process holds. ``include_cuda_orphans=True`` also
+    removes torch's ref-count files in /dev/shm whose producer died and that
+    nobody maps (see :func:`cuda_orphans`). Files that are not valid streams
+    are never removed (``torch-shmem doctor`` lists them). Not reversible.
+    """
+    return purge_report(dead_only=dead_only, include_cuda_orphans=include_cuda_orphans)["removed"]

@@ -52,8 +52,11 @@ def cuda_decision():
     flag = os.environ.get("TORCH_SHMEM_USE_CUDA")
     if flag == "0":
         return False, "TORCH_SHMEM_USE_CUDA=0"
-    have = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
-        os.path.join(CUDA_HOME, "bin", "nvcc")
+    have = (
+        torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+        and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
     )
     if flag == "1" and not have:
         raise SystemExit(
@@ -61,7 +64,11 @@ def cuda_decision():
             f"{torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
         )
     if not have:
-        why = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (set CUDA_HOME)"
+        why = (
+            "torch is a CPU build"
+            if torch.version.cuda is None
+            else f"no CUDA toolkit at CUDA_HOME={CUDA_HOME!r} (set CUDA_HOME, e.g. /usr/local/cuda)"
+        )
         return False, why
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
 
@@ -82,6 +89,11 @@ if ops_sources:
     cuda_sources = rel("csrc/cuda/*.cu") if use_cuda else []
     if use_cuda and not cuda_sources:
         reason += "; csrc/cuda has no sources yet"
+    if cuda_sources and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        # torch derives the list from the visible GPUs; a build host without
+        # one would get none. Name the architectures GPU streams target.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        print("torch_shmem: TORCH_CUDA_ARCH_LIST not set, building for sm_80 and sm_90")
     print(f"torch_shmem: building torch.ops.shmem {'with' if cuda_sources else 'without'} CUDA ({reason})")
     defines = ["-DTORCH_SHMEM_WITH_CUDA"] if cuda_sources else []
     common = dict(

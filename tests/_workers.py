@@ -6,6 +6,9 @@ frame mixing bytes of two writes is detected by `frame_ok`.
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import numpy as np
@@ -215,3 +218,26 @@ def hold_open(name, ready):
     s = torch_shmem.open(name)
     ready.set()
     time.sleep(600)
+
+
+ISOLATED = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+
+
+def isolated_shm(code, timeout=120):
+    """Run Python `code` with a private, empty /dev/shm (a tmpfs in a new mount namespace).
+
+    Lets purge() and `torch-shmem purge` remove "every stream" without
+    touching streams of other tests or sessions. Skips (with the reason)
+    where unshare/mount are not permitted. Returns stdout.
+    """
+    import pytest
+
+    probe = subprocess.run(ISOLATED + ["mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("needs unshare + mount (root or user namespaces) for a private /dev/shm: "
+                    + probe.stderr.decode(errors="replace").strip())
+    script = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
+    out = subprocess.run(ISOLATED + [script, textwrap.dedent(code)], capture_output=True,
+                         text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout

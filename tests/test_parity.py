@@ -941,28 +941,9 @@ def test_purge_removes_every_stream(name, monkeypatch):
     assert torch_shmem.purge() == []
 
 
-ISOLATED = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
-
-
-def isolated_shm(code, timeout=120):
-    """Run Python `code` with a private, empty /dev/shm (a tmpfs in a new mount namespace).
-
-    Lets purge() remove "every stream" without touching other sessions' streams.
-    """
-    probe = subprocess.run(ISOLATED + ["mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("needs unshare + mount (root or user namespaces) for a private /dev/shm: "
-                    + probe.stderr.decode(errors="replace").strip())
-    script = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
-    out = subprocess.run(ISOLATED + [script, textwrap.dedent(code)], capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
-
-
 def test_purge_everything_and_cuda_orphans_in_a_private_dev_shm():
     dead = dead_pid()
-    out = isolated_shm(f"""
+    out = _workers.isolated_shm(f"""
         import os, numpy as np, torch_shmem
         assert os.listdir("/dev/shm") == []
         for n in ("b", "a", "ünï"):

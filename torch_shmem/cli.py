@@ -1,0 +1,380 @@
+"""``torch-shmem``: inspect and manage torch_shmem streams from the shell.
+
+Also runnable as ``python -m torch_shmem``. Subcommands: list, stat, unlink,
+purge, watch, doctor (docs/cli.md). Exit status: 0 on success, 1 when
+something was not found or doctor found a problem, 2 for usage errors.
+Importing this module does not import torch; only ``doctor`` may (for its
+CUDA checks, unless ``--no-cuda``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+from typing import Any, Sequence
+
+from . import _admin, _core, _proc
+from ._doctor import fmt_bytes
+
+__all__ = ["main"]
+
+
+# ---------------------------------------------------------------- formatting
+def _fmt_age(age: float) -> str:
+    if age is None or math.isinf(age):
+        return "never"
+    if age < 1:
+        return f"{age * 1e3:.0f}ms"
+    if age < 60:
+        return f"{age:.1f}s"
+    if age < 3600:
+        return f"{int(age // 60)}m{int(age % 60):02d}s"
+    if age < 86400:
+        return f"{int(age // 3600)}h{int(age % 3600 // 60):02d}m"
+    return f"{int(age // 86400)}d{int(age % 86400 // 3600):02d}h"
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = []
+    for r in [header] + rows:
+        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no infinity: an age of "never" is null
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _state(e: dict) -> str:
+    tags = [e["state"]]
+    if e.get("orphan"):
+        tags.append("orphan")
+    return ",".join(tags)
+
+
+# ----------------------------------------------------------------- commands
+def cmd_list(args: argparse.Namespace) -> int:
+    entries = _admin.scan(holders=True)
+    if args.json:
+        print(json.dumps(_jsonable(entries), indent=2, ensure_ascii=False))
+        return 0
+    if not entries:
+        print("no streams found", file=sys.stderr)
+        return 0
+    rows = []
+    for e in entries:
+        if "error" in e:
+            rows.append([e["name"], "?", "?", "?", "?", "?", "?", "?", "?", "error: " + e["error"]])
+            continue
+        lock = "-"
+        if e["lock_owner"] is not None:
+            lock = str(e["lock_owner"]) + ("" if e["lock_owner_alive"] else " (dead)")
+        creator = f"{e['creator_pid']} {'alive' if e['creator_alive'] else 'dead'}"
+        rows.append([
+            e["name"], _fmt_shape(e["shape"]), e["dtype"], "gpu" if e["gpu_enabled"] else "cpu",
+            fmt_bytes(e["size"]),
+            str(e["count"]), _fmt_age(e["age"]), lock, creator, _state(e),
+        ])
+    header = ["NAME", "SHAPE", "DTYPE", "DEVICE", "SIZE", "COUNT", "LAST WRITE", "LOCK",
+              "CREATOR", "STATE"]
+    print(_table(header, rows))
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    try:
+        info = _admin.stat(args.name)
+    except (FileNotFoundError, PermissionError, ValueError, TypeError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    entry = next((e for e in _admin.scan(holders=True) if e["name"] == args.name), None)
+    if entry is not None and "holders" in entry:
+        info["holders"] = entry["holders"]
+        info["orphan"] = entry["orphan"]
+    if args.json:
+        print(json.dumps(_jsonable(info), indent=2, ensure_ascii=False))
+        return 0
+    shown = dict(info)
+    shown["shape"] = _fmt_shape(info["shape"])
+    shown["size"] = f"{info['size']} bytes ({fmt_bytes(info['size'])})"
+    shown["mode"] = oct(info["mode"])
+    shown["age"] = _fmt_age(info["age"])
+    for key in ("create_time", "write_time"):
+        if info[key]:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info[key]))
+            shown[key] = f"{stamp} ({info[key]:.6f})"
+        else:
+            shown[key] = "never"
+    width = max(map(len, shown))
+    for key, value in shown.items():
+        print(f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
+def cmd_unlink(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.names:
+        try:
+            removed = _core.unlink(name)
+        except (ValueError, TypeError, PermissionError, OSError) as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        if removed:
+            print(f"unlinked {name!r}")
+        else:
+            print(f"torch_shmem: stream {name!r} does not exist", file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        entries = _admin.scan(holders=True)
+        chosen = [e for e in entries if "error" not in e and (e["orphan"] or not args.dead_only)]
+        for e in chosen:
+            print(f"would purge {e['name']!r}")
+        if args.include_cuda_orphans:
+            for base in _admin.cuda_orphans():
+                print(f"would remove {_core_path(base)}")
+        if not chosen:
+            print("nothing to purge", file=sys.stderr)
+        return 0
+    report = _admin.purge_report(
+        dead_only=args.dead_only, include_cuda_orphans=args.include_cuda_orphans
+    )
+    for name in report["removed"]:
+        print(f"purged {name!r}")
+    for base in report["cuda_removed"]:
+        print(f"removed {_core_path(base)}")
+    for name, why in report["skipped"]:
+        print(f"skipped {name!r}: {why}", file=sys.stderr)
+    what = "orphan stream(s)" if args.dead_only else "stream(s)"
+    print(f"removed {len(report['removed'])} {what}"
+          + (f" and {len(report['cuda_removed'])} CUDA orphan file(s)" if args.include_cuda_orphans else ""))
+    return 0
+
+
+def _core_path(base: str) -> str:
+    return os.path.join(_proc.SHM_DIR, base)
+
+
+# -------------------------------------------------------------------- watch
+class _Watched:
+    """Per-stream counters, updated by one waiter thread, read by the printer."""
+
+    def __init__(self, name: str, shm: Any) -> None:
+        self.name = name
+        self.shm = shm
+        self.mutex = threading.Lock()
+        self.last = shm.count
+        self.seen = 0  # wake-ups that observed a new publication
+        self.pubs = 0  # publications, observed or not
+        self.missed = 0  # publications that landed between two wake-ups
+        self.latencies: list[float] = []
+        self.error: str | None = None
+
+    def run(self) -> None:
+        h = self.shm._h
+        try:
+            while True:
+                try:
+                    h.wait_for_count(self.last, 0.25)
+                except TimeoutError:
+                    continue
+                now = time.time()
+                seq, write_ns = h.state()[:2]
+                count = seq >> 1
+                with self.mutex:
+                    self.pubs += count - self.last
+                    self.missed += max(0, count - self.last - 1)
+                    self.seen += 1
+                    if write_ns:
+                        self.latencies.append(max(0.0, now - write_ns * 1e-9))
+                    self.last = count
+        except Exception as exc:  # closed by the printer (Ctrl-C), or a real error
+            if not self.shm.closed:
+                self.error = str(exc)
+
+    def take(self) -> tuple[int, int, int, list[float]]:
+        with self.mutex:
+            out = (self.pubs, self.missed, self.seen, self.latencies)
+            self.pubs = self.missed = self.seen = 0
+            self.latencies = []
+        return out
+
+
+def _fmt_latency(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from . import _stream
+
+    watched = []
+    for name in args.names:
+        try:
+            shm = _stream.open(name, readonly=True)
+        except (FileNotFoundError, PermissionError, ValueError, TypeError) as exc:
+            print(exc, file=sys.stderr)
+            for w in watched:
+                w.shm.close()
+            return 1
+        watched.append(_Watched(name, shm))
+    for w in watched:
+        threading.Thread(target=w.run, name=f"watch-{w.name}", daemon=True).start()
+    tty = sys.stdout.isatty()
+    header = ["NAME", "RATE", "COUNT", "MISSED", "LATENCY p50", "LATENCY max", "LAST WRITE",
+              "FRAME_ID", "LOCK", "STATE"]
+    printed_lines = 0
+    refreshes = 0
+    last_t = time.monotonic()
+    try:
+        while args.count is None or refreshes < args.count:
+            time.sleep(args.interval)
+            now = time.monotonic()
+            dt, last_t = now - last_t, now
+            rows = []
+            for w in watched:
+                pubs, missed, _seen, lats = w.take()
+                seq, write_ns, frame_id, broken, unlinked, lock_pid = w.shm._h.state()[:6]
+                lats.sort()
+                p50 = _fmt_latency(lats[len(lats) // 2]) if lats else "-"
+                worst = _fmt_latency(lats[-1]) if lats else "-"
+                age = time.time() - write_ns * 1e-9 if write_ns else math.inf
+                if w.error:
+                    state = "error: " + w.error
+                elif unlinked:
+                    state = "unlinked"
+                elif seq & 1:
+                    state = "inconsistent" if broken else "writing"
+                else:
+                    state = "ok"
+                rows.append([w.name, f"{pubs / dt:.1f}/s", str(seq >> 1), str(missed), p50, worst,
+                             _fmt_age(age), str(frame_id), str(lock_pid or "-"), state])
+            block = _table(header, rows)
+            if tty and printed_lines:
+                sys.stdout.write(f"\x1b[{printed_lines}F\x1b[J")  # back up and clear
+            sys.stdout.write(block + "\n")
+            if not tty:
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+            printed_lines = block.count("\n") + 1
+            refreshes += 1
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        for w in watched:
+            try:
+                w.shm.close()
+            except RuntimeError:
+                pass
+    return 0
+
+
+# ------------------------------------------------------------------- doctor
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import run_checks
+
+    findings = run_checks(skip_torch=args.no_cuda)
+    if args.json:
+        print(json.dumps([f.__dict__ for f in findings], indent=2, ensure_ascii=False))
+    else:
+        for f in findings:
+            print(f"[{f.level}] {f.title}")
+            if f.detail:
+                print(f"       {f.detail}")
+            if f.fix:
+                print(f"       fix: {f.fix}")
+        problems = sum(f.level in ("warn", "error") for f in findings)
+        print(f"{problems} problem(s) found" if problems else "no problems found")
+    return 1 if any(f.level in ("warn", "error") for f in findings) else 0
+
+
+# --------------------------------------------------------------------- main
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torch-shmem",
+        description="Inspect and manage torch_shmem shared-memory streams (/dev/shm/torch_shmem.*).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    sp = sub.add_parser("list", help="table of all streams (shape, dtype, count, age, lock, creator, orphans)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("stat", help="metadata of one stream")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sp.set_defaults(func=cmd_stat)
+
+    sp = sub.add_parser("unlink", help="destroy streams by name")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.set_defaults(func=cmd_unlink)
+
+    sp = sub.add_parser("purge", help="remove all streams (or only orphans with --dead-only)")
+    sp.add_argument("--dead-only", action="store_true",
+                    help="only streams whose creator died and that no process maps")
+    sp.add_argument("--include-cuda-orphans", action="store_true",
+                    help="also remove torch's CUDA IPC ref-count files of dead producers")
+    sp.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    sp.set_defaults(func=cmd_purge)
+
+    sp = sub.add_parser("watch", help="live publication rate, missed frames and latency")
+    sp.add_argument("names", nargs="+", metavar="NAME")
+    sp.add_argument("--interval", type=_positive, default=1.0, help="refresh period in s (1.0)")
+    sp.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    sp.set_defaults(func=cmd_watch)
+
+    sp = sub.add_parser("doctor", help="check /dev/shm, permissions, orphans and CUDA; say what to do")
+    sp.add_argument("--no-cuda", action="store_true", help="skip the checks that import torch")
+    sp.add_argument("--json", action="store_true", help="print the findings as JSON")
+    sp.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `torch-shmem list | head`
+        try:
+            sys.stdout.close()
+        except BrokenPipeError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

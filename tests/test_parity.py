@@ -212,6 +212,51 @@ def test_gpu_supported_dtypes_empty_without_torch():
     assert out.strip() == "ok"
 
 
+def test_a_pyshmem_program_runs_unchanged(name):
+    # written against pyshmem 1.4's documented API, only the import differs
+    out = _python(f"""
+        import numpy as np
+        import torch_shmem as pyshmem
+
+        name = {name!r}
+        with pyshmem.stream(name, shape=(2, 3), dtype=np.float32) as producer:
+            consumer = pyshmem.open(name, readonly=True)
+            assert name in pyshmem.list_streams()
+            info = pyshmem.stat(name)
+            assert info["shape"] == [2, 3] and info["dtype"] == "float32"
+            producer.write(np.ones((2, 3), np.float32), frame_id=1)
+            assert consumer.read().sum() == 6 and consumer.frame_id == 1
+            with producer.locked(timeout=1.0, poll_interval=1e-3):
+                producer.read(safe=False)[0, 0] = 5
+                producer.write_locked(producer.read(safe=False).copy(), frame_id=2)
+            pub = consumer.read_publication()
+            assert (pub.count, pub.frame_id, pub.payload[0, 0]) == (2, 2, 5)
+            n = consumer.count
+            with producer.write_view(frame_id=3) as view:
+                view[...] = 7
+            assert consumer.read_after(n, timeout=1.0, poll_interval=1e-5)[1, 2] == 7
+            assert consumer.wait_for_count(after=n, timeout=1.0) == 3
+            try:
+                consumer.read_new(timeout=0.01)
+            except TimeoutError:
+                pass
+            with pyshmem.locked_many([producer], timeout=1.0) as (p,):
+                p.write_locked(np.zeros((2, 3), np.float32))
+            assert consumer.missed_writes == 0 and consumer.total_missed_writes >= 0
+            assert not consumer.is_stale(60.0) and consumer.producer_alive()
+            assert "name:" in consumer.describe()
+            try:
+                consumer.write(np.zeros((2, 3), np.float32))
+            except PermissionError:
+                pass
+            consumer.close()
+        assert name not in pyshmem.list_streams()
+        pyshmem.unlink_quiet(name)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
 def test_unknown_module_attribute_raises():
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         torch_shmem.nope  # noqa: B018
@@ -862,6 +907,9 @@ def test_list_streams_sorted_non_ascii_valid_only(name):
     other = f"/dev/shm/{name}-no-prefix"
     with open(other, "wb") as f:
         f.write(b"x")
+    internal = f"/dev/shm/torch_shmem-simdev.{name}-z"  # an internal segment, not a stream
+    with open(internal, "wb") as f:
+        f.write(b"\0" * 4096)
     try:
         listed = torch_shmem.list_streams()
         assert listed == sorted(listed)
@@ -873,6 +921,7 @@ def test_list_streams_sorted_non_ascii_valid_only(name):
             torch_shmem.unlink(n)
         os.unlink(f"/dev/shm/torch_shmem.{junk}")
         os.unlink(other)
+        os.unlink(internal)
     assert not [n for n in torch_shmem.list_streams() if n.startswith(name)]
 
 

@@ -150,18 +150,19 @@ def list_streams() -> list[str]:
 
     Only files that validate as torch_shmem streams are listed, plus the
     streams of other users that this user may not open (their names are
-    visible; :func:`stat` raises PermissionError for them). Non-ASCII names
-    are returned as created.
+    visible; :func:`stat` raises PermissionError for them) and streams whose
+    dtype NumPy cannot represent (GPU-only dtypes). Non-ASCII names are
+    returned as created.
     """
     names = []
     for name in _candidate_names():
         try:
             h = _core.open(name, True)
-        except PermissionError:
+        except (PermissionError, TypeError):  # valid, but not openable here
             names.append(name)
             continue
-        except (FileNotFoundError, ValueError, TypeError):
-            continue  # removed meanwhile, or not a (NumPy-readable) stream
+        except (FileNotFoundError, ValueError):
+            continue  # removed meanwhile, or not a stream
         h.close(1.0)
         names.append(name)
     return names
@@ -184,23 +185,36 @@ def scan(*, holders: bool = True) -> list[dict[str, Any]]:
         except (PermissionError, ValueError, TypeError) as exc:
             entries.append({"name": name, "error": str(exc)})
     if holders:
-        files = {e["_file"] for e in entries if "_file" in e}
-        mapped, complete = _proc.scan_mappings(files)
-        euid = os.geteuid()
-        for e in entries:
-            if "error" in e:
-                continue
-            pids = sorted(mapped.get(e["_file"], ()))
-            e["holders"] = pids
-            # Without every process's maps, only a stream no other user can
-            # open (ours, mode 0600) can be known to be unmapped.
-            known = complete or (e["uid"] == euid and not e["mode"] & 0o066)
-            e["orphan"] = bool(
-                known and not e["creator_alive"] and not pids and not e["lock_owner_alive"]
-            )
+        _add_holders(entries)
     for e in entries:
         e.pop("_file", None)
     return entries
+
+
+def stat_with_holders(name: str) -> dict[str, Any]:
+    """:func:`stat` plus ``holders`` and ``orphan`` as in :func:`scan`, for one stream."""
+    _check_name(name)
+    info = _read_stat(name)
+    _add_holders([info])
+    info.pop("_file", None)
+    return info
+
+
+def _add_holders(entries: list[dict[str, Any]]) -> None:
+    files = {e["_file"] for e in entries if "_file" in e}
+    mapped, complete = _proc.scan_mappings(files)
+    euid = os.geteuid()
+    for e in entries:
+        if "error" in e:
+            continue
+        pids = sorted(mapped.get(e["_file"], ()))
+        e["holders"] = pids
+        # Without every process's maps, only a stream no other user can
+        # open (ours, mode 0600) can be known to be unmapped.
+        known = complete or (e["uid"] == euid and not e["mode"] & 0o066)
+        e["orphan"] = bool(
+            known and not e["creator_alive"] and not pids and not e["lock_owner_alive"]
+        )
 
 
 def _unlink_generation(name: str, instance_id: str) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import _aio, _core, _proc
+from . import _core, _proc
 from ._dtypes import SUPPORTED_DTYPES, code_dtype, dtype_code, normalize_dtype
 from ._publication import Publication
 
@@ -774,6 +774,8 @@ class SharedMemory:
             raise ValueError(
                 f"torch_shmem: stream {self._name!r}: timeout must be >= 0 or None, got {timeout!r}"
             )
+        from . import _aio  # asyncio costs ~25 ms to import: only for async users
+
         h = self._h
 
         def wait(slice_: float) -> int:

@@ -99,14 +99,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stat(args: argparse.Namespace) -> int:
     try:
-        info = _admin.stat(args.name)
+        info = _admin.stat_with_holders(args.name)
     except (FileNotFoundError, PermissionError, ValueError, TypeError) as exc:
         print(exc, file=sys.stderr)
         return 1
-    entry = next((e for e in _admin.scan(holders=True) if e["name"] == args.name), None)
-    if entry is not None and "holders" in entry:
-        info["holders"] = entry["holders"]
-        info["orphan"] = entry["orphan"]
     if args.json:
         print(json.dumps(_jsonable(info), indent=2, ensure_ascii=False))
         return 0

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +107,7 @@ def test_stat_text_and_json(name):
     out = cli("stat", name)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    for needle in (f"name:", name, "shape:", "(5,)", "dtype:", "int32", "count:", "frame_id:",
+    for needle in ("name:", name, "shape:", "(5,)", "dtype:", "int32", "count:", "frame_id:",
                    str(2**64 - 1), "creator_alive:", "mode:", "0o600", "holders:"):
         assert needle in text, text
     info = json.loads(cli("stat", name, "--json").stdout)

@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -190,6 +189,7 @@ def test_gpu_supported_dtypes_is_lazy():
         import torch_shmem
         from torch_shmem import *
         assert "torch" not in sys.modules, "import torch_shmem (or *) imported torch"
+        assert "asyncio" not in sys.modules, "asyncio is for async users only (import cost)"
         dtypes = torch_shmem.GPU_SUPPORTED_DTYPES
         assert "torch" in sys.modules
         assert isinstance(dtypes, frozenset)

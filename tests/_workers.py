@@ -241,3 +241,47 @@ def isolated_shm(code, timeout=120):
                          text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
+
+
+def slot_writer(name, n, min_seconds, ready, done, results):
+    """Publish checksummed frames 1, 2, ... to a slotted stream for min_seconds."""
+    s = torch_shmem.open(name)
+    ready.wait(30)
+    base = np.arange(n, dtype=np.uint64) * C
+    buf = np.empty(n, dtype=np.uint64)
+    end = time.monotonic() + min_seconds
+    k = 0
+    while time.monotonic() < end:
+        k += 1
+        np.bitwise_xor(base, np.uint64(k), out=buf)
+        s.write(buf, frame_id=k)
+    results.put(("writer", k))
+    done.set()
+    s.close()
+
+
+def slot_reader(name, ready, done, results):
+    """Read a slotted stream until the writer is done; verify every frame."""
+    s = torch_shmem.open(name)
+    ready.wait(30)
+    reads = torn = regress = mismatched_id = 0
+    last = 0
+    out = np.empty(s.shape, dtype=np.uint64)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        finished = done.is_set()
+        pub = s.read_publication(out=out)
+        k = frame_seq(out)
+        reads += 1
+        if k < 0:
+            torn += 1
+        elif k < last:
+            regress += 1
+        else:
+            last = k
+        if k > 0 and pub.frame_id != k:
+            mismatched_id += 1
+        if finished:
+            break
+    results.put(("reader", (reads, torn, regress, mismatched_id, last)))
+    s.close()

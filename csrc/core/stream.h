@@ -74,7 +74,8 @@ uint32_t dtype_itemsize(uint32_t code);
 constexpr uint32_t kFlagGpu = 1u << 0;        // payload in device slots (slots.h)
 constexpr uint32_t kFlagCpuMirror = 1u << 1;  // slotted stream keeps a CPU copy too
 constexpr uint32_t kFlagSimDevice = 1u << 2;  // "device" memory is host shm (tests)
-constexpr uint32_t kKnownFlags = kFlagGpu | kFlagCpuMirror | kFlagSimDevice;
+constexpr uint32_t kFlagNotify = 1u << 3;     // created with notify=True (informational)
+constexpr uint32_t kKnownFlags = kFlagGpu | kFlagCpuMirror | kFlagSimDevice | kFlagNotify;
 
 // Slotted streams: slot count bounds and slot alignment.
 constexpr uint32_t kMinSlots = 2;

@@ -14,12 +14,15 @@
 #include <numpy/arrayobject.h>
 
 #include <errno.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <vector>
 
+#include "../core/slots.h"
 #include "../core/stream.h"
 
 using torch_shmem::core::Error;
@@ -79,6 +82,9 @@ int dtype_to_typenum(uint32_t code) {
 struct Handle {
   PyObject_HEAD
   Stream* s;
+  // Slotted stream with simulated device memory (kFlagSimDevice): the GPU
+  // slot protocol over host shared memory, for testing it without a GPU.
+  torch_shmem::core::HostSlotMemory* sim;
   PyObject* name;  // str
   int typenum;
   int ndim;
@@ -260,11 +266,18 @@ bool snapshot_into(Handle* h, void* dst, double timeout) {
   Snapshot snap;
   bool ok = false;
   const bool big = h->nbytes >= kReleaseGilBytes;
-  if (!run_core(h, big, [&] { ok = s->read_fast(dst, &snap); })) return false;
+  auto* sim = h->sim;
+  if (!run_core(h, big, [&] {
+        ok = sim ? torch_shmem::core::slot_read_fast(*s, *sim, dst, false, &snap)
+                 : s->read_fast(dst, &snap);
+      }))
+    return false;
   if (!ok) {
     // The writer keeps winning (or died mid-write): take the lock.
     if (!acquire_lock(h, timeout)) return false;
-    bool r = run_core(h, big, [&] { snap = s->read_locked(dst); });
+    bool r = run_core(h, big, [&] {
+      snap = sim ? torch_shmem::core::slot_read_locked(*s, *sim, dst, false) : s->read_locked(dst);
+    });
     unlock_quiet(h);
     if (!r) return false;
   }
@@ -331,6 +344,7 @@ Handle* wrap(Stream* s, PyObject* name) {
     return nullptr;
   }
   h->s = s;
+  h->sim = nullptr;
   Py_INCREF(name);
   h->name = name;
   const auto* hdr = s->header();
@@ -367,13 +381,23 @@ bool utf8_name(PyObject* name, std::string* out) {
   return true;
 }
 
-// create(name, dtype_code, shape, mode, flags)
+// create(name, dtype_code, shape, mode, flags, nslots=0). Slotted streams
+// can only be created here with simulated device memory (GPU streams are
+// created through torch.ops.shmem).
 PyObject* mod_create(PyObject*, PyObject* args) {
   PyObject* name;
-  unsigned int code, mode, flags;
+  unsigned int code, mode, flags, nslots = 0;
   PyObject* shape;
-  if (!PyArg_ParseTuple(args, "UIO!II", &name, &code, &PyTuple_Type, &shape, &mode, &flags))
+  if (!PyArg_ParseTuple(args, "UIO!II|I", &name, &code, &PyTuple_Type, &shape, &mode, &flags,
+                        &nslots))
     return nullptr;
+  using torch_shmem::core::kFlagGpu;
+  using torch_shmem::core::kFlagSimDevice;
+  if ((flags & kFlagGpu) && !(flags & kFlagSimDevice)) {
+    PyErr_Format(PyExc_ValueError,
+                 "torch_shmem: stream %R: GPU streams are created through torch_shmem.ops", name);
+    return nullptr;
+  }
   std::string n;
   if (!utf8_name(name, &n)) return nullptr;
   Geometry g;
@@ -392,6 +416,13 @@ PyObject* mod_create(PyObject*, PyObject* args) {
     if (v == -1 && PyErr_Occurred()) return nullptr;
     g.shape[i] = v;
   }
+  torch_shmem::core::HostSlotMemory* sim = nullptr;
+  if (flags & kFlagSimDevice) {
+    g.nslots = nslots;
+    g.init_device = [&](torch_shmem::core::Header* hdr) {
+      sim = torch_shmem::core::HostSlotMemory::create(n, hdr->device_bytes, mode);
+    };
+  }
   Stream* s = nullptr;
   Error err(ErrorKind::kState, "");
   bool failed = false;
@@ -401,10 +432,19 @@ PyObject* mod_create(PyObject*, PyObject* args) {
   } catch (const Error& e) {
     failed = true;
     err = e;
+    if (sim != nullptr) {
+      delete sim;
+      shm_unlink(torch_shmem::core::sim_device_name(n).c_str());
+    }
   }
   Py_END_ALLOW_THREADS
   if (failed) return raise_core_error(nullptr, err);
-  return reinterpret_cast<PyObject*>(wrap(s, name));
+  Handle* h = wrap(s, name);
+  if (h != nullptr && sim != nullptr) {
+    sim->set_geometry(s->header()->slot_stride, s->header()->payload_bytes);
+    h->sim = sim;
+  }
+  return reinterpret_cast<PyObject*>(h);
 }
 
 // open(name, readonly)
@@ -433,7 +473,19 @@ PyObject* mod_open(PyObject*, PyObject* args) {
                  name);
     return nullptr;
   }
-  return reinterpret_cast<PyObject*>(wrap(s, name));
+  torch_shmem::core::HostSlotMemory* sim = nullptr;
+  if (s->header()->flags & torch_shmem::core::kFlagSimDevice) {
+    try {
+      sim = torch_shmem::core::HostSlotMemory::open(n, s->header()->device_bytes);
+    } catch (const Error& e) {
+      delete s;
+      return raise_core_error(nullptr, e);
+    }
+    sim->set_geometry(s->header()->slot_stride, s->header()->payload_bytes);
+  }
+  Handle* h = wrap(s, name);
+  if (h != nullptr) h->sim = sim;
+  return reinterpret_cast<PyObject*>(h);
 }
 
 PyObject* mod_unlink(PyObject*, PyObject* arg) {
@@ -495,8 +547,11 @@ PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   if (!acquire_lock(h, timeout)) return nullptr;
   uint64_t count = 0;
   Stream* s = h->s;
-  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes,
-                     [&] { count = s->write_locked(src, has_fid, fid); });
+  auto* sim = h->sim;
+  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] {
+    count = sim ? torch_shmem::core::slot_write_locked(*s, *sim, src, false, has_fid, fid)
+                : s->write_locked(src, has_fid, fid);
+  });
   unlock_quiet(h);
   if (!ok) return nullptr;
   return PyLong_FromUnsignedLongLong(count);
@@ -647,7 +702,15 @@ PyObject* H_clear(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   if (!acquire_lock(h, timeout)) return nullptr;
   uint64_t count = 0;
   Stream* s = h->s;
-  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] { count = s->clear_locked(); });
+  auto* sim = h->sim;
+  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] {
+    if (sim) {
+      std::vector<uint8_t> zeros(h->nbytes);
+      count = torch_shmem::core::slot_write_locked(*s, *sim, zeros.data(), false, false, 0);
+    } else {
+      count = s->clear_locked();
+    }
+  });
   unlock_quiet(h);
   if (!ok) return nullptr;
   return PyLong_FromUnsignedLongLong(count);
@@ -686,6 +749,13 @@ PyObject* H_begin_write(Handle* h, PyObject*) {
   if (!g.ok) return nullptr;
   if (h->s->held_depth() <= 0) {
     PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
+                 h->name);
+    return nullptr;
+  }
+  if (h->s->header()->flags & torch_shmem::core::kFlagGpu) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "torch_shmem: stream %R is a GPU stream: in-place write views are not "
+                 "supported; publish with write()",
                  h->name);
     return nullptr;
   }
@@ -836,6 +906,15 @@ int H_getbuffer(Handle* h, Py_buffer* view, int flags) {
     view->obj = nullptr;
     return -1;
   }
+  if (h->s->header()->flags & torch_shmem::core::kFlagGpu) {
+    // The payload lives in device slots; a CPU mirror is written by the
+    // slot protocol only, so no writable live view of it is handed out.
+    PyErr_Format(PyExc_RuntimeError,
+                 "torch_shmem: stream %R is a GPU stream: it has no live CPU payload view",
+                 h->name);
+    view->obj = nullptr;
+    return -1;
+  }
   int ro = h->s->readonly() ? 1 : 0;
   if (PyBuffer_FillInfo(view, reinterpret_cast<PyObject*>(h), h->s->payload(),
                         static_cast<Py_ssize_t>(h->nbytes), ro, flags) < 0)
@@ -854,6 +933,8 @@ void H_dealloc(Handle* h) {
   // alive (each holds a reference): unmapping is safe.
   delete h->s;
   h->s = nullptr;
+  delete h->sim;
+  h->sim = nullptr;
   Py_XDECREF(h->name);
   h->inflight.~atomic<int>();
   PyObject_Free(h);
@@ -931,5 +1012,7 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddIntConstant(m, "MAX_NAME_BYTES", torch_shmem::core::kMaxNameBytes);
   PyModule_AddIntConstant(m, "FLAG_GPU", torch_shmem::core::kFlagGpu);
   PyModule_AddIntConstant(m, "FLAG_CPU_MIRROR", torch_shmem::core::kFlagCpuMirror);
+  PyModule_AddIntConstant(m, "FLAG_SIM_DEVICE", torch_shmem::core::kFlagSimDevice);
+  PyModule_AddIntConstant(m, "FLAG_NOTIFY", torch_shmem::core::kFlagNotify);
   return m;
 }

@@ -162,7 +162,7 @@ def test_handle_attributes_and_exports(name):
     s = torch_shmem.create(name, shape=(3, 3))
     for attr in PYSHMEM_14_ATTRIBUTES:
         getattr(s, attr)
-    assert s.notify is True
+    assert s.notify is False  # as created; waits are futex-based either way
     assert repr(s) == f"SharedMemory(name={name!r}, shape=(3, 3), dtype='float32', gpu_device=None)"
 
 
@@ -298,7 +298,7 @@ def test_unlink_quiet(name):
 
 
 def test_config_round_trip_describe(name):
-    s = torch_shmem.create(name, shape=(2, 5), dtype="int32")
+    s = torch_shmem.create(name, shape=(2, 5), dtype="int32", notify=True)
     cfg = s.to_config()
     assert cfg == {"name": name, "shape": [2, 5], "dtype": "int32", "gpu_device": None,
                    "cpu_mirror": True, "notify": True}
@@ -935,7 +935,7 @@ def test_stat_reports_metadata_without_attaching(name):
     assert info["creator_pid"] == os.getpid() and info["creator_alive"] is True
     assert info["count"] == 0 and info["age"] == math.inf and info["write_time"] == 0.0
     assert info["instance_id"] == s.instance_id and info["mode"] == 0o640
-    assert info["notify"] is True and info["state"] == "ok" and info["lock_owner"] is None
+    assert info["notify"] is False and info["state"] == "ok" and info["lock_owner"] is None
     s.write(np.ones((2, 3), np.uint16), frame_id=12)
     with s.locked():
         info = torch_shmem.stat(name)

@@ -102,7 +102,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         "gpu_enabled": gpu,
         "gpu_device": None,  # CPU streams; the device of a GPU stream is not read here
         "cpu_mirror": not gpu or bool(flags & _core.FLAG_CPU_MIRROR),
-        "notify": True,
+        "notify": bool(flags & _core.FLAG_NOTIFY),
         "instance_id": instance_id.hex(),
         "creator_pid": creator_pid,
         "creator_alive": creator_alive,

@@ -356,13 +356,14 @@ class SharedMemory:
 
     @property
     def notify(self) -> bool:
-        """Always True: every torch_shmem wait parks on a futex and writers wake it.
+        """Whether the stream was created with ``notify=True``.
 
-        pyshmem made futex notification opt-in (``create(..., notify=True)``);
-        here it is how waits work, so the flag is accepted and has no effect.
+        pyshmem made futex notification opt-in; here every wait parks on a
+        futex that writers wake, so the flag changes no behaviour. It is kept
+        in the header (for :func:`stat`, :meth:`to_config`) as created.
         """
         self._check_open()
-        return True
+        return bool(self._h.info()[3] & _core.FLAG_NOTIFY)
 
     @property
     def age(self) -> float:
@@ -948,7 +949,7 @@ class SharedMemory:
             "dtype": str(self._dtype),
             "gpu_device": None,
             "cpu_mirror": True,
-            "notify": True,
+            "notify": self.notify,
         }
 
     @classmethod
@@ -1103,8 +1104,8 @@ def create(
 
     The handle is a context manager: leaving the ``with`` block closes it,
     or unlinks the stream when ``auto_unlink=True`` (see also :func:`stream`).
-    ``notify`` is accepted for pyshmem compatibility and has no effect:
-    every wait here parks on a futex that writers wake.
+    ``notify`` is accepted for pyshmem compatibility and only recorded (it
+    shows in :func:`stat`): every wait here parks on a futex that writers wake.
     """
     _check_name(name)
     _check_gpu_device(gpu_device, name)
@@ -1120,7 +1121,7 @@ def create(
     if mode & ~0o777:
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
-        handle = _core.create(name, dtype_code(dt), dims, mode, 0)
+        handle = _core.create(name, dtype_code(dt), dims, mode, _core.FLAG_NOTIFY if notify else 0)
     except FileExistsError as exc:
         raise FileExistsError(
             exc.errno,

@@ -183,3 +183,39 @@ def test_live_view_under_lock(name):
         assert view.device.type == "cuda" and torch.equal(view, torch.arange(4.0, device="cuda"))
     O.close(s)
     O.unlink(name)
+
+
+def test_pyshmem_api_on_gpu_streams(name):
+    assert torch_shmem.gpu_available()
+    s = torch_shmem.create(name, shape=(2, 3), dtype=np.float32, gpu_device="cuda:0")
+    assert s.gpu_enabled and s.gpu_device == "cuda:0" and s.cpu_mirror is False
+    assert repr(s).endswith("gpu_device='cuda:0')")
+    s.write(np.ones((2, 3), np.float32))  # host upload
+    y = s.read()
+    assert isinstance(y, torch.Tensor) and y.device.type == "cuda" and torch.equal(y.cpu(), torch.ones(2, 3))
+    s.write(torch.full((2, 3), 2.0, device="cuda"), frame_id=9)  # device to device
+    assert s.count == 2 and s.frame_id == 9
+    q = ctx.Queue()
+    p = ctx.Process(target=_gpu_workers.api_read, args=(name, q))
+    p.start()
+    assert q.get(timeout=120) == ("cuda", [[2.0] * 3] * 2)
+    join(p)
+    plain = torch_shmem.open(name)  # no attachment, no mirror: metadata and lock only
+    assert plain.gpu_enabled and plain.count == 2
+    with pytest.raises(RuntimeError, match="gpu_device='cuda:N'"):
+        plain.read()
+    with plain.locked():
+        live = s.read(safe=False)
+        assert torch.equal(live, torch.full((2, 3), 2.0, device="cuda"))
+    with pytest.raises(ValueError):
+        s.write(torch.zeros(3, 2, device="cuda"))
+    s.unlink()
+
+
+def test_pyshmem_api_cpu_mirror(name):
+    s = torch_shmem.create(name, shape=(4,), dtype=np.int32, gpu_device="cuda:0", cpu_mirror=True)
+    s.write(np.arange(4, dtype=np.int32))
+    assert torch_shmem.open(name).read().tolist() == [0, 1, 2, 3]  # NumPy from the mirror
+    with pytest.raises(RuntimeError, match="GPU"):
+        torch_shmem.open(name).write(np.zeros(4, np.int32))  # writes need the attachment
+    s.unlink()

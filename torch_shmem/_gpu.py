@@ -109,3 +109,148 @@ class GpuAttachment:
 
     def close(self) -> None:
         _ops.close(self.stream)
+
+
+# ------------------------------------------------------------ SharedMemory API
+from . import _core  # noqa: E402
+from ._stream import SharedMemory  # noqa: E402
+
+
+class GpuSharedMemory(SharedMemory):
+    """A :class:`SharedMemory` handle attached to a GPU stream's device slots.
+
+    Metadata, the lock and waits use the stream's CPU header exactly as for
+    CPU streams; payload reads and writes go through the slot protocol
+    (torch.ops.shmem) and return CUDA tensors on the stream's device.
+    """
+
+    __slots__ = ("_gpu",)
+
+    def __init__(self, handle: Any, *, owner: bool, attachment: GpuAttachment) -> None:
+        super().__init__(handle, owner=owner)
+        self._gpu = attachment
+
+    @property
+    def gpu_device(self) -> str:
+        self._check_open()
+        return str(self._gpu.device)
+
+    def __repr__(self) -> str:
+        if self._h.closed:
+            return f"SharedMemory(name={self._name!r}, closed)"
+        return (
+            f"SharedMemory(name={self._name!r}, shape={self._shape!r}, "
+            f"dtype={str(self._dtype)!r}, gpu_device={str(self._gpu.device)!r})"
+        )
+
+    def _unsupported(self, what: str):
+        self._check_open()
+        raise RuntimeError(f"torch_shmem: stream {self._name!r} is a GPU stream: {what} is not supported")
+
+    def _source(self, value: Any):
+        if isinstance(value, torch.Tensor):
+            return value
+        return self._coerce(value)  # the CPU streams' casting policy, then an upload
+
+    def write(self, value: Any, *, frame_id: int | None = None, timeout: float | None = None) -> None:
+        """Publish a CUDA tensor (device to device) or a host value (uploaded).
+
+        Takes the write lock (``timeout`` bounds the wait), copies into the
+        next slot on the current CUDA stream, waits for that copy only, then
+        publishes. Raises ValueError for a wrong shape, dtype or device.
+        """
+        src = self._source(value)
+        self.acquire(timeout=timeout)
+        try:
+            self._gpu.write(src, frame_id)
+        finally:
+            self.release()
+
+    def write_locked(self, value: Any, *, frame_id: int | None = None) -> None:
+        self._check_open()
+        if self._h.held_depth() <= 0:
+            raise RuntimeError(f"torch_shmem: stream {self._name!r}: write_locked() requires the lock")
+        self._gpu.write(self._source(value), frame_id)
+
+    def read(self, *, safe: bool = True, poll_interval: float = 1e-6, out=None, timeout: float | None = None):
+        """A CUDA tensor holding exactly one completed write (or fill ``out``).
+
+        ``safe=False`` returns the latest slot itself; the calling thread must
+        hold the lock, and must synchronize its CUDA stream before releasing it.
+        """
+        self._check_open()
+        if not safe:
+            if self._h.held_depth() <= 0:
+                raise RuntimeError(
+                    f"torch_shmem: stream {self._name!r}: read(safe=False) requires the lock; "
+                    "use it inside 'with shm.locked():'"
+                )
+            return self._gpu.live_view()
+        return self._gpu.read(out)
+
+    def read_new(self, *, timeout: float | None = None, safe: bool = True, poll_interval: float = 1e-5, out=None):
+        """Wait (host futex) for a write newer than the call, then read it."""
+        self._h.wait_for_count(-1, timeout)
+        return self.read(safe=safe, out=out)
+
+    def read_after(self, after: int, *, timeout: float | None = None, safe: bool = True, out=None, **_: Any):
+        """Level-triggered: wait until ``count > after``, then read."""
+        self._h.wait_for_count(int(after), timeout)
+        return self.read(safe=safe, out=out)
+
+    def clear(self) -> None:
+        self.write(torch.zeros(self._shape, dtype=self._gpu.dtype, device=self._gpu.device))
+
+    def read_publication(self, *args: Any, **kwargs: Any):
+        self._unsupported("read_publication()")
+
+    def read_new_publication(self, *args: Any, **kwargs: Any):
+        self._unsupported("read_new_publication()")
+
+    def read_after_publication(self, *args: Any, **kwargs: Any):
+        self._unsupported("read_after_publication()")
+
+    def write_view(self, *args: Any, **kwargs: Any):
+        self._unsupported("write_view()")
+
+    def write_view_locked(self, *args: Any, **kwargs: Any):
+        self._unsupported("write_view_locked()")
+
+    def close(self, *, timeout: float = 5.0) -> None:
+        if not self._h.closed:
+            super().close(timeout=timeout)
+            self._gpu.close()
+
+    def __reduce__(self):
+        return (_reopen_gpu, (self._name, str(self._gpu.device), self._h.readonly))
+
+
+def _reopen_gpu(name: str, device: str, readonly: bool) -> GpuSharedMemory:
+    from ._stream import open as _open
+
+    return _open(name, gpu_device=device, readonly=readonly)
+
+
+def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify) -> GpuSharedMemory:
+    """``torch_shmem.create(..., gpu_device=...)``."""
+    attachment = GpuAttachment.create(name, dims, np_dtype, gpu_device, cpu_mirror, mode)
+    try:
+        handle = _core.open(name, False)
+    except BaseException:
+        attachment.close()
+        _ops.unlink(name)
+        raise
+    return GpuSharedMemory(handle, owner=True, attachment=attachment)
+
+
+def open_handle(handle: Any, name: str, gpu_device: Any, readonly: bool) -> GpuSharedMemory:
+    """``torch_shmem.open(name, gpu_device=...)`` given the stream's CPU handle."""
+    if not handle.info()[3] & _core.FLAG_GPU:
+        handle.close(1.0)
+        raise ValueError(f"torch_shmem: stream {name!r} is a CPU stream; open it without gpu_device")
+    try:
+        attachment = GpuAttachment.attach(name, gpu_device, readonly)
+    except BaseException:
+        handle.close(1.0)
+        raise
+    return GpuSharedMemory(handle, owner=False, attachment=attachment)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import operator
+import sys
 import threading
 import time
 from typing import Any, Iterator, Sequence
@@ -45,13 +46,21 @@ class StaleStreamError(RuntimeError):
 
 
 def gpu_available() -> bool:
-    """Return whether GPU streams can be used in this process.
+    """Return whether GPU streams (``gpu_device="cuda:N"``) can work in this process.
 
-    GPU streams (``gpu_device="cuda:N"``) are not implemented in this version
-    of torch_shmem, so this returns ``False`` on every machine; it never
-    imports torch.
+    True when torch is installed with a visible CUDA device and torch_shmem
+    was built with its CUDA half. Imports torch when it is installed (the
+    only function of the NumPy path that does); False without torch.
     """
-    return False
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    try:
+        from . import _gpu
+    except Exception:  # a broken torch install must not break torch_shmem
+        return False
+    return _gpu.availability()[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +81,10 @@ def gpu_supported_dtypes() -> frozenset:
     except Exception:  # a broken torch install must not break torch_shmem
         return frozenset()
     return frozenset(d for d in SUPPORTED_DTYPES if isinstance(getattr(torch, d.name, None), torch.dtype))
+
+
+def _wants_gpu(gpu_device: Any) -> bool:
+    return gpu_device is not None and gpu_device is not False
 
 
 def _check_name(name: Any) -> str:
@@ -100,15 +113,6 @@ def _normalize_shape(shape: Any, name: str) -> tuple[int, ...]:
             f"the limit is {_core.MAX_DIMS}"
         )
     return dims
-
-
-def _check_gpu_device(gpu_device: Any, name: str) -> None:
-    if gpu_device is not None and gpu_device is not False:
-        raise RuntimeError(
-            f"torch_shmem: stream {name!r}: GPU streams (gpu_device={gpu_device!r}) are not "
-            "supported by this version of torch_shmem; create a CPU stream instead "
-            "(torch_shmem.gpu_available() returns False)"
-        )
 
 
 class _LockScope:
@@ -273,19 +277,22 @@ class SharedMemory:
 
     @property
     def gpu_device(self) -> str | None:
+        """The CUDA device this handle is attached to (None: not attached)."""
         self._check_open()
         return None
 
     @property
     def gpu_enabled(self) -> bool:
+        """True for GPU streams (payload in device memory), attached or not."""
         self._check_open()
-        return False
+        return bool(self._h.info()[3] & _core.FLAG_GPU)
 
     @property
     def cpu_mirror(self) -> bool:
-        """Always True for CPU streams (the payload lives in host memory)."""
+        """True when the payload is readable from host memory (always for CPU streams)."""
         self._check_open()
-        return True
+        flags = self._h.info()[3]
+        return not flags & _core.FLAG_GPU or bool(flags & _core.FLAG_CPU_MIRROR)
 
     @property
     def owner(self) -> bool:
@@ -1043,7 +1050,7 @@ class SharedMemory:
                     f"torch_shmem: stream {self._name!r} was re-created since this handle "
                     "opened it: the name belongs to a newer generation, which is left alone"
                 )
-        _core.unlink(self._name)
+        unlink(self._name)
 
     def delete(self) -> None:
         """Alias of :meth:`unlink`."""
@@ -1108,7 +1115,6 @@ def create(
     shows in :func:`stat`): every wait here parks on a futex that writers wake.
     """
     _check_name(name)
-    _check_gpu_device(gpu_device, name)
     dims = _normalize_shape(shape, name)
     dt = normalize_dtype(dtype, name=name)
     expected = math.prod(dims) * dt.itemsize
@@ -1121,6 +1127,12 @@ def create(
     if mode & ~0o777:
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
+        if _wants_gpu(gpu_device):
+            from . import _gpu  # imports torch: only for GPU streams
+
+            shm = _gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
+            shm._auto_unlink = bool(auto_unlink)
+            return shm
         handle = _core.create(name, dtype_code(dt), dims, mode, _core.FLAG_NOTIFY if notify else 0)
     except FileExistsError as exc:
         raise FileExistsError(
@@ -1142,7 +1154,6 @@ def open(name: str, *, gpu_device: str | None = None, readonly: bool = False) ->
     the payload read-only and refuses writes and the lock.
     """
     _check_name(name)
-    _check_gpu_device(gpu_device, name)
     try:
         handle = _core.open(name, bool(readonly))
     except FileNotFoundError:
@@ -1151,6 +1162,10 @@ def open(name: str, *, gpu_device: str | None = None, readonly: bool = False) ->
             f"torch_shmem: stream {name!r} does not exist; create it with "
             f"torch_shmem.create({name!r}, shape=..., dtype=...)",
         ) from None
+    if _wants_gpu(gpu_device):
+        from . import _gpu  # imports torch: only for GPU attachments
+
+        return _gpu.open_handle(handle, name, gpu_device, bool(readonly))
     return SharedMemory(handle, owner=False)
 
 
@@ -1160,6 +1175,12 @@ def unlink(name: str) -> None:
     Handles that are open keep their mapping until they close.
     """
     _check_name(name)
+    if "torch_shmem._C" in sys.modules:
+        # the op library also drops this process's own GPU allocation
+        import torch
+
+        torch.ops.shmem.unlink(name)
+        return
     _core.unlink(name)
 
 

@@ -451,3 +451,23 @@ def test_lock_depth_is_shared_by_handles_of_one_thread(name):
     assert a.lock_owner is None
     with pytest.raises(RuntimeError, match="does not hold"):
         b.release()
+
+
+@pytest.mark.parametrize("kind", ["fortran", "strided", "float64", "int16"])
+def test_large_values_cast_straight_into_the_payload(name, kind):
+    s = torch_shmem.create(name, shape=(300, 200), dtype=np.float32)
+    r = torch_shmem.open(name)
+    base = np.arange(300 * 200, dtype=np.float64).reshape(300, 200)
+    value = {
+        "fortran": np.asfortranarray(base.astype(np.float32)),
+        "strided": np.arange(300 * 400, dtype=np.float32).reshape(300, 400)[:, ::2],
+        "float64": base,
+        "int16": (base % 1000).astype(np.int16),
+    }[kind]
+    s.write(value, frame_id=3)
+    np.testing.assert_array_equal(r.read(), value.astype(np.float32))
+    assert r.count == 1 and r.frame_id == 3 and r.lock_owner is None
+    with pytest.raises(ValueError, match="frame_id"):
+        s.write(value, frame_id=-1)
+    assert r.count == 1  # nothing published, stream still consistent
+    np.testing.assert_array_equal(r.read(), value.astype(np.float32))

@@ -41,6 +41,12 @@ __all__ = [
 _U64_MAX = 2**64 - 1
 
 
+# Above this size a value that is not already in the payload's dtype and
+# layout is cast/copied straight into the payload under the lock instead of
+# through a temporary (one pass over the data instead of two).
+_DIRECT_CAST_BYTES = 64 * 1024
+
+
 class StaleStreamError(RuntimeError):
     """The handle's stream was unlinked and its name now names another generation."""
 
@@ -446,7 +452,12 @@ class SharedMemory:
 
     # ------------------------------------------------------------------ IO
     def _coerce(self, value: Any) -> np.ndarray:
-        """Slow path of write(): validate and convert ``value``."""
+        """Slow path of write(): validate ``value`` and convert it to the payload layout."""
+        # np.asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray does not)
+        return np.asarray(self._validated(value), dtype=self._dtype, order="C")
+
+    def _validated(self, value: Any) -> np.ndarray:
+        """``value`` as an array of the stream's shape and a castable dtype (no copy if possible)."""
         if hasattr(value, "dtype") or hasattr(value, "__array_interface__"):
             array = np.asarray(value)
             if array.dtype != self._dtype and not np.can_cast(
@@ -469,8 +480,7 @@ class SharedMemory:
                 f"torch_shmem: stream {self._name!r}: expected shape {self._shape}, "
                 f"got {array.shape}"
             )
-        # np.asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray does not)
-        return np.asarray(array, dtype=self._dtype, order="C")
+        return array
 
     def write(self, value: Any, *, frame_id: int | None = None, timeout: float | None = None) -> None:
         """Publish ``value`` (copied in; the stream's shape, a castable dtype).
@@ -482,8 +492,26 @@ class SharedMemory:
         """
         if self._h.write(value, frame_id, timeout) is NotImplemented:
             self._check_open()
-            if self._h.write(self._coerce(value), frame_id, timeout) is NotImplemented:
+            array = self._validated(value)
+            if array.nbytes >= _DIRECT_CAST_BYTES and not self._h.readonly:
+                self._write_cast(array, _check_frame_id(frame_id, self._name), timeout)
+            elif self._h.write(np.asarray(array, dtype=self._dtype, order="C"), frame_id, timeout) is NotImplemented:
                 raise AssertionError("torch_shmem: internal error: coerced value rejected")
+
+    def _write_cast(self, array: np.ndarray, frame_id: int | None, timeout: float | None) -> None:
+        """Cast or re-layout a large value straight into the payload (one pass, no temporary)."""
+        self._h.acquire(timeout)
+        try:
+            self._h.begin_write()
+            try:
+                # castability was checked by _validated: the copy cannot fail midway
+                np.copyto(self._payload_view(), array, casting="unsafe")
+            except BaseException:
+                self._h.abort_write()
+                raise
+            self._h.commit_write(frame_id)
+        finally:
+            self._h.release()
 
     def read(
         self,

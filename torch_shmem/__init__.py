@@ -24,9 +24,9 @@ __version__ = "0.1.0"
 import sys as _sys
 
 if "torch" in _sys.modules:  # torch users get torch.ops.shmem at once
-    from . import _torch as _torch_hook
+    from torch_shmem_autoload import autoload as _autoload
 
-    _torch_hook.autoload()
+    _autoload()
 del _sys
 
 __all__ = [

@@ -8,8 +8,6 @@ Reached three ways: ``import torch_shmem`` when torch is already imported,
 
 from __future__ import annotations
 
-import warnings
-
 _loaded = False
 
 
@@ -25,15 +23,3 @@ def load_ops() -> None:
 
     _loaded = True
 
-
-def autoload() -> None:
-    """Entry point for torch's extension autoload; never breaks ``import torch``."""
-    try:
-        load_ops()
-    except Exception as exc:  # pragma: no cover - depends on the install
-        warnings.warn(
-            f"torch_shmem: torch.ops.shmem is unavailable ({exc!r}); "
-            "rebuild with pip install --no-build-isolation -e .",
-            RuntimeWarning,
-            stacklevel=2,
-        )

@@ -18,23 +18,8 @@ namespace {
 constexpr int kSlotTries = 4;
 constexpr double kOddSpinSeconds = 20e-6;
 
-double mono_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 std::atomic<uint64_t>* word(uint8_t* base, uint64_t offset) {
   return reinterpret_cast<std::atomic<uint64_t>*>(base + offset);
-}
-
-[[noreturn]] void throw_errno(const std::string& what, int err) {
-  ErrorKind kind = ErrorKind::kOS;
-  if (err == ENOENT) kind = ErrorKind::kNotFound;
-  if (err == EEXIST) kind = ErrorKind::kExists;
-  if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
-  if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
-  throw Error(kind, what + ": " + std::strerror(err), err);
 }
 
 [[noreturn]] void throw_torn(const Stream& s) {
@@ -53,11 +38,11 @@ std::atomic<uint64_t>* word(uint8_t* base, uint64_t offset) {
 HostSlotMemory* HostSlotMemory::create(const std::string& name, uint64_t bytes, uint32_t mode) {
   const std::string os = sim_device_name(name);
   int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) throw_errno("cannot create simulated device memory '" + os + "'", errno);
+  if (fd < 0) throw_os("cannot create simulated device memory '" + os + "'", errno);
   auto fail = [&](const char* what, int err) {
     ::close(fd);
     shm_unlink(os.c_str());
-    throw_errno(what, err);
+    throw_os(what, err);
   };
   if (fchmod(fd, mode & 0777) != 0) fail("fchmod", errno);
   if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) fail("ftruncate", errno);
@@ -75,7 +60,7 @@ HostSlotMemory* HostSlotMemory::create(const std::string& name, uint64_t bytes, 
 HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes) {
   const std::string os = sim_device_name(name);
   int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) throw_errno("cannot open simulated device memory '" + os + "'", errno);
+  if (fd < 0) throw_os("cannot open simulated device memory '" + os + "'", errno);
   struct stat st;
   if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
     ::close(fd);
@@ -84,7 +69,7 @@ HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes) {
   void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   int e = errno;
   ::close(fd);
-  if (base == MAP_FAILED) throw_errno("mmap", e);
+  if (base == MAP_FAILED) throw_os("mmap", e);
   auto* m = new HostSlotMemory();
   m->base_ = static_cast<uint8_t*>(base);
   m->bytes_ = bytes;
@@ -144,8 +129,11 @@ uint64_t HostSlotMemory::load_count() const {
 uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
                            bool has_frame_id, uint64_t frame_id) {
   Header* h = s.header();
+  // Slot count and flags from the validated private copy: a damaged shared
+  // nslots of 0 would be a division by zero here.
+  const Header* g = s.geometry();
   const uint64_t c = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
-  const uint32_t k = static_cast<uint32_t>(c % h->nslots);
+  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
   m.store_gen(k, 2 * c - 1);
   m.copy_in(k, src, src_on_device);
   m.store_gen(k, 2 * c);
@@ -154,7 +142,7 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   // Host publication: only now is slot k complete.
   s.begin_write_locked();
   h->latest_slot.store(k, std::memory_order_relaxed);
-  if (h->flags & kFlagCpuMirror) m.copy_out_then_gen(k, s.payload(), false);
+  if (g->flags & kFlagCpuMirror) m.copy_out_then_gen(k, s.payload(), false);
   return s.commit_write_locked(has_frame_id, frame_id);
 }
 
@@ -167,7 +155,7 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
     uint64_t s1 = h->seq.load(std::memory_order_acquire);
     if (s1 & 1) {  // host metadata (and mirror) window of a writer
       if (h->broken.load(std::memory_order_acquire)) throw_torn(s);
-      double now = mono_now();
+      double now = now_monotonic();
       if (spin_start < 0) spin_start = now;
       if (now - spin_start > kOddSpinSeconds) return false;
       continue;
@@ -177,7 +165,7 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
     uint64_t fid = h->frame_id.load(std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_acquire);
     if (h->seq.load(std::memory_order_relaxed) != s1) continue;
-    if (k >= h->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
+    if (k >= s.geometry()->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
     const uint64_t c = s1 >> 1;
     if (m.copy_out_then_gen(k, dst, dst_on_device) == 2 * c) {
       snap->seq = s1;
@@ -195,7 +183,7 @@ Snapshot slot_read_locked(const Stream& s, SlotMemory& m, void* dst, bool dst_on
   uint64_t s1 = h->seq.load(std::memory_order_acquire);
   if (s1 & 1) throw_torn(s);  // no writer can be active while we hold the lock
   uint32_t k = h->latest_slot.load(std::memory_order_relaxed);
-  if (k >= h->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
+  if (k >= s.geometry()->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
   const uint64_t c = s1 >> 1;
   if (m.copy_out_then_gen(k, dst, dst_on_device) != 2 * c) throw_torn(s);
   Snapshot snap;

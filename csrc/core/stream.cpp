@@ -40,20 +40,7 @@ std::string errno_text(int err) {
   return std::string(s);
 }
 
-[[noreturn]] void throw_os(const std::string& what, int err) {
-  ErrorKind kind = ErrorKind::kOS;
-  if (err == ENOENT) kind = ErrorKind::kNotFound;
-  if (err == EEXIST) kind = ErrorKind::kExists;
-  if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
-  if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
-  throw Error(kind, what + ": " + errno_text(err), err);
-}
-
-double mono_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+double mono_now() { return now_monotonic(); }
 
 timespec to_timespec(double seconds) {
   if (seconds < 0) seconds = 0;
@@ -122,10 +109,52 @@ bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
 // validated by re-reading seq afterwards.
 inline void racy_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
 
+// The lock is a glibc robust, process-shared, error-checking mutex.
+int init_stream_mutex(pthread_mutex_t* m) {
+  pthread_mutexattr_t attr;
+  pthread_mutexattr_init(&attr);
+  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+  int rc = pthread_mutex_init(m, &attr);
+  pthread_mutexattr_destroy(&attr);
+  return rc;
+}
+
+// The glibc `__kind` of a mutex initialized like the stream's lock. A
+// damaged header can hold any kind, and glibc trusts it: a priority-protect
+// kind ends in an assertion (SIGABRT) inside pthread_mutex_lock, a
+// non-robust one is never released by unlock() (the futex word then holds
+// 1, not the owner's tid). Comparing the kind before every lock operation
+// turns all of these into a ValueError. glibc only, like the re-entrancy
+// test (design.md).
+int reference_lock_kind() {
+  static const int kind = [] {
+    pthread_mutex_t m;
+    init_stream_mutex(&m);
+    int k = m.__data.__kind;
+    pthread_mutex_destroy(&m);
+    return k;
+  }();
+  return kind;
+}
+
+constexpr size_t kGeometryBytes = offsetof(Header, seq);  // immutable part of the header
+
 constexpr int kFastTries = 4;           // full-copy attempts before the lock
 constexpr double kOddSpinSeconds = 20e-6;  // spin on an odd seq before the lock
 
 }  // namespace
+
+uint64_t geometry_checksum(const Header* h) {
+  const auto* p = reinterpret_cast<const unsigned char*>(h);
+  uint64_t x = 0xCBF29CE484222325ULL;  // FNV-1a 64
+  for (size_t i = 8; i < offsetof(Header, geometry_checksum); ++i) {
+    x ^= p[i];
+    x *= 0x100000001B3ULL;
+  }
+  return x;
+}
 
 uint32_t dtype_itemsize(uint32_t code) {
   switch (code) {
@@ -152,6 +181,21 @@ uint32_t dtype_itemsize(uint32_t code) {
     default:
       return 0;
   }
+}
+
+void throw_os(const std::string& what, int err) {
+  ErrorKind kind = ErrorKind::kOS;
+  if (err == ENOENT) kind = ErrorKind::kNotFound;
+  if (err == EEXIST) kind = ErrorKind::kExists;
+  if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
+  if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
+  throw Error(kind, what + ": " + errno_text(err), err);
+}
+
+double now_monotonic() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
 int64_t now_realtime_ns() {
@@ -268,24 +312,21 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
     }
   }
 
-  pthread_mutexattr_t attr;
-  pthread_mutexattr_init(&attr);
-  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
-  int rc = pthread_mutex_init(&h->mutex, &attr);
-  pthread_mutexattr_destroy(&attr);
+  int rc = init_stream_mutex(&h->mutex);
   if (rc != 0) {
     munmap(base, total);
     shm_unlink(os.c_str());
     throw_os("pthread_mutex_init", rc);
   }
   h->seq.store(0, std::memory_order_relaxed);
+  // Last geometry store (init_device above may fill the device fields).
+  h->geometry_checksum = geometry_checksum(h);
   h->magic.store(kMagic, std::memory_order_release);
 
   Stream* s = new Stream();
   s->name_ = name;
   s->hdr_ = h;
+  std::memcpy(s->geo_, base, kGeometryBytes);
   s->payload_ = cpu_payload ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
   s->payload_bytes_ = nbytes;
   s->map_bytes_ = total;
@@ -300,6 +341,7 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   if (h->layout_version != kLayoutVersion)
     bad("layout version " + std::to_string(h->layout_version) + ", this build reads " +
         std::to_string(kLayoutVersion));
+  if (h->geometry_checksum != geometry_checksum(h)) bad("header checksum mismatch");
   if (h->header_bytes != kHeaderBytes || h->payload_offset != kHeaderBytes)
     bad("unexpected header size");
   uint32_t itemsize = dtype_itemsize(h->dtype_code);
@@ -312,6 +354,9 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
     if (mul_overflows(nbytes, static_cast<uint64_t>(h->shape[i]), &nbytes)) bad("shape overflows");
   }
   if (nbytes != h->payload_bytes) bad("shape does not match payload size");
+  // Bounded before any rounding: a payload of 2**64 - 2 bytes would round
+  // up to 0 pages and "fit" a header-only file (crafted-header defect).
+  if (h->payload_bytes > kMaxPayloadBytes) bad("payload is too large");
   if (h->segment_bytes != file_bytes)
     bad("header claims " + std::to_string(h->segment_bytes) + " bytes, segment has " +
         std::to_string(file_bytes));
@@ -328,7 +373,6 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
       bad("invalid slot stride");
     if (h->device_bytes != kDeviceCountersBytes + h->slot_stride * h->nslots)
       bad("invalid device allocation size");
-    if (h->latest_slot.load(std::memory_order_relaxed) >= h->nslots) bad("invalid latest slot");
   } else if (h->nslots != 0) {
     bad("slots on a CPU stream");
   }
@@ -342,8 +386,12 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   // A creator between shm_open and the publication of `magic` is given a
   // moment; anything still incomplete after that is reported as corrupted.
   const double deadline = mono_now() + 1.0;
-  void* base = MAP_FAILED;
   uint64_t file_bytes = 0;
+  // The immutable part of the header is copied out once and only the copy
+  // is validated and used (see geometry()). Only the header page is mapped
+  // until then: a foreign or damaged file's size must not decide how much
+  // address space we map (a 1 PiB sparse file made mmap fail with ENOMEM).
+  alignas(Header) unsigned char geo[sizeof(Header)] = {};
   for (;;) {
     if (fstat(fd, &st) != 0) {
       int e = errno;
@@ -352,16 +400,16 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     }
     file_bytes = static_cast<uint64_t>(st.st_size);
     if (file_bytes >= kHeaderBytes) {
-      base = mmap(nullptr, file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      if (base == MAP_FAILED) {
+      void* head = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
+      if (head == MAP_FAILED) {
         int e = errno;
         ::close(fd);
         throw_os("mmap", e);
       }
-      uint64_t magic = static_cast<Header*>(base)->magic.load(std::memory_order_acquire);
+      uint64_t magic = static_cast<Header*>(head)->magic.load(std::memory_order_acquire);
+      if (magic == kMagic) std::memcpy(geo, head, kGeometryBytes);
+      munmap(head, kHeaderBytes);
       if (magic == kMagic) break;
-      munmap(base, file_bytes);
-      base = MAP_FAILED;
       if (magic != 0) {
         ::close(fd);
         throw Error(ErrorKind::kValue, "shared memory '" + os +
@@ -379,35 +427,73 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     }
     usleep(1000);
   }
-  ::close(fd);
-  Header* h = static_cast<Header*>(base);
+  const Header* g = reinterpret_cast<const Header*>(geo);
   try {
-    validate(h, file_bytes, name);
+    validate(g, file_bytes, name);  // file_bytes is now bounded by the payload limit
   } catch (...) {
-    munmap(base, file_bytes);
+    ::close(fd);
     throw;
   }
-  const bool cpu_payload = has_cpu_payload(h->flags);
-  if (readonly && cpu_payload && h->payload_bytes > 0) {
+  void* base = mmap(nullptr, file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  int map_err = errno;
+  ::close(fd);
+  if (base == MAP_FAILED) throw_os("mmap", map_err);
+  Header* h = static_cast<Header*>(base);
+  const bool cpu_payload = has_cpu_payload(g->flags);
+  if (readonly && cpu_payload && g->payload_bytes > 0) {
     // The header stays writable (waiters and the lock fallback need it);
     // the payload pages are mapped read-only for this handle.
-    mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(h->payload_bytes, 4096),
-             PROT_READ);
+    if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(g->payload_bytes, 4096),
+                 PROT_READ) != 0) {
+      int e = errno;
+      munmap(base, file_bytes);
+      throw_os("mprotect", e);
+    }
   }
   Stream* s = new Stream();
   s->name_ = name;
   s->hdr_ = h;
+  std::memcpy(s->geo_, geo, kGeometryBytes);
   s->payload_ = cpu_payload ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
-  s->payload_bytes_ = h->payload_bytes;
+  s->payload_bytes_ = g->payload_bytes;
   s->map_bytes_ = file_bytes;
   s->readonly_ = readonly;
+  try {
+    s->check_lock_kind();
+    if ((g->flags & kFlagGpu) && h->latest_slot.load(std::memory_order_relaxed) >= g->nslots)
+      throw Error(ErrorKind::kValue, "shared memory '" + os +
+                                         "' is corrupted or not a torch_shmem stream: "
+                                         "invalid latest slot");
+  } catch (...) {
+    delete s;
+    throw;
+  }
   return s;
+}
+
+void Stream::check_lock_kind() const {
+  int kind = __atomic_load_n(&hdr_->mutex.__data.__kind, __ATOMIC_RELAXED);
+  if (kind != reference_lock_kind())
+    throw Error(ErrorKind::kValue, "stream '" + name_ + "': its lock is corrupted (mutex kind " +
+                                       std::to_string(kind) + ", expected " +
+                                       std::to_string(reference_lock_kind()) +
+                                       "); remove the stream and create it again");
 }
 
 bool Stream::unlink_name(const std::string& name) {
   const std::string os = os_name(name);
-  // Flag the current generation so that open handles can tell.
+  // Hold the current generation open, remove the name, and only then flag
+  // that generation `unlinked` so that open handles can tell. Flagging
+  // first marked a stream unlinked even when the removal then failed (a
+  // user granted write access by mode= but not allowed to remove the file
+  // from the sticky /dev/shm).
   int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (shm_unlink(os.c_str()) != 0) {
+    int e = errno;
+    if (fd >= 0) ::close(fd);
+    if (e == ENOENT) return false;
+    throw_os("cannot unlink shared memory '" + os + "'", e);
+  }
   if (fd >= 0) {
     struct stat st;
     if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
@@ -425,10 +511,6 @@ bool Stream::unlink_name(const std::string& name) {
       }
     }
     ::close(fd);
-  }
-  if (shm_unlink(os.c_str()) != 0) {
-    if (errno == ENOENT) return false;
-    throw_os("cannot unlink shared memory '" + os + "'", errno);
   }
   return true;
 }
@@ -477,6 +559,7 @@ bool Stream::lock_for(double seconds) {
     hdr_->owner_depth.fetch_add(1, std::memory_order_relaxed);
     return true;
   }
+  check_lock_kind();
   int rc = pthread_mutex_trylock(&hdr_->mutex);
   if (rc == EBUSY && seconds > 0) {
     timespec now;
@@ -491,16 +574,23 @@ bool Stream::lock_for(double seconds) {
   }
   if (rc == EBUSY || rc == ETIMEDOUT) return false;
   if (rc == EOWNERDEAD) {
-    // The previous owner died holding the lock. If it died inside the odd
-    // window of a write, the payload is torn: mark the stream broken.
+    // The previous owner died holding the lock (possibly mid-write; see
+    // below).
     pthread_mutex_consistent(&hdr_->mutex);
-    if (hdr_->seq.load(std::memory_order_relaxed) & 1)
-      hdr_->broken.store(1, std::memory_order_release);
     rc = 0;
   }
   if (rc == ENOTRECOVERABLE)
     throw Error(ErrorKind::kState, "the lock of stream '" + name_ + "' is not recoverable");
   if (rc != 0) throw_os("lock of stream '" + name_ + "'", rc);
+  // A fresh holder that finds seq odd knows that no write is in progress
+  // (writers hold the lock for the whole odd window), so the payload is
+  // torn: its writer died mid-write (EOWNERDEAD above), released the lock
+  // mid-write, or the header was damaged. Mark it broken so that readers
+  // raise InconsistentStreamError until the next write. Checking only on
+  // EOWNERDEAD left the other two cases reading as a RuntimeError about
+  // "this thread's write in progress" in every process.
+  if (hdr_->seq.load(std::memory_order_relaxed) & 1)
+    hdr_->broken.store(1, std::memory_order_release);
   hdr_->owner_pid.store(this_pid(), std::memory_order_relaxed);
   hdr_->owner_tid.store(this_tid(), std::memory_order_relaxed);
   hdr_->owner_depth.store(1, std::memory_order_relaxed);
@@ -512,6 +602,7 @@ void Stream::unlock() {
     throw Error(ErrorKind::kState,
                 "cannot release the lock of stream '" + name_ + "': this thread does not hold it");
   if (hdr_->owner_depth.fetch_sub(1, std::memory_order_relaxed) > 1) return;
+  check_lock_kind();  // glibc would assert on a damaged kind
   hdr_->owner_pid.store(0, std::memory_order_relaxed);
   hdr_->owner_tid.store(0, std::memory_order_relaxed);
   pthread_mutex_unlock(&hdr_->mutex);
@@ -549,7 +640,7 @@ uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
 }
 
 void Stream::require_cpu_payload(bool writing) const {
-  if (hdr_->flags & kFlagGpu) {
+  if (geometry()->flags & kFlagGpu) {  // the validated copy, never the shared header
     if (writing)
       throw Error(ErrorKind::kState, "stream '" + name_ +
                                          "' is a GPU stream: write to it through a GPU "

@@ -38,10 +38,15 @@ namespace torch_shmem {
 namespace core {
 
 constexpr uint64_t kMagic = 0x314D485354484354ULL;  // "TCHTSHM1" little endian
-constexpr uint32_t kLayoutVersion = 1;
+// 2: geometry_checksum (reliability suite, issue #7). Segments of layout 1
+// are refused with a message naming both versions.
+constexpr uint32_t kLayoutVersion = 2;
 constexpr uint32_t kMaxDims = 32;
 constexpr uint32_t kMaxNameBytes = 200;
 constexpr uint64_t kHeaderBytes = 4096;
+// Largest payload create() accepts; open() refuses headers claiming more (so
+// no size computed from a header can wrap around 2**64).
+constexpr uint64_t kMaxPayloadBytes = uint64_t(1) << 46;
 constexpr const char* kOsPrefix = "/torch_shmem.";
 // Simulated device memory of a kFlagSimDevice stream (tests of the slot
 // protocol without a GPU). Not listed as a stream.
@@ -116,7 +121,13 @@ struct alignas(128) Header {
   uint64_t device_bytes;
   uint8_t device_uuid[16];
   uint8_t ipc_handle[64];
-  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4) - 104];
+  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4) - 104 - 8];
+  // FNV-1a 64 of bytes [8, 1016) (everything above except magic), stored
+  // before magic. Detects accidental corruption of any immutable field,
+  // including those no range check can catch (a same-size dtype swap,
+  // creator_pid, mode, instance_id). Not an authenticator: whoever may write
+  // the segment is trusted anyway (docs/reliability.md).
+  uint64_t geometry_checksum;
 
   // ---- publication line: written only by the lock holder -----------------
   // seq is odd while a write is in progress and equals 2 * count when
@@ -152,6 +163,7 @@ struct alignas(128) Header {
   std::atomic<uint32_t> waiters;
 };
 
+static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout changed");
 static_assert(offsetof(Header, seq) == 1024, "header layout changed");
 static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
 static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
@@ -231,6 +243,13 @@ class Stream {
 
   const Header* header() const { return hdr_; }
   Header* header() { return hdr_; }
+  // This process's private copy of the immutable part of the header
+  // (identity and geometry, bytes [0, 1024)), taken and validated once at
+  // open/create. Read sizes, shape, dtype and flags from here, never from
+  // header(): another process that may write the segment can change the
+  // shared bytes after validation, and a size re-read from shared memory
+  // could then drive a copy out of bounds.
+  const Header* geometry() const { return reinterpret_cast<const Header*>(geo_); }
   const std::string& name() const { return name_; }
   uint8_t* payload() const { return payload_; }  // CPU payload; nullptr if none
   uint64_t payload_bytes() const { return payload_bytes_; }
@@ -278,6 +297,9 @@ class Stream {
   // device attachment) or when it has no CPU payload to read.
   void require_cpu_payload(bool writing) const;
   static void validate(const Header* h, uint64_t file_bytes, const std::string& name);
+  // Throws kValue unless the shared mutex still has the kind create() gave
+  // it: glibc aborts (assert) or misbehaves on other kinds.
+  void check_lock_kind() const;
 
   std::string name_;
   Header* hdr_ = nullptr;
@@ -285,10 +307,17 @@ class Stream {
   uint64_t payload_bytes_ = 0;
   size_t map_bytes_ = 0;
   bool readonly_ = false;
+  alignas(Header) unsigned char geo_[sizeof(Header)] = {};  // see geometry()
 };
 
+// FNV-1a 64 over header bytes [8, 1016); see Header::geometry_checksum.
+uint64_t geometry_checksum(const Header* h);
+
 int64_t now_realtime_ns();
+double now_monotonic();
 std::string sim_device_name(const std::string& name);
+// Throws Error with the kind that matches errno `err` (ENOENT -> kNotFound...).
+[[noreturn]] void throw_os(const std::string& what, int err);
 
 }  // namespace core
 }  // namespace torch_shmem

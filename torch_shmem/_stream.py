@@ -113,6 +113,8 @@ def _normalize_shape(shape: Any, name: str) -> tuple[int, ...]:
         ) from exc
     if any(d < 0 for d in dims):
         raise ValueError(f"torch_shmem: stream {name!r}: shape dimensions must be >= 0, got {dims}")
+    if any(d >= 2**63 for d in dims):  # the header stores int64 dimensions
+        raise ValueError(f"torch_shmem: stream {name!r}: shape dimensions must be < 2**63, got {dims}")
     if len(dims) > _core.MAX_DIMS:
         raise ValueError(
             f"torch_shmem: stream {name!r}: shape has {len(dims)} dimensions; "
@@ -578,6 +580,10 @@ class SharedMemory:
             ) from None
         if value < 0:
             raise ValueError(f"torch_shmem: stream {self._name!r}: after must be >= 0, got {value}")
+        if value >= 2**63:  # seq = 2 * count is 64-bit: a count never reaches 2**63
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: after must be < 2**63, got {value}"
+            )
         return value
 
     def read_publication(
@@ -700,9 +706,13 @@ class SharedMemory:
         """
         return self._h.wait_for_count(self._after(after), timeout)
 
-    def clear(self) -> None:
-        """Zero the payload; counts as a publication."""
-        self._h.clear(None)
+    def clear(self, *, timeout: float | None = None) -> None:
+        """Zero the payload; counts as a publication.
+
+        Takes the write lock like :meth:`write`: TimeoutError if it is not
+        free within ``timeout`` (None waits, as pyshmem's ``clear()`` did).
+        """
+        self._h.clear(timeout)
 
     # ----------------------------------------------------------- in place
     def write_locked(self, value: Any, *, frame_id: int | None = None) -> None:
@@ -1146,6 +1156,10 @@ def create(
     dims = _normalize_shape(shape, name)
     dt = normalize_dtype(dtype, name=name)
     expected = math.prod(dims) * dt.itemsize
+    if math.prod(d for d in dims if d) * dt.itemsize >= 2**63:
+        # NumPy refuses such an array even when a zero dimension makes it
+        # empty, so the stream could never be read: refuse it here
+        raise ValueError(f"torch_shmem: stream {name!r}: shape {dims} is too large")
     if size is not None and operator.index(size) != expected:
         raise ValueError(
             f"torch_shmem: stream {name!r}: size does not match shape and dtype: "

@@ -255,7 +255,9 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
   };
   // Apply the exact mode regardless of the umask (0600 unless asked).
   if (fchmod(fd, g.mode & 0777) != 0) fail("fchmod", errno);
-  if (ftruncate(fd, static_cast<off_t>(total)) != 0) fail("ftruncate", errno);
+  // EFBIG here is RLIMIT_FSIZE (ulimit -f): name the stream and the size.
+  if (ftruncate(fd, static_cast<off_t>(total)) != 0)
+    fail("cannot size shared memory '" + os + "' to " + std::to_string(total) + " bytes", errno);
   // Reserve every page now: on tmpfs a later first touch of an unreserved
   // page beyond the free space would be a SIGBUS in whichever process
   // touched it.
@@ -267,7 +269,9 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
       detail = " (stream needs " + std::to_string(total) + " bytes, /dev/shm has " +
                std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize) + " free)";
     }
-    fail("cannot reserve " + std::to_string(total) + " bytes of shared memory" + detail, err);
+    fail("cannot reserve " + std::to_string(total) + " bytes of shared memory for '" + os + "'" +
+             detail,
+         err);
   }
   void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
   if (base == MAP_FAILED) fail("mmap", errno);
@@ -381,7 +385,17 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
 Stream* Stream::open(const std::string& name, bool readonly) {
   const std::string os = os_name(name);
   int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) throw_os("cannot open shared memory '" + os + "'", errno);
+  if (fd < 0) {
+    int e = errno;
+    // A symbolic link (shm_open never follows one) or a directory (glibc
+    // reports EISDIR as EINVAL; the name itself was validated above) holds
+    // the name: not ours, so ValueError like any foreign file (an OSError
+    // here let one planted link break list_streams() for every user).
+    if (e == ELOOP || e == EISDIR || e == EINVAL)
+      throw Error(ErrorKind::kValue, "shared memory '" + os + "' is not a torch_shmem stream (" +
+                                         (e == ELOOP ? "a symbolic link" : "a directory") + ")");
+    throw_os("cannot open shared memory '" + os + "'", e);
+  }
   struct stat st;
   // A creator between shm_open and the publication of `magic` is given a
   // moment; anything still incomplete after that is reported as corrupted.
@@ -397,6 +411,11 @@ Stream* Stream::open(const std::string& name, bool readonly) {
       int e = errno;
       ::close(fd);
       throw_os("fstat", e);
+    }
+    if (!S_ISREG(st.st_mode)) {  // a FIFO, socket or device node under the name
+      ::close(fd);
+      throw Error(ErrorKind::kValue,
+                  "shared memory '" + os + "' is not a torch_shmem stream (not a regular file)");
     }
     file_bytes = static_cast<uint64_t>(st.st_size);
     if (file_bytes >= kHeaderBytes) {
@@ -416,7 +435,15 @@ Stream* Stream::open(const std::string& name, bool readonly) {
                                            "' is not a torch_shmem stream (bad magic)");
       }
     }
-    if (mono_now() > deadline) {
+    // Wait for a creator only while the file is young: a header still
+    // missing 2 s after the file last changed was abandoned (its creator
+    // died) or is not ours. Waiting on every such file let anyone slow each
+    // scan of /dev/shm (list_streams, the CLI) by a second per planted file.
+    timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    const double age = static_cast<double>(now.tv_sec - st.st_ctim.tv_sec) +
+                       (now.tv_nsec - st.st_ctim.tv_nsec) * 1e-9;
+    if (mono_now() > deadline || age > 2.0) {
       ::close(fd);
       throw Error(ErrorKind::kValue,
                   "shared memory '" + os + "' is not a torch_shmem stream (" +

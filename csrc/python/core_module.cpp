@@ -94,6 +94,11 @@ struct Handle {
   bool closing;
   bool closed;
   Py_ssize_t exports;  // live buffer exports (unsafe views)
+  // Lock levels taken through acquire() on this handle and not yet released,
+  // all threads together (GIL-protected). close() waits for them to drop to
+  // zero before unmapping: a lock held by a live thread through an unmapped
+  // handle could never be released again (reliability suite, issue #7).
+  long held_levels;
   double spin;
   // read bookkeeping (exact: computed from the count of each snapshot)
   uint64_t last_read_count;
@@ -152,11 +157,15 @@ PyObject* closed_error(Handle* h) {
 }
 
 // In-flight guard: close() waits for it to drop to zero before unmapping.
+// `finishing` calls (release, commit/abort of a write view, the depth and
+// sequence they consult) are still accepted while close() waits: they end
+// what a thread started, and refusing them left the lock held and the write
+// unfinished whenever another thread was closing the handle.
 struct Guard {
   Handle* h;
   bool ok;
-  explicit Guard(Handle* handle) : h(handle), ok(false) {
-    if (h->closed || h->closing) {
+  explicit Guard(Handle* handle, bool finishing = false) : h(handle), ok(false) {
+    if (h->closed || (h->closing && !finishing)) {
       closed_error(h);
       return;
     }
@@ -347,7 +356,9 @@ Handle* wrap(Stream* s, PyObject* name) {
   h->sim = nullptr;
   Py_INCREF(name);
   h->name = name;
-  const auto* hdr = s->header();
+  // Geometry from the core's validated private copy, never the shared
+  // header (another process could change it after validation).
+  const auto* hdr = s->geometry();
   h->typenum = dtype_to_typenum(hdr->dtype_code);
   h->ndim = static_cast<int>(hdr->ndim);
   for (int i = 0; i < h->ndim; ++i) h->dims[i] = static_cast<npy_intp>(hdr->shape[i]);
@@ -356,6 +367,7 @@ Handle* wrap(Stream* s, PyObject* name) {
   h->closing = false;
   h->closed = false;
   h->exports = 0;
+  h->held_levels = 0;
   h->spin = kDefaultSpin;
   h->last = Snapshot();
   h->last_read_count = s->count();
@@ -441,7 +453,7 @@ PyObject* mod_create(PyObject*, PyObject* args) {
   if (failed) return raise_core_error(nullptr, err);
   Handle* h = wrap(s, name);
   if (h != nullptr && sim != nullptr) {
-    sim->set_geometry(s->header()->slot_stride, s->header()->payload_bytes);
+    sim->set_geometry(s->geometry()->slot_stride, s->geometry()->payload_bytes);
     h->sim = sim;
   }
   return reinterpret_cast<PyObject*>(h);
@@ -466,7 +478,7 @@ PyObject* mod_open(PyObject*, PyObject* args) {
   }
   Py_END_ALLOW_THREADS
   if (failed) return raise_core_error(nullptr, err);
-  if (dtype_to_typenum(s->header()->dtype_code) < 0) {
+  if (dtype_to_typenum(s->geometry()->dtype_code) < 0) {
     // A GPU-only dtype: the NumPy path cannot represent it.
     delete s;
     PyErr_Format(PyExc_TypeError, "torch_shmem: stream %R has a dtype NumPy cannot represent",
@@ -474,14 +486,14 @@ PyObject* mod_open(PyObject*, PyObject* args) {
     return nullptr;
   }
   torch_shmem::core::HostSlotMemory* sim = nullptr;
-  if (s->header()->flags & torch_shmem::core::kFlagSimDevice) {
+  if (s->geometry()->flags & torch_shmem::core::kFlagSimDevice) {
     try {
-      sim = torch_shmem::core::HostSlotMemory::open(n, s->header()->device_bytes);
+      sim = torch_shmem::core::HostSlotMemory::open(n, s->geometry()->device_bytes);
     } catch (const Error& e) {
       delete s;
       return raise_core_error(nullptr, e);
     }
-    sim->set_geometry(s->header()->slot_stride, s->header()->payload_bytes);
+    sim->set_geometry(s->geometry()->slot_stride, s->geometry()->payload_bytes);
   }
   Handle* h = wrap(s, name);
   if (h != nullptr) h->sim = sim;
@@ -722,22 +734,24 @@ PyObject* H_acquire(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   double timeout = -1;
   if (nargs >= 1 && !parse_timeout(h, args[0], &timeout)) return nullptr;
   if (!acquire_lock(h, timeout)) return nullptr;
+  h->held_levels += 1;
   Py_RETURN_NONE;
 }
 
 PyObject* H_release(Handle* h, PyObject*) {
-  Guard g(h);
+  Guard g(h, true);
   if (!g.ok) return nullptr;
   try {
     h->s->unlock();
   } catch (const Error& e) {
     return raise_core_error(h, e);
   }
+  if (h->held_levels > 0) h->held_levels -= 1;
   Py_RETURN_NONE;
 }
 
 PyObject* H_held_depth(Handle* h, PyObject*) {
-  Guard g(h);
+  Guard g(h, true);
   if (!g.ok) return nullptr;
   return PyLong_FromLong(h->s->held_depth());
 }
@@ -745,14 +759,14 @@ PyObject* H_held_depth(Handle* h, PyObject*) {
 // begin_write() / commit_write(frame_id=None) / abort_write(): the caller
 // holds the lock (checked here).
 PyObject* H_begin_write(Handle* h, PyObject*) {
-  Guard g(h);
+  Guard g(h, true);  // also marks an aborted view torn (see _commit_view)
   if (!g.ok) return nullptr;
   if (h->s->held_depth() <= 0) {
     PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
                  h->name);
     return nullptr;
   }
-  if (h->s->header()->flags & torch_shmem::core::kFlagGpu) {
+  if (h->s->geometry()->flags & torch_shmem::core::kFlagGpu) {
     PyErr_Format(PyExc_RuntimeError,
                  "torch_shmem: stream %R is a GPU stream: in-place write views are not "
                  "supported; publish with write()",
@@ -764,7 +778,7 @@ PyObject* H_begin_write(Handle* h, PyObject*) {
 }
 
 PyObject* H_commit_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
-  Guard g(h);
+  Guard g(h, true);
   if (!g.ok) return nullptr;
   if (h->s->held_depth() <= 0) {
     PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
@@ -782,7 +796,7 @@ PyObject* H_commit_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyObject* H_abort_write(Handle* h, PyObject*) {
-  Guard g(h);
+  Guard g(h, true);
   if (!g.ok) return nullptr;
   h->s->abort_write_locked();
   Py_RETURN_NONE;
@@ -798,17 +812,26 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
     if (timeout == -1.0 && PyErr_Occurred()) return nullptr;
   }
   h->closing = true;
-  if (h->inflight.load(std::memory_order_acquire) > 0) {
+  // Wait for in-flight calls to leave and for lock levels other threads took
+  // through this handle to be released (the caller's own were released by
+  // SharedMemory.close()); new calls are refused meanwhile.
+  if (h->inflight.load(std::memory_order_acquire) > 0 || h->held_levels > 0) {
     const double deadline = mono_now() + timeout;
     Stream* s = h->s;
-    while (h->inflight.load(std::memory_order_acquire) > 0) {
-      s->wake_all();
+    while (h->inflight.load(std::memory_order_acquire) > 0 || h->held_levels > 0) {
+      if (h->inflight.load(std::memory_order_acquire) > 0) s->wake_all();
       if (mono_now() > deadline) {
         h->closing = false;
-        PyErr_Format(PyExc_RuntimeError,
-                     "torch_shmem: cannot close stream %R: %d call(s) on this handle did "
-                     "not finish within %s s",
-                     h->name, h->inflight.load(), Seconds(timeout).text);
+        if (h->inflight.load(std::memory_order_acquire) > 0)
+          PyErr_Format(PyExc_RuntimeError,
+                       "torch_shmem: cannot close stream %R: %d call(s) on this handle did "
+                       "not finish within %s s",
+                       h->name, h->inflight.load(), Seconds(timeout).text);
+        else
+          PyErr_Format(PyExc_RuntimeError,
+                       "torch_shmem: cannot close stream %R: another thread holds its lock "
+                       "through this handle (not released within %s s)",
+                       h->name, Seconds(timeout).text);
         return nullptr;
       }
       // Let the woken threads take the GIL and leave.
@@ -835,7 +858,7 @@ PyObject* H_unlink_mark(Handle* h, PyObject*) {
 PyObject* H_info(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
-  const auto* hdr = h->s->header();
+  const auto* hdr = h->s->geometry();  // validated copy (see wrap)
   PyObject* shape = PyTuple_New(h->ndim);
   if (shape == nullptr) return nullptr;
   for (int i = 0; i < h->ndim; ++i)
@@ -866,7 +889,7 @@ PyObject* H_count(Handle* h, PyObject*) {
 }
 
 PyObject* H_seq(Handle* h, PyObject*) {
-  if (h->closed || h->closing) return closed_error(h);
+  if (h->closed) return closed_error(h);  // a finishing call (see Guard)
   return PyLong_FromUnsignedLongLong(h->s->seq());
 }
 
@@ -906,7 +929,7 @@ int H_getbuffer(Handle* h, Py_buffer* view, int flags) {
     view->obj = nullptr;
     return -1;
   }
-  if (h->s->header()->flags & torch_shmem::core::kFlagGpu) {
+  if (h->s->geometry()->flags & torch_shmem::core::kFlagGpu) {
     // The payload lives in device slots; a CPU mirror is written by the
     // slot protocol only, so no writable live view of it is handed out.
     PyErr_Format(PyExc_RuntimeError,

@@ -109,6 +109,7 @@ def test_sigkill_writer_at_random_points(name, seed):
     rng = random.Random(seed)
     n = 1 << 20  # 8 MiB payload: writes take long enough to be hit mid-copy
     s = torch_shmem.create(name, shape=(n,), dtype=np.uint64)
+    s.write(_workers.make_frame(0, n))  # a valid frame even if the first writer dies early
     out = np.empty(n, np.uint64)
     stats = {"kills": 0, "good": 0, "inconsistent": 0}
     for i in range(8):

@@ -115,6 +115,7 @@ def test_writer_killed_mid_copy_leaves_the_latest_publication_intact(name, seed)
     rng = random.Random(seed)
     n = 4 * 1024 * 1024  # 32 MiB: the copy is long enough to be hit
     s = create_sim(name, (n,), nslots=3)
+    s.write(_workers.make_frame(0, n))  # a valid frame even if the first writer dies early
     out = np.empty(n, np.uint64)
     outcomes = {"intact": 0, "inconsistent": 0}
     for i in range(5):

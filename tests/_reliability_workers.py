@@ -522,3 +522,11 @@ def close_race(name, n, iterations, seed, results):
         stats["iterations"] += 1
     results.put(stats)
 
+
+
+def parked_reader(name, state):
+    """Parks in read_new() (futex wait) until killed."""
+    s = torch_shmem.open(name)
+    state[0] = 1
+    s.read_new(timeout=None)
+    state[2] = 1  # not reached: the parent kills it first

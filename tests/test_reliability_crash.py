@@ -224,8 +224,8 @@ def test_writer_kill_torture_full(name, seed):
     sizes = [3, 4, 100, 1000] + [random_words(rng, 64 * MiB) for _ in range(6)]
     sizes += [(64 * MiB) // 8, (64 * MiB) // 8 - rng.randrange(1, 1000)]
     rng.shuffle(sizes)
-    fig = run_torture(name, seed, sizes, kills_per_size=30)
-    assert fig["kills"] == 30 * len(sizes)
+    fig = run_torture(name, seed, sizes, kills_per_size=50)
+    assert fig["kills"] == 50 * len(sizes)
 
 
 def reader_kill_torture(name, seed, n, kills):
@@ -292,3 +292,42 @@ def test_reader_kill_torture_full(name, seed):
     rng = random.Random(seed)
     for i, n in enumerate([3, 4096, random_words(rng, 64 * MiB), (64 * MiB) // 8]):
         reader_kill_torture(f"{name}-{i}", seed + i, n, kills=40)
+
+
+@pytest.mark.cpu
+def test_reader_killed_while_parked_has_no_effect(name):
+    """A reader SIGKILLed inside read_new() (registered as a waiter, parked on the
+    futex): writes, counts and other readers' wake-ups are unaffected. Its waiter
+    registration stays behind (each later write then makes one futex_wake system
+    call; docs/reliability.md), which is why the count is reported, not asserted."""
+    import threading
+
+    ctx = rw.context()
+    s = torch_shmem.create(name, shape=(8,), dtype=np.uint64)
+    parked = []
+    for _ in range(3):
+        state = ctx.Array("q", 3, lock=False)
+        p = ctx.Process(target=rw.parked_reader, args=(name, state), daemon=True)
+        p.start()
+        wait_ready(state, p)
+        parked.append(p)
+    deadline = time.monotonic() + 30
+    while s._h.state()[7] < 3:  # all three parked
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for p in parked:
+        kill_and_reap(p)
+    left = s._h.state()[7]
+    got = {}
+    r = torch_shmem.open(name)
+    t = threading.Thread(target=lambda: got.setdefault("v", r.read_new(timeout=30)))
+    t.start()
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    s.write(np.full(8, 5, np.uint64), timeout=1)
+    t.join(30)
+    woke_ms = (time.monotonic() - t0) * 1e3
+    assert got["v"].tolist() == [5] * 8 and s.count == 1
+    print(f"parked readers killed: 3, waiter registrations left: {left}, "
+          f"live reader woke after {woke_ms:.1f} ms")
+    assert woke_ms < 1000

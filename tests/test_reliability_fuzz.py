@@ -664,6 +664,13 @@ def test_out_of_range_shapes_are_value_errors(shape, dtype):
     assert not os.path.exists(SHM + name)
 
 
+@pytest.mark.parametrize("dtype", [",", b",", "(,)i4", "0:", "0,", "i4,,", "[", "V-1"])
+def test_malformed_dtype_strings_are_type_or_value_errors(dtype):
+    """NumPy parses dtype strings with ast; some raise SyntaxError there."""
+    with pytest.raises(ARG_ERRORS):
+        torch_shmem.create(unique("d"), shape=(1,), dtype=dtype)
+
+
 @pytest.mark.parametrize("after", [2**63, 2**64, 2**100])
 def test_out_of_range_counts_are_value_errors(fuzz_streams, after):
     s = fuzz_streams[("int32", (3,))]

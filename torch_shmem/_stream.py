@@ -1154,7 +1154,10 @@ def create(
     """
     _check_name(name)
     dims = _normalize_shape(shape, name)
-    dt = normalize_dtype(dtype, name=name)
+    try:
+        dt = normalize_dtype(dtype, name=name)
+    except SyntaxError:  # NumPy parses dtype strings with ast: dtype="," is a SyntaxError
+        raise TypeError(f"torch_shmem: stream {name!r}: {dtype!r} is not a dtype") from None
     expected = math.prod(dims) * dt.itemsize
     if math.prod(d for d in dims if d) * dt.itemsize >= 2**63:
         # NumPy refuses such an array even when a zero dimension makes it

@@ -1,63 +1,90 @@
-"""In-process write+read round-trip benchmark: torch_shmem vs raw shared memory vs pyshmem.
+"""IO vs frame size: in-process write+read round trip of float32 square frames.
 
-One iteration writes a float32 square frame into a shared-memory segment and
-reads it back into process-private memory. Bytes per iteration are
-``2 * payload`` (one copy in, one copy out), reported in decimal GB/s.
+One iteration publishes an ``n x n`` float32 frame and reads it back into memory the
+process owns, in one process and one thread (no contention, no cross-process wake-ups).
 
-Implementations, measured side by side in the same run:
+Metrics (``Hz`` = iterations per second, best of the interleaved repeats):
+
+- ``GB/s = Hz * 2 * n * n * 4 / 1e9``: bytes per iteration = 2 x payload (one copy in, one
+  copy out), decimal GB, the formula of pyshmem's published figures;
+- ``vs raw`` / ``vs pyshmem``: Hz ratio of a torch_shmem row to its like-for-like baseline
+  (``read(out=)`` vs ``raw`` and ``pyshmem read(out=)``; ``read()`` vs ``raw_alloc`` and
+  ``pyshmem read()``).
+
+CPU implementations, side by side in the same run:
 
 * ``memcpy``: ``np.copyto`` between two private arrays, twice (the copy limit).
-* ``raw``: ``multiprocessing.shared_memory`` + ``np.copyto`` in and out of a
-  preallocated array, no synchronisation (lower bound for ``read(out=)``).
-* ``raw_alloc``: the same, reading with ``view.copy()`` (baseline for ``read()``).
-* ``torch_shmem read()`` / ``torch_shmem read(out=)``.
-* ``pyshmem read()`` / ``pyshmem read(out=)`` when pyshmem is importable.
+* ``raw``: ``multiprocessing.shared_memory`` + ``np.copyto`` in and out of a preallocated
+  array, no synchronisation (the lower bound for ``read(out=)``).
+* ``raw_alloc``: the same, reading with ``view.copy()`` (the baseline for ``read()``).
+* ``torch_shmem read(out=)`` / ``torch_shmem read()``.
+* ``pyshmem read(out=)`` / ``pyshmem read()`` when pyshmem imports.
+* ``iceoryx2 loan+send, receive+copy``: iceoryx2 publish-subscribe of a byte slice: loan a
+  sample, copy the frame in, send; receive, copy out, release. A queue of loaned samples,
+  not a latest-value stream, so it is compared as write-then-read.
 
-Timing: each implementation is warmed up, then run in batches for at least
-``--duration`` seconds per repeat; the repeats of all implementations are
-interleaved and the best of ``--repeats`` (default 3) is reported.
+GPU part (when CUDA is present; untested until run on a GPU): device-resident writes (CUDA
+tensor source) and host-upload writes (NumPy source) into GPU streams, read back into a
+CUDA tensor, next to ``torch`` copies (the copy limits) and pyshmem's GPU streams. Each
+timed batch ends with ``torch.cuda.synchronize()``.
 
-Run with ``python -m bench`` (``--quick``, ``--big``, ``--json PATH``).
 Importing this module never imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
-import subprocess
+import ctypes
 import sys
-import time
 from multiprocessing import shared_memory
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 import torch_shmem as ts
 
+from .common import (
+    Config,
+    Progress,
+    Section,
+    Step,
+    Target,
+    GPU_DEVICE,
+    fmt_hz,
+    gpu_sync,
+    gpu_torch,
+    fmt_ratio,
+    iox_node,
+    load_iceoryx2,
+    load_pyshmem,
+    measure_interleaved,
+    quiet_unlink,
+    unique_name,
+)
+
+TITLE = "1. IO round trip vs frame size (in process)"
 SIZES = (100, 128, 1000, 4000)
 BIG_SIZE = 10000
+SMOKE_SIZES = (16, 64)
 DTYPE = np.float32
-REPEATS = 3
-DURATION = 1.0
-QUICK_DURATION = 0.3
-BATCH_SECONDS = 0.01
-WARMUP_SECONDS = 0.1
 
 RAW, RAW_ALLOC, MEMCPY = "raw", "raw_alloc", "memcpy"
 TS_READ, TS_OUT = "torch_shmem read()", "torch_shmem read(out=)"
 PY_READ, PY_OUT = "pyshmem read()", "pyshmem read(out=)"
+IOX = "iceoryx2 loan+send, receive+copy"
 # torch_shmem variant -> (like-for-like raw baseline, like-for-like pyshmem variant)
 BASELINES = {TS_READ: (RAW_ALLOC, PY_READ), TS_OUT: (RAW, PY_OUT)}
 
-Step = Callable[[], np.ndarray]
+# GPU rows
+CUDA_D2D, CUDA_H2D = "torch D2D copy x2", "torch H2D + D2D copy"
+TSG_DEV, TSG_HOST = "torch_shmem GPU device write + read()", "torch_shmem GPU host write + read()"
+TSG_DEV_OUT = "torch_shmem GPU device write + read(out=)"
+PYG_DEV, PYG_HOST = "pyshmem GPU device write + read()", "pyshmem GPU host write + read()"
+GPU_BASELINES = {TSG_DEV: (CUDA_D2D, PYG_DEV), TSG_DEV_OUT: (CUDA_D2D, PYG_DEV),
+                 TSG_HOST: (CUDA_H2D, PYG_HOST)}
 
 
-# ---------------------------------------------------------------- implementations
+# ---------------------------------------------------------------- CPU implementations
 @contextlib.contextmanager
 def memcpy_impl(frame: np.ndarray) -> Iterator[Step]:
     """Two private copies per iteration: the memory-bandwidth ceiling."""
@@ -96,18 +123,21 @@ def raw_impl(frame: np.ndarray, alloc: bool) -> Iterator[Step]:
 
 
 @contextlib.contextmanager
-def stream_impl(module, name: str, frame: np.ndarray, use_out: bool) -> Iterator[Step]:
+def stream_impl(module: Any, name: str, frame: Any, use_out: bool, out: Any = None,
+                **create_kw: Any) -> Iterator[Step]:
     """write()+read() on a stream of ``module`` (torch_shmem or pyshmem)."""
-    _quiet_unlink(module, name)
-    stream = module.create(name, shape=frame.shape, dtype=frame.dtype)
-    out = np.empty_like(frame)
+    quiet_unlink(module, name)
+    shape = tuple(frame.shape)
+    stream = module.create(name, shape=shape, dtype=DTYPE, **create_kw)
+    if out is None:
+        out = np.empty(shape, DTYPE)
 
-    def step_out() -> np.ndarray:
+    def step_out() -> Any:
         stream.write(frame)
         stream.read(out=out)
         return out
 
-    def step_alloc() -> np.ndarray:
+    def step_alloc() -> Any:
         stream.write(frame)
         return stream.read()
 
@@ -117,86 +147,73 @@ def stream_impl(module, name: str, frame: np.ndarray, use_out: bool) -> Iterator
         stream.unlink()
 
 
-def _quiet_unlink(module, name: str) -> None:
-    """Remove a leftover stream ``name``; ignore a missing one."""
+@contextlib.contextmanager
+def iceoryx2_impl(iox: Any, frame: np.ndarray) -> Iterator[Step]:
+    """Loan a sample, copy the frame in, send; receive it, copy it out, release it."""
+    node = iox_node(iox)
+    nbytes = frame.nbytes
+    service = (
+        node.service_builder(iox.ServiceName.new(unique_name("io")))
+        .publish_subscribe(iox.Slice[ctypes.c_uint8])
+        .max_publishers(1)
+        .max_subscribers(1)
+        .history_size(0)
+        .subscriber_max_buffer_size(1)
+        .create()
+    )
+    publisher = service.publisher_builder().initial_max_slice_len(nbytes).create()
+    subscriber = service.subscriber_builder().create()
+    out = np.empty_like(frame)
+    array_t = ctypes.c_uint8 * nbytes
+    shape, dtype = frame.shape, frame.dtype
+
+    def view(ptr: int) -> np.ndarray:
+        return np.frombuffer(array_t.from_address(ptr), dtype=dtype).reshape(shape)
+
+    def step() -> np.ndarray:
+        sample = publisher.loan_slice_uninit(nbytes)
+        np.copyto(view(sample.payload_ptr), frame)
+        sample.assume_init().send()
+        received = subscriber.receive()
+        np.copyto(out, view(received.payload_ptr))
+        received.delete()
+        return out
+
     try:
-        module.unlink(name)
-    except FileNotFoundError:
-        pass
+        yield step
+    finally:
+        subscriber.delete()
+        publisher.delete()
+        del service, node
 
 
-def load_pyshmem():
-    """Return ``(pyshmem module or None, note)``."""
-    try:
-        import pyshmem
-    except Exception as exc:  # ImportError, or a broken install
-        return None, f"pyshmem skipped: import failed ({type(exc).__name__}: {exc})"
-    version = getattr(pyshmem, "__version__", "unknown")
-    return pyshmem, f"pyshmem {version}"
-
-
-def implementations(frame: np.ndarray, pyshmem) -> dict[str, contextlib.AbstractContextManager]:
+def cpu_implementations(frame: np.ndarray, pyshmem: Any, iox: Any) -> dict[str, Any]:
     """The context managers (yielding step functions) to compare for ``frame``."""
-    tag = f"bench_io_{os.getpid()}_{frame.shape[0]}"
+    tag = f"io{frame.shape[0]}"
     impls = {
         MEMCPY: memcpy_impl(frame),
         RAW: raw_impl(frame, alloc=False),
         RAW_ALLOC: raw_impl(frame, alloc=True),
-        TS_OUT: stream_impl(ts, f"{tag}_ts_out", frame, use_out=True),
-        TS_READ: stream_impl(ts, f"{tag}_ts_read", frame, use_out=False),
+        TS_OUT: stream_impl(ts, unique_name(tag), frame, use_out=True),
+        TS_READ: stream_impl(ts, unique_name(tag), frame, use_out=False),
     }
     if pyshmem is not None:
-        impls[PY_OUT] = stream_impl(pyshmem, f"{tag}_py_out", frame, use_out=True)
-        impls[PY_READ] = stream_impl(pyshmem, f"{tag}_py_read", frame, use_out=False)
+        impls[PY_OUT] = stream_impl(pyshmem, unique_name(tag), frame, use_out=True)
+        impls[PY_READ] = stream_impl(pyshmem, unique_name(tag), frame, use_out=False)
+    if iox is not None:
+        impls[IOX] = iceoryx2_impl(iox, frame)
     return impls
 
 
-# ---------------------------------------------------------------- timing
-def calibrate(step: Step) -> int:
-    """Warm ``step`` up and return a batch size taking about BATCH_SECONDS."""
-    iters, start = 0, time.perf_counter()
-    while True:
-        step()
-        iters += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= WARMUP_SECONDS and iters >= 3:
-            return max(1, int(iters * BATCH_SECONDS / elapsed))
-
-
-def run_for(step: Step, batch: int, duration: float) -> float:
-    """Run ``step`` in batches for at least ``duration`` seconds; return iterations/s."""
-    iters, start = 0, time.perf_counter()
-    while True:
-        for _ in range(batch):
-            step()
-        iters += batch
-        elapsed = time.perf_counter() - start
-        if elapsed >= duration:
-            return iters / elapsed
-
-
-def bench_size(n: int, pyshmem, duration: float, repeats: int) -> list[dict]:
-    """Measure every implementation on an ``n`` x ``n`` frame; return result rows."""
-    frame = np.random.default_rng(n).standard_normal((n, n), dtype=DTYPE)
-    with contextlib.ExitStack() as stack:
-        steps = {
-            label: stack.enter_context(impl)
-            for label, impl in implementations(frame, pyshmem).items()
-        }
-        for label, step in steps.items():
-            if not np.array_equal(step(), frame):
-                raise AssertionError(f"{label}: round trip returned wrong data at {n}x{n}")
-        batches = {label: calibrate(step) for label, step in steps.items()}
-        rates: dict[str, list[float]] = {label: [] for label in steps}
-        for _ in range(repeats):
-            for label, step in steps.items():
-                rates[label].append(run_for(step, batches[label], duration))
-    bytes_per_iter = 2 * frame.nbytes
+def _rows(n: int, nbytes: int, rates: dict[str, list[float]], batches: dict[str, int],
+          device: str) -> list[dict]:
+    bytes_per_iter = 2 * nbytes
     return [
         {
+            "device": device,
             "n": n,
             "impl": label,
-            "payload_bytes": frame.nbytes,
+            "payload_bytes": nbytes,
             "bytes_per_iter": bytes_per_iter,
             "batch": batches[label],
             "hz_repeats": hz,
@@ -207,139 +224,207 @@ def bench_size(n: int, pyshmem, duration: float, repeats: int) -> list[dict]:
     ]
 
 
+def bench_size(n: int, cfg: Config, pyshmem: Any, iox: Any, progress: Progress) -> list[dict]:
+    """Measure every CPU implementation on an ``n`` x ``n`` frame; return result rows."""
+    frame = np.random.default_rng(n).standard_normal((n, n), dtype=DTYPE)
+    with contextlib.ExitStack() as stack:
+        steps = {label: stack.enter_context(impl)
+                 for label, impl in cpu_implementations(frame, pyshmem, iox).items()}
+        for label, step in steps.items():
+            if not np.array_equal(step(), frame):
+                raise AssertionError(f"{label}: round trip returned wrong data at {n}x{n}")
+        rates, batches = measure_interleaved(steps, cfg, progress, f"{n}x{n}")
+    return _rows(n, frame.nbytes, rates, batches, "cpu")
+
+
+# ---------------------------------------------------------------- GPU (untested: no GPU yet)
+def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) -> tuple[list[dict], list[str]]:
+    """GPU stream round trips and torch copy limits; ``([], [reason])`` when CUDA is absent.
+
+    UNTESTED: written before any GPU run; torch_shmem GPU rows need ``ts.gpu_available()``.
+    """
+    notes: list[str] = []
+    torch, why = gpu_torch(cfg)
+    if torch is None:
+        return [], [f"GPU part skipped: {why}"]
+    dev = torch.device(GPU_DEVICE)
+    sync = gpu_sync(torch)
+    ts_gpu = ts.gpu_available()
+    if not ts_gpu:
+        notes.append("torch_shmem GPU rows skipped: torch_shmem.gpu_available() is False "
+                     "(GPU streams not built or not implemented in this version)")
+    py_gpu = pyshmem is not None and pyshmem.gpu_available()
+    progress.start("io (GPU)", len(sizes) * (2 + 3 * ts_gpu + 2 * py_gpu) * cfg.repeats)
+    rows: list[dict] = []
+    for n in sizes:
+        host = np.random.default_rng(n).standard_normal((n, n), dtype=DTYPE)
+        src = torch.from_numpy(host).to(dev)
+        mid = torch.empty_like(src)
+        out = torch.empty_like(src)
+
+        def d2d(src=src, mid=mid, out=out) -> Any:
+            mid.copy_(src)
+            out.copy_(mid)
+            return out
+
+        def h2d(host_t=torch.from_numpy(host), mid=mid, out=out) -> Any:
+            mid.copy_(host_t)
+            out.copy_(mid)
+            return out
+
+        impls: dict[str, Any] = {CUDA_D2D: contextlib.nullcontext(d2d),
+                                 CUDA_H2D: contextlib.nullcontext(h2d)}
+        gpu_kw = {"gpu_device": GPU_DEVICE}
+        if ts_gpu:
+            impls[TSG_DEV_OUT] = stream_impl(ts, unique_name("gio"), src, True, out, **gpu_kw)
+            impls[TSG_DEV] = stream_impl(ts, unique_name("gio"), src, False, **gpu_kw)
+            impls[TSG_HOST] = stream_impl(ts, unique_name("gio"), host, False, **gpu_kw)
+        if py_gpu:
+            impls[PYG_DEV] = stream_impl(pyshmem, unique_name("gio"), src, False, **gpu_kw)
+            impls[PYG_HOST] = stream_impl(pyshmem, unique_name("gio"), host, False, **gpu_kw)
+        with contextlib.ExitStack() as stack:
+            steps = {label: stack.enter_context(impl) for label, impl in impls.items()}
+            for label, step in steps.items():
+                if not torch.equal(step().to(dev), src):
+                    raise AssertionError(f"{label}: GPU round trip returned wrong data at {n}x{n}")
+            rates, batches = measure_interleaved(steps, cfg, progress, f"GPU {n}x{n}", sync=sync)
+        rows += _rows(n, host.nbytes, rates, batches, "cuda")
+        del src, mid, out
+    progress.finish()
+    return rows, notes
+
+
 # ---------------------------------------------------------------- report
-def git_revision() -> str:
-    """HEAD commit of the package source, ``-dirty`` when csrc/ or torch_shmem/ has local edits."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ts.__file__)))
-
-    def git(*cmd: str) -> str:
-        done = subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, check=True)
-        return done.stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "torch_shmem")
-        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine_info() -> dict:
-    """CPU, memory and software versions of this host (torch only if already imported)."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    mem_gib = None
-    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
-        kib = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal:"))
-        mem_gib = round(kib / 2**20, 1)
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "mem_gib": mem_gib,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch_shmem": ts.__version__,
-        "git": git_revision(),
-        "core_built": datetime.datetime.fromtimestamp(
-            os.path.getmtime(ts._core.__file__)).astimezone().isoformat(timespec="seconds"),
-        "torch_imported": "torch" in sys.modules,
-    }
-    if "torch" in sys.modules:
-        info["torch"] = sys.modules["torch"].__version__
-    return info
-
-
-def add_ratios(rows: list[dict]) -> None:
+def add_ratios(rows: list[dict], baselines: dict[str, tuple[str, str]]) -> None:
     """Add ``vs_raw`` and ``vs_pyshmem`` (Hz ratios) to the torch_shmem rows."""
-    hz = {(r["n"], r["impl"]): r["hz"] for r in rows}
+    hz = {(r["device"], r["n"], r["impl"]): r["hz"] for r in rows}
     for r in rows:
-        if r["impl"] in BASELINES:
-            raw, py = BASELINES[r["impl"]]
-            r["vs_raw"] = r["hz"] / hz[(r["n"], raw)]
-            r["vs_pyshmem"] = r["hz"] / hz[(r["n"], py)] if (r["n"], py) in hz else None
+        if r["impl"] in baselines:
+            raw, py = baselines[r["impl"]]
+            key = (r["device"], r["n"])
+            r["vs_raw"] = r["hz"] / hz[(*key, raw)] if (*key, raw) in hz else None
+            r["vs_pyshmem"] = r["hz"] / hz[(*key, py)] if (*key, py) in hz else None
 
 
-def _fmt_hz(hz: float) -> str:
-    """Iterations per second with sensible precision."""
-    return f"{hz:,.0f}" if hz >= 1000 else f"{hz:.1f}"
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """Render the result rows as a Markdown table."""
+def markdown_table(rows: list[dict], baselines: dict[str, tuple[str, str]] = BASELINES) -> str:
+    """Render the result rows as a Markdown table (the table docs/benchmarks.md has always had)."""
 
     def ratio(row: dict, key: str, base: str | None) -> str:
         if base is None:
             return ""
         value = row.get(key)
-        return "n/a" if value is None else f"{value:.2f}x ({base})"
+        return "n/a" if value is None else fmt_ratio(value, base)
 
     lines = [
         "| frame | payload | implementation | Hz | GB/s | vs raw baseline | vs pyshmem |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        raw_base, py_base = BASELINES.get(r["impl"], (None, None))
+        raw_base, py_base = baselines.get(r["impl"], (None, None))
         lines.append(
             f"| {r['n']}x{r['n']} | {r['payload_bytes'] / 1e6:.3g} MB | {r['impl']} "
-            f"| {_fmt_hz(r['hz'])} | {r['gbps']:.2f} "
+            f"| {fmt_hz(r['hz'])} | {r['gbps']:.2f} "
             f"| {ratio(r, 'vs_raw', raw_base)} | {ratio(r, 'vs_pyshmem', py_base)} |"
         )
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK_DURATION} s per repeat instead of {DURATION} s")
-    p.add_argument("--duration", type=float, default=None,
-                   help="minimum seconds per repeat per implementation")
-    p.add_argument("--repeats", type=int, default=REPEATS, help="repeats; the best is kept")
-    p.add_argument("--big", action="store_true", help=f"also {BIG_SIZE}x{BIG_SIZE}")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="override frame sizes")
-    p.add_argument("--no-pyshmem", action="store_true", help="skip pyshmem")
-    p.add_argument("--json", metavar="PATH", help="save machine info and raw results")
-    args = p.parse_args(argv)
-    if args.duration is None:
-        args.duration = QUICK_DURATION if args.quick else DURATION
-    if args.sizes is None:
-        args.sizes = list(SIZES) + ([BIG_SIZE] if args.big else [])
-    return args
+def targets(rows: list[dict]) -> list[Target]:
+    """The CPU round-trip targets of design.md section 8, evaluated on ``rows``."""
+    by = {(r["n"], r["impl"]): r for r in rows if r["device"] == "cpu"}
+    out: list[Target] = []
+    if (100, TS_OUT) in by:
+        parts, met = [], True
+        for variant in (TS_OUT, TS_READ):
+            r = by[(100, variant)]
+            raw_base, py_base = BASELINES[variant]
+            ok_raw = r.get("vs_raw") is not None and r["vs_raw"] >= 0.7
+            parts.append(f"{variant}: {fmt_ratio(r.get('vs_raw'))} {raw_base}")
+            met &= ok_raw
+            if r.get("vs_pyshmem") is not None:
+                parts.append(f"{fmt_ratio(r['vs_pyshmem'])} {py_base}")
+                met &= r["vs_pyshmem"] >= 4.0
+        out.append(Target("CPU round trip 100x100",
+                          ">= 0.7x raw and >= 4x pyshmem (Hz, like for like)", "; ".join(parts), met))
+    large = sorted({n for n, _ in by if n >= 1000})
+    if large:
+        parts, met = [], True
+        for n in large:
+            vals = []
+            for variant in (TS_OUT, TS_READ):
+                r = by.get((n, variant))
+                if r is None or r.get("vs_raw") is None:
+                    continue
+                vals.append(fmt_ratio(r["vs_raw"]))
+                met &= r["vs_raw"] >= 0.9
+            parts.append(f"{n}: {' / '.join(vals)}")
+        out.append(Target("CPU round trip >= 1000x1000",
+                          ">= 0.9x raw GB/s (read(out=) vs raw / read() vs raw_alloc)",
+                          "; ".join(parts), met))
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark, print the report, optionally save JSON."""
-    args = parse_args(argv)
-    if args.no_pyshmem:
-        pyshmem, py_note = None, "pyshmem skipped: --no-pyshmem"
+def run(cfg: Config, progress: Progress) -> Section:
+    """Measure the CPU (and, with CUDA, GPU) round trips for every frame size."""
+    if cfg.sizes:
+        sizes = list(cfg.sizes)
+    elif cfg.smoke:
+        sizes = list(SMOKE_SIZES)
     else:
-        pyshmem, py_note = load_pyshmem()
-    started = datetime.datetime.now().astimezone()
+        sizes = list(SIZES) + ([BIG_SIZE] if cfg.big else [])
+    pyshmem, py_note = load_pyshmem(cfg)
+    iox, iox_note = load_iceoryx2(cfg)
     rows: list[dict] = []
-    for n in args.sizes:
-        rows += bench_size(n, pyshmem, args.duration, args.repeats)
-        print(f"done {n}x{n}", file=sys.stderr, flush=True)
-    add_ratios(rows)
-    info = machine_info()
-    print(f"# torch_shmem write+read round trip ({started:%Y-%m-%d %H:%M %Z})\n")
-    print("Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"Reference: {py_note}")
-    print(f"Timing: warm-up >= {WARMUP_SECONDS} s, batches of ~{BATCH_SECONDS * 1e3:.0f} ms "
-          f"for >= {args.duration} s per repeat, best of {args.repeats} interleaved repeats; "
-          "bytes/iter = 2 x payload, GB = 1e9 B; ratios are Hz ratios to the "
-          "like-for-like baseline.\n")
-    print(markdown_table(rows))
-    if "torch" in sys.modules:
-        print("\nWARNING: torch was imported during the benchmark", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"started": started.isoformat(), "argv": sys.argv, "machine": info,
-                       "pyshmem": py_note, "duration": args.duration, "repeats": args.repeats,
-                       "results": rows}, f, indent=2)
-    return 0
+    if cfg.gpu != "only":
+        n_impls = 5 + 2 * (pyshmem is not None) + (iox is not None)
+        progress.start("io", len(sizes) * n_impls * cfg.repeats)
+        for n in sizes:
+            rows += bench_size(n, cfg, pyshmem, iox, progress)
+        progress.finish()
+    gpu, gpu_notes = gpu_rows(cfg, sizes, pyshmem, progress)
+    add_ratios(rows, BASELINES)
+    add_ratios(gpu, GPU_BASELINES)
+    sec = Section("io", TITLE)
+    sec.method = (
+        "One iteration = publish a C-contiguous float32 `n x n` frame, then read it back into "
+        "process-private memory (one process, one thread). **GB/s = Hz x 2 x n² x 4 / 1e9** "
+        "(bytes = 2 x payload: one copy in, one copy out). Ratios are Hz ratios to the "
+        "like-for-like baseline: `read(out=)` vs `raw` / `pyshmem read(out=)`, `read()` vs "
+        "`raw_alloc` / `pyshmem read()`. `raw` is unsafe (no lock, no seqlock, no checks); "
+        "`memcpy` is two private copies (the copy limit). iceoryx2 is a queue of loaned "
+        "samples, not a latest-value stream: one iteration loans a sample, copies the frame "
+        "in, sends, receives, copies out and releases it."
+    )
+    if rows:
+        sec.tables.append("CPU streams:\n\n" + markdown_table(rows))
+    if gpu:
+        sec.tables.append("GPU streams (device-resident writes: CUDA tensor source; host "
+                          "writes: NumPy source uploaded by the write):\n\n"
+                          + markdown_table(gpu, GPU_BASELINES))
+    sec.notes += [py_note, iox_note] + gpu_notes
+    sec.rows = rows + gpu
+    sec.targets = targets(rows)
+    if gpu:
+        sec.targets += gpu_targets(gpu)
+    else:
+        sec.targets.append(Target("GPU round trip 100x100", ">= 3x pyshmem's", "no GPU run", None))
+    if "torch" in sys.modules and not gpu:
+        sec.notes.append("WARNING: torch was imported during the CPU IO benchmark")
+    return sec
+
+
+def gpu_targets(rows: list[dict]) -> list[Target]:
+    """GPU write+read round trip at 100x100 at least 3x pyshmem's."""
+    by = {(r["n"], r["impl"]): r for r in rows}
+    r = by.get((100, TSG_DEV))
+    if r is None or r.get("vs_pyshmem") is None:
+        return [Target("GPU round trip 100x100", ">= 3x pyshmem's",
+                       "not measured (torch_shmem or pyshmem GPU streams unavailable)", None)]
+    return [Target("GPU round trip 100x100", ">= 3x pyshmem's",
+                   f"{fmt_ratio(r['vs_pyshmem'])} ({TSG_DEV} vs {PYG_DEV})", r["vs_pyshmem"] >= 3.0)]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .__main__ import main
+
+    sys.exit(main(["--only", "io", *sys.argv[1:]]))

@@ -659,16 +659,23 @@ def test_out_of_range_shapes_are_value_errors(shape, dtype):
     """Dimensions past int64, or empty shapes NumPy could never hold: ValueError, not
     OverflowError (and not a stream that exists but can never be read)."""
     name = unique("o")
-    with pytest.raises(ValueError, match="torch_shmem"):
-        torch_shmem.create(name, shape=shape, dtype=dtype)
-    assert not os.path.exists(SHM + name)
+    try:
+        with pytest.raises(ValueError, match="torch_shmem"):
+            torch_shmem.create(name, shape=shape, dtype=dtype)
+        assert not os.path.exists(SHM + name)
+    finally:
+        torch_shmem.unlink(name)
 
 
 @pytest.mark.parametrize("dtype", [",", b",", "(,)i4", "0:", "0,", "i4,,", "[", "V-1"])
 def test_malformed_dtype_strings_are_type_or_value_errors(dtype):
     """NumPy parses dtype strings with ast; some raise SyntaxError there."""
-    with pytest.raises(ARG_ERRORS):
-        torch_shmem.create(unique("d"), shape=(1,), dtype=dtype)
+    name = unique("d")
+    try:
+        with pytest.raises(ARG_ERRORS):
+            torch_shmem.create(name, shape=(1,), dtype=dtype)
+    finally:
+        torch_shmem.unlink(name)
 
 
 @pytest.mark.parametrize("after", [2**63, 2**64, 2**100])

@@ -117,7 +117,7 @@ uint32_t to_code(c10::ScalarType t) {
 }
 
 std::vector<int64_t> stream_shape(const Stream& s) {
-  const auto* h = s.header();
+  const auto* h = s.geometry();
   return std::vector<int64_t>(h->shape, h->shape + h->ndim);
 }
 
@@ -137,8 +137,8 @@ at::Tensor register_stream(Stream* raw, std::shared_ptr<core::SlotMemory> dev = 
   e->dev = std::move(dev);
   e->device = device;
   e->name = raw->name();
-  std::memcpy(&e->iid_lo, raw->header()->instance_id, 8);
-  std::memcpy(&e->iid_hi, raw->header()->instance_id + 8, 8);
+  std::memcpy(&e->iid_lo, raw->geometry()->instance_id, 8);
+  std::memcpy(&e->iid_hi, raw->geometry()->instance_id + 8, 8);
   int64_t id;
   {
     std::lock_guard<std::mutex> g(g_mu);
@@ -186,7 +186,7 @@ std::shared_ptr<Entry> lookup(const at::Tensor& token, const char* op) {
 
 void check_payload_tensor(const Entry& e, const at::Tensor& t, const char* op, const char* what) {
   const Stream& s = *e.stream;
-  auto want_dtype = to_scalar_type(s.header()->dtype_code);
+  auto want_dtype = to_scalar_type(s.geometry()->dtype_code);
   auto want_shape = stream_shape(s);
   TORCH_CHECK_VALUE(t.scalar_type() == want_dtype, "shmem::", op, ": stream '", e.name,
                     "': expected ", what, " of dtype ", want_dtype, ", got ", t.scalar_type());
@@ -305,16 +305,16 @@ at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
     rethrow("open", n, err);
   }
   std::unique_ptr<Stream> guard(s);
-  TORCH_CHECK_VALUE(to_scalar_type(s->header()->dtype_code) != at::ScalarType::Undefined,
+  TORCH_CHECK_VALUE(to_scalar_type(s->geometry()->dtype_code) != at::ScalarType::Undefined,
                     "shmem::open: stream '", n, "' has an unknown dtype");
-  if (!(s->header()->flags & core::kFlagGpu)) return register_stream(guard.release());
-  TORCH_CHECK(!(s->header()->flags & core::kFlagSimDevice), "shmem::open: stream '", n,
+  if (!(s->geometry()->flags & core::kFlagGpu)) return register_stream(guard.release());
+  TORCH_CHECK(!(s->geometry()->flags & core::kFlagSimDevice), "shmem::open: stream '", n,
               "' uses simulated device memory (a test stream); open it with torch_shmem.open");
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::open: stream '", n,
               "' is a GPU stream and this build of torch_shmem has no CUDA support");
   int used = -1;
-  auto dev = b->attach(s->header(), static_cast<int>(device), &used);
+  auto dev = b->attach(s->geometry(), static_cast<int>(device), &used);
   return register_stream(guard.release(), std::move(dev), used);
 }
 
@@ -374,7 +374,7 @@ bool unlink_cpu(c10::string_view name) {
       // The creating process drops its own reference to the allocation.
       try {
         std::unique_ptr<Stream> s(Stream::open(n, true));
-        if (s->header()->flags & core::kFlagGpu) b->forget(s->header()->instance_id);
+        if (s->geometry()->flags & core::kFlagGpu) b->forget(s->geometry()->instance_id);
       } catch (const Error&) {
       }
     }
@@ -389,7 +389,7 @@ bool unlink_cpu(c10::string_view name) {
 std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> info_cpu(const at::Tensor& token) {
   auto e = lookup(token, "info");
   return {e->name, stream_shape(*e->stream),
-          static_cast<int64_t>(e->stream->header()->dtype_code), static_cast<int64_t>(e->device)};
+          static_cast<int64_t>(e->stream->geometry()->dtype_code), static_cast<int64_t>(e->device)};
 }
 
 // ---------------------------------------------------------------------------
@@ -468,11 +468,11 @@ at::Tensor live_view_cpu(const at::Tensor& token) {
   TORCH_CHECK(e->dev != nullptr, "shmem::live_view: stream '", e->name,
               "' is a CPU stream; use torch_shmem.SharedMemory.read(safe=False)");
   uint32_t k = e->stream->header()->latest_slot.load(std::memory_order_acquire);
-  TORCH_CHECK(k < e->stream->header()->nslots, "shmem::live_view: stream '", e->name,
+  TORCH_CHECK(k < e->stream->geometry()->nslots, "shmem::live_view: stream '", e->name,
               "': corrupted latest slot");
   std::shared_ptr<core::SlotMemory> keep = e->dev;
   auto opts = at::TensorOptions()
-                  .dtype(to_scalar_type(e->stream->header()->dtype_code))
+                  .dtype(to_scalar_type(e->stream->geometry()->dtype_code))
                   .device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(e->device)));
   return at::from_blob(e->dev->slot_ptr(k), stream_shape(*e->stream),
                        [keep](void*) mutable { keep.reset(); }, opts);

@@ -252,7 +252,7 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
     ts_gpu = ts.gpu_available()
     if not ts_gpu:
         notes.append("torch_shmem GPU rows skipped: torch_shmem.gpu_available() is False "
-                     "(GPU streams not built or not implemented in this version)")
+                     "(the CUDA half was not built or no device is visible)")
     py_gpu = pyshmem is not None and pyshmem.gpu_available()
     progress.start("io (GPU)", len(sizes) * (2 + 3 * ts_gpu + 2 * py_gpu) * cfg.repeats)
     rows: list[dict] = []

@@ -215,8 +215,18 @@ def _check_cuda(skip_torch: bool) -> list[Finding]:
                                f"{type(exc).__name__}: {exc}",
                                "CUDA IPC needs Linux with a real driver (not WSL or MIG "
                                "slices without IPC); GPU streams will not work here"))
-    out.append(Finding("info", "GPU streams are not implemented in this version of torch_shmem "
-                       "(gpu_available() is False); CUDA results above are for readiness"))
+    try:
+        from . import _gpu
+
+        usable, why = _gpu.availability()
+    except Exception as exc:  # the op library failed to load: say so, do not crash doctor
+        usable, why = False, f"torch_shmem's op library does not load: {type(exc).__name__}: {exc}"
+    if usable:
+        out.append(Finding("ok", "GPU streams are usable (torch_shmem.gpu_available() is True)"))
+    else:
+        out.append(Finding("warn", "GPU streams are not usable in this process", why,
+                           "rebuild torch_shmem with CUDA_HOME set to a CUDA toolkit "
+                           "(pip install --no-build-isolation -e .)"))
     return out
 
 

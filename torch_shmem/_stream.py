@@ -75,8 +75,7 @@ def gpu_supported_dtypes() -> frozenset:
 
     Imports torch, so it is only called on first access of
     ``torch_shmem.GPU_SUPPORTED_DTYPES`` (module ``__getattr__``); empty when
-    torch is not installed or fails to import. GPU streams themselves are not
-    implemented in this version (:func:`gpu_available` is False).
+    torch is not installed or fails to import.
     """
     import importlib.util
 

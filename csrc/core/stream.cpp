@@ -42,6 +42,9 @@ std::string errno_text(int err) {
 
 double mono_now() { return now_monotonic(); }
 
+// Length of the pause-only phase at the start of a spinning wait.
+constexpr double kPureSpinSeconds = 5e-6;
+
 timespec to_timespec(double seconds) {
   if (seconds < 0) seconds = 0;
   timespec ts;
@@ -787,10 +790,21 @@ Snapshot Stream::read_locked(void* dst) const {
 bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) const {
   if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
   if (spin_seconds > 0) {
-    // Spin briefly for microsecond wake-ups, but yield between polls: on a
-    // machine with few cores the writer we wait for may be runnable on this
-    // very CPU, and a pure busy-wait would delay it by the whole spin.
-    double end = mono_now() + spin_seconds;
+    // Spin briefly for microsecond wake-ups. The first few microseconds
+    // poll with pause only (a sched_yield costs ~0.7 us, which would be
+    // most of a handoff's latency when the writer runs on another CPU);
+    // after that, yield between polls: on a machine with few cores the
+    // writer we wait for may be runnable on this very CPU, and a pure
+    // busy-wait would delay it by the whole spin.
+    const double start = mono_now();
+    const double end = start + spin_seconds;
+    const double pure_end = start + (spin_seconds < kPureSpinSeconds ? spin_seconds : kPureSpinSeconds);
+    do {
+      for (int i = 0; i < 16; ++i) {
+        TSHM_CPU_RELAX();
+        if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+      }
+    } while (mono_now() < pure_end);
     do {
       for (int i = 0; i < 8; ++i) TSHM_CPU_RELAX();
       if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;

@@ -219,3 +219,50 @@ def test_pyshmem_api_cpu_mirror(name):
     with pytest.raises(RuntimeError, match="GPU"):
         torch_shmem.open(name).write(np.zeros(4, np.int32))  # writes need the attachment
     s.unlink()
+
+
+def test_device_wait_same_process(name):
+    """wait_device returns at once on the host; the consumer stream's later work
+    runs only after publication n is complete, and slot_view(n) holds it."""
+    s = O.create_gpu(name, (1024,), torch.float32, device=0, nslots=3)
+    r = O.open(name)
+    producer = torch.cuda.Stream()
+    consumer = torch.cuda.Stream()
+    with torch.cuda.stream(producer):
+        O.publish(s, torch.full((1024,), 1.0, device="cuda"))
+    with torch.cuda.stream(consumer):
+        O.wait_device(r, 1)  # already complete: no wait
+        got = O.slot_view(r, 1).clone()
+    consumer.synchronize()
+    assert torch.equal(got, torch.full((1024,), 1.0, device="cuda"))
+    with torch.cuda.stream(consumer):
+        t0 = time.monotonic()
+        O.wait_device(r, 2)  # not yet published: the host must not block
+        assert time.monotonic() - t0 < 1.0
+        got = O.slot_view(r, 2).clone()
+    assert not consumer.query()  # the consumer stream is parked on the device counter
+    with torch.cuda.stream(producer):
+        O.publish(s, torch.full((1024,), 2.0, device="cuda"))
+    consumer.synchronize()
+    assert torch.equal(got, torch.full((1024,), 2.0, device="cuda"))
+    with pytest.raises(ValueError, match="count >= 1"):
+        O.wait_device(r, 0)
+    O.close(r)
+    O.close(s)
+    O.unlink(name)
+
+
+def test_device_wait_across_processes(name):
+    s = O.create_gpu(name, (4096,), torch.float32, device=0, nslots=3)
+    consumer = torch.cuda.Stream()
+    with torch.cuda.stream(consumer):
+        O.wait_device(s, 1)  # queued before the writer process even starts
+        got = O.slot_view(s, 1).clone()
+    p = ctx.Process(target=_gpu_workers.publish_after, args=(name, 0.5, 7.0))
+    p.start()
+    consumer.synchronize()
+    assert torch.equal(got, torch.full((4096,), 7.0, device="cuda"))
+    join(p)
+    O.close(s)
+    O.unlink(name)
+

@@ -239,3 +239,24 @@ def test_publish_frame_id_full_uint64_range(stream, name):
     with pytest.raises(ValueError, match="frame_id"):
         O.publish(stream, torch.zeros(2, 3), frame_id=2**64)
     torch.library.opcheck(torch.ops.shmem.publish.default, (stream.token, torch.ones(2, 3), 5))
+
+
+def test_device_wait_refuses_cpu_streams(stream):
+    # wait_device and slot_view need a GPU stream's device counter and slots
+    with pytest.raises(ValueError, match="CPU stream"):
+        O.wait_device(stream, 1)
+    with pytest.raises(ValueError, match="count >= 1"):
+        O.slot_view(stream, 0)
+    with pytest.raises(RuntimeError, match="CPU stream"):
+        O.slot_view(stream, 1)
+
+
+def test_device_wait_traces_without_a_graph_break(stream):
+    # the schema declares the token mutated, so compile keeps the call in order;
+    # on a CPU stream the compiled call raises the eager error
+    @torch.compile(fullgraph=True)
+    def step():
+        O.wait_device(stream, 1)
+
+    with pytest.raises(Exception, match="CPU stream"):
+        step()

@@ -144,3 +144,55 @@ def test_unlink_removes_the_simulated_device_memory(name):
     s.unlink()
     assert not os.path.exists(sim_path(name))
     assert not os.path.exists("/dev/shm/torch_shmem." + name)
+
+
+def test_device_wait_orders_a_consumer_after_the_slot_is_complete(name):
+    """The device counter is stored after its slot: a consumer that waits for
+    count >= c (the host form of wait_device) and then copies slot c % N sees
+    publication c intact whenever the slot's generation still reads 2c after
+    the copy (otherwise the writer lapped the ring, which the check detects)."""
+    n, nslots = 64 * 1024, 3  # 512 KiB slots
+    s = create_sim(name, (n,), nslots=nslots)
+    s.write(_workers.make_frame(0, n), frame_id=0)
+    ready, done = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    w = ctx.Process(target=_workers.slot_writer, args=(name, n, 1.0, ready, done, results))
+    w.start()
+    stride = n * 8  # payload rounded up to 512 B: already a multiple
+    mem = np.memmap(sim_path(name), dtype=np.uint8, mode="r")
+    gens = mem[:4096].view(np.uint64)
+    checked = lapped = 0
+    try:
+        assert not s._h.sim_wait_count(2, 0.01)  # nothing past publication 1 yet
+        ready.set()
+        c = 1
+        deadline = time.monotonic() + 60
+        while True:
+            c += 1
+            reached = False
+            while not reached:  # in slices: the writer may have stopped before c
+                reached = s._h.sim_wait_count(c, 0.05)
+                if not reached and done.is_set() and s.count < c:
+                    break
+                assert time.monotonic() < deadline, f"device count never reached {c}"
+            if not reached:
+                break  # the writer is done and publication c never came
+            k = c % nslots
+            # count >= c is stored after gen[k] = 2c: the slot is complete (or
+            # already lapped, which only raises gen), never still mid-copy
+            assert gens[16 * (1 + k)] >= 2 * c, f"device count {c} visible before its slot"
+            frame = np.array(mem[4096 + stride * k: 4096 + stride * (k + 1)].view(np.uint64))
+            if gens[16 * (1 + k)] != 2 * c:  # gen[k] lives at 128 * (1 + k) bytes
+                lapped += 1
+                c = max(c, s.count - 1)  # catch up with the writer
+                continue
+            assert _workers.frame_seq(frame) == c - 1, f"slot {k} did not hold publication {c}"
+            checked += 1
+    finally:
+        w.join(60)
+        del gens, mem
+    assert w.exitcode == 0
+    written = results.get(timeout=10)[1]
+    print(f"written={written} checked={checked} lapped={lapped}")
+    assert checked > 0
+    assert s._h.sim_wait_count(written + 1, 0)  # publication 1 was the frame-0 write

@@ -34,7 +34,9 @@ __all__ = [
     "publish",
     "read",
     "read_into",
+    "slot_view",
     "unlink",
+    "wait_device",
     "wait_read_into",
 ]
 
@@ -178,6 +180,33 @@ def wait_read_into(stream: Stream, out: torch.Tensor, timeout: float | None = No
     return out
 
 
+def wait_device(stream: Stream, count: int) -> None:
+    """Make the current CUDA stream wait, on the device, for publication ``count`` (GPU streams).
+
+    The host returns at once; work queued afterwards on the current CUDA stream
+    of the stream's device starts only when publication ``count`` is complete in
+    its slot, which :func:`slot_view` returns. Uses ``cuStreamWaitValue64``
+    (fetched from the driver at run time), or a one-thread polling kernel where
+    the driver lacks stream memory operations. Nothing times out on the device:
+    queue it only for a count the writer will reach. Raises ValueError for a
+    CPU stream or a count < 1.
+    """
+    torch.ops.shmem.wait_device(stream.token, int(count))
+
+
+@torch.compiler.disable
+def slot_view(stream: Stream, count: int) -> torch.Tensor:
+    """The device slot that publication ``count`` of a GPU stream goes to (a view, eager only).
+
+    After :func:`wait_device` it holds publication ``count`` until the writer
+    begins publication ``count + nslots``; no consistency check is made, so a
+    consumer that can fall that far behind should use :func:`read_into`.
+    """
+    if int(count) < 1:
+        raise ValueError(f"torch_shmem: stream {stream.name!r}: expected a count >= 1, got {count}")
+    return torch.ops.shmem.live_view(stream.token, int(count))
+
+
 def count(stream: Stream) -> torch.Tensor:
     """The stream's publication count, as a 0-d int64 CPU tensor."""
     return torch.ops.shmem.count(stream.token)
@@ -201,6 +230,11 @@ def _read_fake(stream, shape, dtype, device="cpu"):
 
 @torch.library.register_fake("shmem::wait_read_into")
 def _wait_read_into_fake(stream, out, timeout=-1.0):
+    return None
+
+
+@torch.library.register_fake("shmem::wait_device")
+def _wait_device_fake(stream, count):
     return None
 
 

@@ -3,11 +3,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstring>
 
 namespace torch_shmem {
@@ -112,6 +114,18 @@ uint64_t HostSlotMemory::copy_out_then_gen(uint32_t slot, void* dst, bool) {
 
 void* HostSlotMemory::slot_ptr(uint32_t slot) {
   return base_ + kDeviceCountersBytes + slot_stride_ * slot;
+}
+
+// Stands in for a device-side wait (cuStreamWaitValue64 on a GPU): polls
+// the count word, yielding between polls. The acquire load pairs with the
+// writer's release store of count, so the slot's bytes are visible after.
+bool HostSlotMemory::queue_wait_count(uint64_t n, double host_timeout) {
+  const double deadline = host_timeout < 0 ? INFINITY : now_monotonic() + host_timeout;
+  while (load_count() < n) {
+    if (now_monotonic() >= deadline) return false;
+    sched_yield();
+  }
+  return true;
 }
 
 uint64_t HostSlotMemory::load_gen(uint32_t slot) const {

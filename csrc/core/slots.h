@@ -66,6 +66,14 @@ class SlotMemory {
   virtual uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) = 0;
   // Address of a slot in this process (device pointer on a GPU).
   virtual void* slot_ptr(uint32_t slot) = 0;
+  // Device-side wait: work queued on the reader queue after this call
+  // starts only once the device count is >= n, i.e. publication n is
+  // complete in slot n % nslots (the writer stores count after the slot's
+  // copy, in its queue's order). On a GPU the host thread does not block
+  // (the consumer's CUDA stream waits) and host_timeout is ignored; the
+  // host backend blocks the calling thread up to host_timeout seconds
+  // (< 0: forever) and returns false on timeout.
+  virtual bool queue_wait_count(uint64_t n, double host_timeout) = 0;
 };
 
 // Host shared-memory backend: the "device allocation" is a second POSIX shm
@@ -84,6 +92,7 @@ class HostSlotMemory : public SlotMemory {
   void finish_writer() override;
   uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) override;
   void* slot_ptr(uint32_t slot) override;
+  bool queue_wait_count(uint64_t n, double host_timeout) override;
 
   uint64_t load_gen(uint32_t slot) const;
   uint64_t load_count() const;

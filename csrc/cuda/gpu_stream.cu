@@ -16,12 +16,14 @@
 // Only c10/cuda headers are used (the toolkit on the build machines has no
 // cuBLAS headers, so ATen/cuda/CUDAContext.h is not available).
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // driver types and PFN_* only; libcuda is never linked
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -50,6 +52,37 @@ __global__ void store_u64_kernel(unsigned long long* p, unsigned long long v) {
   // writer's stream, the system fence to other streams and processes.
   *reinterpret_cast<volatile unsigned long long*>(p) = v;
   __threadfence_system();
+}
+
+// Fallback device-side wait where stream memory operations are unavailable:
+// one thread polls the count (volatile, so every iteration reloads it);
+// the stream's later work starts when the kernel ends.
+__global__ void wait_geq_kernel(const unsigned long long* p, unsigned long long v) {
+  const volatile unsigned long long* q = p;
+  while (*q < v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+    __nanosleep(256);
+#endif
+  }
+  __threadfence_system();
+}
+
+// cuStreamWaitValue64, fetched from the driver at run time (never linked,
+// so the library loads on machines without a driver); nullptr if the
+// driver does not provide it.
+PFN_cuStreamWaitValue64_v11070 stream_wait_value64() {
+  static PFN_cuStreamWaitValue64_v11070 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue64", &p, 11070, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      p = nullptr;
+    }
+    return reinterpret_cast<PFN_cuStreamWaitValue64_v11070>(p);
+  }();
+  return fn;
 }
 
 IID iid_of(const Header* h) {
@@ -127,6 +160,28 @@ class CudaSlotMemory : public core::SlotMemory {
 
   void* slot_ptr(uint32_t slot) override {
     return static_cast<uint8_t*>(map_->base) + core::kDeviceCountersBytes + stride_ * slot;
+  }
+
+  // The consumer's current CUDA stream waits for count >= n on the device;
+  // the host returns at once. A driver without 64-bit stream memory
+  // operations (CUDA_ERROR_NOT_SUPPORTED) gets the polling kernel instead,
+  // and keeps it for the rest of the process.
+  bool queue_wait_count(uint64_t n, double /*host_timeout*/) override {
+    c10::cuda::CUDAGuard guard(device());
+    cudaStream_t st = stream();
+    auto* count = static_cast<unsigned long long*>(map_->base);  // offset 0
+    static std::atomic<bool> mem_ops_ok{true};
+    if (auto fn = stream_wait_value64(); fn != nullptr && mem_ops_ok.load()) {
+      CUresult r = fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(count),
+                      static_cast<cuuint64_t>(n), CU_STREAM_WAIT_VALUE_GEQ);
+      if (r == CUDA_SUCCESS) return true;
+      TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
+                  "torch_shmem: cuStreamWaitValue64 on a GPU stream failed (CUresult ", int(r), ")");
+      mem_ops_ok.store(false);
+    }
+    wait_geq_kernel<<<1, 1, 0, st>>>(count, static_cast<unsigned long long>(n));
+    TSHM_CUDA_CHECK(cudaGetLastError(), "queue a device-side wait");
+    return true;
   }
 
  private:

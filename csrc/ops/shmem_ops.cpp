@@ -463,19 +463,37 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
 // live_view(stream) -> the latest slot of a GPU stream, aliased (eager
 // only). Meaningful while the caller holds the stream's lock: no writer
 // can publish meanwhile. The view keeps the device mapping alive.
-at::Tensor live_view_cpu(const at::Tensor& token) {
+// live_view(stream, count) with count >= 1 -> the slot that publication
+// `count` goes to (count % nslots), for consumers that ordered their CUDA
+// stream after it with wait_device: it holds that publication until the
+// writer starts publication count + nslots.
+at::Tensor live_view_cpu(const at::Tensor& token, int64_t count) {
   auto e = lookup(token, "live_view");
   TORCH_CHECK(e->dev != nullptr, "shmem::live_view: stream '", e->name,
               "' is a CPU stream; use torch_shmem.SharedMemory.read(safe=False)");
-  uint32_t k = e->stream->header()->latest_slot.load(std::memory_order_acquire);
-  TORCH_CHECK(k < e->stream->geometry()->nslots, "shmem::live_view: stream '", e->name,
-              "': corrupted latest slot");
+  const uint32_t nslots = e->stream->geometry()->nslots;
+  uint32_t k = count >= 1 ? static_cast<uint32_t>(static_cast<uint64_t>(count) % nslots)
+                          : e->stream->header()->latest_slot.load(std::memory_order_acquire);
+  TORCH_CHECK(k < nslots, "shmem::live_view: stream '", e->name, "': corrupted latest slot");
   std::shared_ptr<core::SlotMemory> keep = e->dev;
   auto opts = at::TensorOptions()
                   .dtype(to_scalar_type(e->stream->geometry()->dtype_code))
                   .device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(e->device)));
   return at::from_blob(e->dev->slot_ptr(k), stream_shape(*e->stream),
                        [keep](void*) mutable { keep.reset(); }, opts);
+}
+
+// wait_device(stream, count): the current CUDA stream of the stream's
+// device waits, on the device, until publication `count` is complete in its
+// slot (device counter >= count); the host returns at once. Queue it only
+// for a count the writer will reach: nothing times out on the device.
+void wait_device_impl(at::Tensor& token, int64_t count) {
+  auto e = lookup(token, "wait_device");
+  TORCH_CHECK_VALUE(e->dev != nullptr, "shmem::wait_device: stream '", e->name,
+                    "' is a CPU stream and has no device counter; use wait_read_into");
+  TORCH_CHECK_VALUE(count >= 1, "shmem::wait_device: stream '", e->name,
+                    "': expected a count >= 1, got ", count);
+  e->dev->queue_wait_count(static_cast<uint64_t>(count), -1);
 }
 
 at::Tensor count_cpu(const at::Tensor& token) {
@@ -501,7 +519,8 @@ TORCH_LIBRARY(shmem, m) {
   m.def("read(Tensor(a!) stream, SymInt[] shape, ScalarType dtype, str device=\"cpu\") -> Tensor");
   m.def("wait_read_into(Tensor(a!) stream, Tensor(b!) out, float timeout=-1.0) -> ()");
   m.def("count(Tensor stream) -> Tensor");
-  m.def("live_view(Tensor stream) -> Tensor");
+  m.def("live_view(Tensor stream, int count=-1) -> Tensor");
+  m.def("wait_device(Tensor(a!) stream, int count) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
@@ -515,6 +534,7 @@ TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
   m.impl("info", &info_cpu);
   m.impl("count", &count_cpu);
   m.impl("live_view", &live_view_cpu);
+  m.impl("wait_device", &wait_device_impl);
 }
 
 // The data ops are not differentiable: publishing or reading a tensor that

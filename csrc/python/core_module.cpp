@@ -905,6 +905,31 @@ PyObject* H_read_stats(Handle* h, PyObject*) {
                        static_cast<unsigned long long>(h->last.frame_id));
 }
 
+// sim_wait_count(n, timeout) -> bool: the host form of a GPU stream's
+// device-side wait (SlotMemory::queue_wait_count) on simulated device
+// memory; True once the device count is >= n, False after timeout seconds.
+PyObject* H_sim_wait_count(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "sim_wait_count(n, timeout)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->sim == nullptr) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "torch_shmem: stream %R has no simulated device memory", h->name);
+    return nullptr;
+  }
+  unsigned long long n = PyLong_AsUnsignedLongLong(args[0]);
+  if (n == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  double timeout = 0;
+  if (!parse_timeout(h, args[1], &timeout)) return nullptr;
+  bool ok = false;
+  auto* sim = h->sim;
+  if (!run_core(h, true, [&] { ok = sim->queue_wait_count(n, timeout); })) return nullptr;
+  return PyBool_FromLong(ok);
+}
+
 PyObject* H_set_spin(Handle* h, PyObject* arg) {
   double v = PyFloat_AsDouble(arg);
   if (v == -1.0 && PyErr_Occurred()) return nullptr;
@@ -986,6 +1011,7 @@ PyMethodDef handle_methods[] = {
     {"seq", (PyCFunction)H_seq, METH_NOARGS, nullptr},
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
     {"set_spin", (PyCFunction)H_set_spin, METH_O, nullptr},
+    {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef handle_getset[] = {

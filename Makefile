@@ -24,8 +24,13 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(VENV)/bin/python -m pytest -m cpu -q
 
-bench: $(VENV)/.built
-	$(VENV)/bin/python -m bench --quick
+# The peers the benchmarks compare with, and matplotlib for the plots.
+$(VENV)/.bench: $(VENV)/.built
+	$(VENV)/bin/pip install -q "pyshmem==1.4.0" iceoryx2 matplotlib
+	touch $@
+
+bench: $(VENV)/.bench
+	$(VENV)/bin/python -m bench --quick --plots bench/results/plots
 
 clean:
 	rm -rf build $(VENV) torch_shmem/*.so *.egg-info

@@ -49,6 +49,8 @@ from .common import (
     join_all,
     load_pyshmem,
     md_table,
+    private_copy,
+    private_empty,
     read_after,
     spawn_context,
     unique_name,
@@ -76,7 +78,7 @@ def _reader(impl: str, name: str, ctrl_name: str, barrier: Any, results: Any, cp
         os.sched_setaffinity(0, {cpu})
     ctrl_shm = shared_memory.SharedMemory(name=ctrl_name)
     ctrl = np.ndarray((1,), np.uint8, buffer=ctrl_shm.buf)
-    buf = np.empty(SHAPE, np.float32)
+    buf = private_empty(SHAPE, np.float32)
     stamp = buf.reshape(-1)[:2].view(np.uint64)
     reads = missed = 0
     if impl == RAW:
@@ -127,7 +129,7 @@ class Writer:
 
     def __init__(self, impl: str) -> None:
         self.impl = impl
-        self.frame = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
+        self.frame = private_copy(np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32))
         self.stamp = self.frame.reshape(-1)[:2].view(np.uint64)
         self.stamp[0] = 0
         if impl == RAW:

@@ -58,6 +58,8 @@ from .common import (
     load_iceoryx2,
     load_pyshmem,
     measure_interleaved,
+    private_copy,
+    private_empty,
     quiet_unlink,
     unique_name,
 )
@@ -85,24 +87,11 @@ GPU_BASELINES = {TSG_DEV: (CUDA_D2D, PYG_DEV), TSG_DEV_OUT: (CUDA_D2D, PYG_DEV),
 
 
 # ---------------------------------------------------------------- CPU implementations
-def skewed_like(frame: np.ndarray, skew: int) -> np.ndarray:
-    """A private array like ``frame`` starting ``skew`` bytes past a page boundary.
-
-    Back-to-back allocations of 64 KiB arrays land exactly 64 KiB + 16 B apart,
-    and copying between two such buffers runs about 12x slower on the AMD EPYC
-    hosts used here (address aliasing in the L1 cache), which made the memcpy
-    ceiling at 128x128 meaningless; explicit page offsets avoid it.
-    """
-    buf = np.empty(frame.nbytes + 2 * 4096, np.uint8)
-    start = (-buf.ctypes.data) % 4096 + skew
-    return buf[start:start + frame.nbytes].view(frame.dtype).reshape(frame.shape)
-
-
 @contextlib.contextmanager
 def memcpy_impl(frame: np.ndarray) -> Iterator[Step]:
     """Two private copies per iteration: the memory-bandwidth ceiling."""
-    base = frame.ctypes.data % 4096  # keep both buffers away from frame's page offset
-    mid, out = skewed_like(frame, (base + 1024) % 4096), skewed_like(frame, (base + 2048 + 64) % 4096)
+    # frame sits at PRIVATE_OFFSET; mid at page offset 0, like a shared payload
+    mid, out = private_empty(frame.shape, frame.dtype, 0), private_empty(frame.shape, frame.dtype)
 
     def step() -> np.ndarray:
         np.copyto(mid, frame)
@@ -117,7 +106,7 @@ def raw_impl(frame: np.ndarray, alloc: bool) -> Iterator[Step]:
     """Unsynchronised copy through a ``multiprocessing.shared_memory`` segment."""
     shm = shared_memory.SharedMemory(create=True, size=max(frame.nbytes, 1))
     view = np.ndarray(frame.shape, frame.dtype, buffer=shm.buf)
-    out = np.empty_like(frame)
+    out = private_empty(frame.shape, frame.dtype)
 
     def step_out() -> np.ndarray:
         np.copyto(view, frame)
@@ -144,7 +133,7 @@ def stream_impl(module: Any, name: str, frame: Any, use_out: bool, out: Any = No
     shape = tuple(frame.shape)
     stream = module.create(name, shape=shape, dtype=DTYPE, **create_kw)
     if out is None:
-        out = np.empty(shape, DTYPE)
+        out = private_empty(shape, DTYPE)
 
     def step_out() -> Any:
         stream.write(frame)
@@ -177,7 +166,7 @@ def iceoryx2_impl(iox: Any, frame: np.ndarray) -> Iterator[Step]:
     )
     publisher = service.publisher_builder().initial_max_slice_len(nbytes).create()
     subscriber = service.subscriber_builder().create()
-    out = np.empty_like(frame)
+    out = private_empty(frame.shape, frame.dtype)
     array_t = ctypes.c_uint8 * nbytes
     shape, dtype = frame.shape, frame.dtype
 
@@ -240,7 +229,7 @@ def _rows(n: int, nbytes: int, rates: dict[str, list[float]], batches: dict[str,
 
 def bench_size(n: int, cfg: Config, pyshmem: Any, iox: Any, progress: Progress) -> list[dict]:
     """Measure every CPU implementation on an ``n`` x ``n`` frame; return result rows."""
-    frame = np.random.default_rng(n).standard_normal((n, n), dtype=DTYPE)
+    frame = private_copy(np.random.default_rng(n).standard_normal((n, n), dtype=DTYPE))
     with contextlib.ExitStack() as stack:
         steps = {label: stack.enter_context(impl)
                  for label, impl in cpu_implementations(frame, pyshmem, iox).items()}

@@ -69,6 +69,8 @@ from .common import (
     load_pyshmem,
     md_table,
     percentiles,
+    private_copy,
+    private_empty,
     read_after,
     spawn_context,
     unique_name,
@@ -140,7 +142,7 @@ class RawChannel(Channel):
         self.payload = np.ndarray((size,), np.uint8, buffer=self.req.buf, offset=self.OFFSET)
         self.acked = np.ndarray((1,), np.uint64, buffer=self.ack.buf)
         self.seq[0] = self.acked[0] = 0
-        self.src = np.arange(size, dtype=np.uint8)
+        self.src = private_copy(np.arange(size, dtype=np.uint8))
 
     def child_args(self) -> tuple:
         return self.req.name, self.ack.name
@@ -170,7 +172,7 @@ class RawChannel(Channel):
         seq = np.ndarray((1,), np.uint64, buffer=req.buf)
         payload = np.ndarray((size,), np.uint8, buffer=req.buf, offset=RawChannel.OFFSET)
         acked = np.ndarray((1,), np.uint64, buffer=ack.buf)
-        snapshot = np.empty(size, np.uint8)
+        snapshot = private_empty(size, np.uint8)
         ready.set()
         last = 0
         while True:
@@ -199,7 +201,7 @@ class StreamChannel(Channel):
         self.names = unique_name("pp_req"), unique_name("pp_ack")
         self.req = mod.create(self.names[0], shape=(size,), dtype=np.uint8, **self.create_kw)
         self.ack = mod.create(self.names[1], shape=(1,), dtype=np.uint64, **self.create_kw)
-        self.src = np.arange(size, dtype=np.uint8)
+        self.src = private_copy(np.arange(size, dtype=np.uint8))
         self.header = self.src[:HEADER].view(np.uint64)
         self.ack_buf = np.empty(1, np.uint64)
         self.acks = self.ack.count
@@ -228,7 +230,7 @@ class StreamChannel(Channel):
     def respond(args: tuple, size: int, ready: Any) -> None:
         mod = _module(args[0])
         req, ack = mod.open(args[1][0]), mod.open(args[1][1])
-        buf = np.empty(size, np.uint8)
+        buf = private_empty(size, np.uint8)
         header = buf[:HEADER].view(np.uint64)
         reply = np.empty(1, np.uint64)
         seen = req.count
@@ -301,7 +303,7 @@ class IceoryxChannel(Channel):
         self.sub = ack_s.subscriber_builder().create()
         self.notifier = req_e.notifier_builder().create()
         self.listener = ack_e.listener_builder().create()
-        self.src = np.arange(size, dtype=np.uint8)
+        self.src = private_copy(np.arange(size, dtype=np.uint8))
         self.header = self.src[:HEADER].view(np.uint64)
         self.req_t = ctypes.c_uint8 * size
         self.ack_t = ctypes.c_uint64 * 1
@@ -349,7 +351,7 @@ class IceoryxChannel(Channel):
         listener = req_e.listener_builder().create()
         notifier = ack_e.notifier_builder().create()
         req_t, ack_t = ctypes.c_uint8 * size, ctypes.c_uint64 * 1
-        buf = np.empty(size, np.uint8)
+        buf = private_empty(size, np.uint8)
         header = buf[:HEADER].view(np.uint64)
         ready.set()
         while True:

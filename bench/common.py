@@ -290,6 +290,40 @@ def iox_node(iox: Any) -> Any:
     return iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
 
 
+PAGE = 4096
+# Page offset of every private buffer the benchmarks copy to or from. Shared
+# payloads start at page offset 0 (torch_shmem, pyshmem, raw segments) or 64
+# (the raw ping-pong payload); half a page away from both, no copy runs
+# between buffers whose addresses differ by a small amount modulo 4 KiB.
+PRIVATE_OFFSET = 2048
+
+
+def private_empty(shape: Any, dtype: Any, offset: int = PRIVATE_OFFSET) -> np.ndarray:
+    """An uninitialised private array starting ``offset`` bytes past a page boundary.
+
+    Where ``np.empty`` puts an array depends on the allocator's state, and a copy
+    between two buffers whose addresses differ by a few bytes modulo 4 KiB runs
+    up to 12x slower on the AMD EPYC hosts used here (loads falsely aliasing
+    earlier stores; two 64 KiB arrays allocated back to back sit 64 KiB + 16 B
+    apart). NumPy's copy loops are exposed to it, glibc's memcpy avoids it, so an
+    unlucky allocation made a baseline erratic from run to run. Fixed offsets make
+    every implementation copy between the same relative alignments.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (int(shape),)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + 2 * PAGE, np.uint8)
+    start = (-buf.ctypes.data) % PAGE + offset
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def private_copy(a: np.ndarray, offset: int = PRIVATE_OFFSET) -> np.ndarray:
+    """``a`` copied into a :func:`private_empty` array."""
+    out = private_empty(a.shape, a.dtype, offset)
+    np.copyto(out, a)
+    return out
+
+
 def unique_name(tag: str) -> str:
     """A stream/service name unique to this process and call."""
     return f"bench_{tag}_{os.getpid()}_{uuid.uuid4().hex[:8]}"

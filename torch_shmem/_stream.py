@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _U64_MAX = 2**64 - 1
+_get_ident = threading.get_ident
 
 
 # Above this size a value that is not already in the payload's dtype and
@@ -226,7 +227,6 @@ class SharedMemory:
         "_instance_id",
         "_creator_pid",
         "_held",
-        "_held_mutex",
         "_create_time",
         "_auto_unlink",
         "__weakref__",
@@ -246,7 +246,6 @@ class SharedMemory:
         self._auto_unlink = False
         # lock levels taken through this handle, per thread (for close())
         self._held: dict[int, int] = {}
-        self._held_mutex = threading.Lock()
 
     # ------------------------------------------------------------------ state
     def _check_open(self) -> None:
@@ -432,20 +431,21 @@ class SharedMemory:
                 f"torch_shmem: stream {self._name!r} is open read-only; cannot take its write lock"
             )
         self._h.acquire(timeout)
-        ident = threading.get_ident()
-        with self._held_mutex:
-            self._held[ident] = self._held.get(ident, 0) + 1
+        # Each thread writes only its own entry and single dict operations are
+        # atomic, so this per-handle bookkeeping needs no mutex; close() reads
+        # a snapshot (list(items())).
+        held, ident = self._held, _get_ident()
+        held[ident] = held.get(ident, 0) + 1
 
     def release(self) -> None:
         """Release one level of the calling thread's lock."""
         self._h.release()
-        ident = threading.get_ident()
-        with self._held_mutex:
-            depth = self._held.get(ident, 0)
-            if depth <= 1:
-                self._held.pop(ident, None)
-            else:
-                self._held[ident] = depth - 1
+        held, ident = self._held, _get_ident()
+        depth = held.get(ident, 0)
+        if depth <= 1:
+            held.pop(ident, None)
+        else:
+            held[ident] = depth - 1
 
     def locked(self, *, timeout: float | None = None, poll_interval: float = 1e-3) -> _LockScope:
         """Context manager holding the write lock; yields this handle."""
@@ -567,8 +567,8 @@ class SharedMemory:
         return Publication(self._payload_view(), count, frame_id, write_time_ns * 1e-9, missed)
 
     def _payload_view(self) -> np.ndarray:
-        view = np.frombuffer(self._h, dtype=self._dtype, count=math.prod(self._shape))
-        return view.reshape(self._shape)
+        # an ndarray over the live payload whose base holds a buffer export
+        return self._h.live_array()
 
     def _after(self, after: Any) -> int:
         try:
@@ -1046,10 +1046,10 @@ class SharedMemory:
         """
         if self._h.closed:
             return
-        ident = threading.get_ident()
-        with self._held_mutex:
-            others = [t for t, d in self._held.items() if t != ident and d > 0]
-            mine = self._held.get(ident, 0)
+        ident = _get_ident()
+        snapshot = list(self._held.items())  # one C-level copy: atomic under the GIL
+        others = [t for t, d in snapshot if t != ident and d > 0]
+        mine = self._held.get(ident, 0)
         if others:
             raise RuntimeError(
                 f"torch_shmem: cannot close stream {self._name!r}: another thread holds its "
@@ -1057,8 +1057,7 @@ class SharedMemory:
             )
         for _ in range(mine):
             self._h.release()
-        with self._held_mutex:
-            self._held.clear()
+        self._held.clear()
         self._h.close(timeout)
 
     def unlink(self) -> None:

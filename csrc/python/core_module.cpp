@@ -971,6 +971,34 @@ int H_getbuffer(Handle* h, Py_buffer* view, int flags) {
   return 0;
 }
 
+// live_array() -> ndarray of the stream's shape and dtype over the live
+// payload. Its base is a memoryview of the handle, i.e. one buffer export
+// (H_getbuffer's checks apply), which keeps the mapping alive past close().
+// The same as np.frombuffer(handle, dtype).reshape(shape), at a fraction of
+// the per-call cost (it runs once per locked in-place access).
+PyObject* H_live_array(Handle* h, PyObject*) {
+  PyObject* mv = PyMemoryView_FromObject(reinterpret_cast<PyObject*>(h));
+  if (mv == nullptr) return nullptr;
+  Py_buffer* buf = PyMemoryView_GET_BUFFER(mv);
+  PyArray_Descr* descr = PyArray_DescrFromType(h->typenum);
+  if (descr == nullptr) {
+    Py_DECREF(mv);
+    return nullptr;
+  }
+  int flags = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | (buf->readonly ? 0 : NPY_ARRAY_WRITEABLE);
+  PyObject* arr = PyArray_NewFromDescr(&PyArray_Type, descr, h->ndim, h->dims, nullptr, buf->buf,
+                                       flags, nullptr);  // steals descr
+  if (arr == nullptr) {
+    Py_DECREF(mv);
+    return nullptr;
+  }
+  if (PyArray_SetBaseObject(reinterpret_cast<PyArrayObject*>(arr), mv) < 0) {  // steals mv
+    Py_DECREF(arr);
+    return nullptr;
+  }
+  return arr;
+}
+
 void H_releasebuffer(Handle* h, Py_buffer*) {
   h->exports -= 1;
   if (h->exports == 0 && h->closed) h->s->unmap();
@@ -1011,6 +1039,7 @@ PyMethodDef handle_methods[] = {
     {"seq", (PyCFunction)H_seq, METH_NOARGS, nullptr},
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
     {"set_spin", (PyCFunction)H_set_spin, METH_O, nullptr},
+    {"live_array", (PyCFunction)H_live_array, METH_NOARGS, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 

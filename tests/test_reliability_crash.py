@@ -79,7 +79,7 @@ class Torture:
                     "repairs": 0, "parent_reads_verified": 0, "max_lock_ms": 0.0,
                     "points": {}}
 
-    def _check_after_kill(self, expect=None, count_before=0):
+    def _check_after_kill(self, dead_pid, expect=None, count_before=0):
         s = self.s
         seq_odd = bool(s.write_sequence & 1)
         t0 = time.monotonic()
@@ -88,7 +88,11 @@ class Torture:
         s.release()
         self.fig["max_lock_ms"] = max(self.fig["max_lock_ms"], ms)
         assert ms < 1000, f"lock took {ms:.1f} ms after the holder died"
-        assert s.lock_owner is None
+        # Free, or taken by a verifying reader's lock fallback (readers fall back
+        # to the lock while a dead writer's odd seq stands): never the dead pid.
+        owner = s.lock_owner
+        assert owner != dead_pid, "the dead writer still owns the lock"
+        assert owner is None or owner in {p.pid for p in self.readers}, owner
         count = s.count
         assert count >= count_before, "count went backwards"
         try:
@@ -131,7 +135,7 @@ class Torture:
             time.sleep(rng.uniform(0, max(0.003, 4 * write_s)))
             kill_and_reap(p)
         self.fig["kills"] += 1
-        self._check_after_kill(count_before=count_before)
+        self._check_after_kill(p.pid, count_before=count_before)
 
     def kill_at_point(self, point):
         state = self.ctx.Array("q", 3, lock=False)
@@ -144,7 +148,7 @@ class Torture:
         self.fig["kills"] += 1
         self.fig["points"][point] = self.fig["points"].get(point, 0) + 1
         expect = "intact" if point in ("holding_lock", "after_write_locked") else "inconsistent"
-        self._check_after_kill(expect=expect, count_before=count_before)
+        self._check_after_kill(p.pid, expect=expect, count_before=count_before)
 
     def finish(self):
         self.stop.set()

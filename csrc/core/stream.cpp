@@ -788,7 +788,11 @@ Snapshot Stream::read_locked(void* dst) const {
 // ---------------------------------------------------------------------------
 
 bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) const {
-  if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+  // count (= seq / 2) moved past `after`
+  auto newer = [&](std::memory_order mo = std::memory_order_acquire) {
+    return (hdr_->seq.load(mo) >> 1) > after;
+  };
+  if (newer()) return true;
   if (spin_seconds > 0) {
     // Spin briefly for microsecond wake-ups. The first few microseconds
     // poll with pause only (a sched_yield costs ~0.7 us, which would be
@@ -802,28 +806,28 @@ bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) con
     do {
       for (int i = 0; i < 16; ++i) {
         TSHM_CPU_RELAX();
-        if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+        if (newer()) return true;
       }
     } while (mono_now() < pure_end);
     do {
       for (int i = 0; i < 8; ++i) TSHM_CPU_RELAX();
-      if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+      if (newer()) return true;
       sched_yield();
     } while (mono_now() < end);
   }
   if (seconds <= 0) return false;
   uint32_t e = hdr_->epoch.load(std::memory_order_acquire);
-  if ((hdr_->seq.load(std::memory_order_acquire) >> 1) > after) return true;
+  if (newer()) return true;
   auto* waiters = const_cast<std::atomic<uint32_t>*>(&hdr_->waiters);
   waiters->fetch_add(1, std::memory_order_seq_cst);
-  if ((hdr_->seq.load(std::memory_order_seq_cst) >> 1) > after) {
+  if (newer(std::memory_order_seq_cst)) {  // Dekker pair with publish_locked
     waiters->fetch_sub(1, std::memory_order_seq_cst);
     return true;
   }
   futex_wait(&hdr_->epoch, e, seconds);
   waiters->fetch_sub(1, std::memory_order_seq_cst);
   (void)hdr_->epoch.load(std::memory_order_acquire);
-  return (hdr_->seq.load(std::memory_order_acquire) >> 1) > after;
+  return newer();
 }
 
 void Stream::wake_all() const {

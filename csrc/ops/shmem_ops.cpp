@@ -460,13 +460,13 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
-// live_view(stream) -> the latest slot of a GPU stream, aliased (eager
-// only). Meaningful while the caller holds the stream's lock: no writer
-// can publish meanwhile. The view keeps the device mapping alive.
-// live_view(stream, count) with count >= 1 -> the slot that publication
-// `count` goes to (count % nslots), for consumers that ordered their CUDA
-// stream after it with wait_device: it holds that publication until the
-// writer starts publication count + nslots.
+// live_view(stream, count=-1) -> a slot of a GPU stream, aliased (eager
+// only); the view keeps the device mapping alive. count < 1: the latest
+// slot, meaningful while the caller holds the stream's lock (no writer can
+// publish meanwhile). count >= 1: the slot publication `count` goes to
+// (count % nslots), for consumers that ordered their CUDA stream after it
+// with wait_device; it holds that publication until the writer starts
+// publication count + nslots.
 at::Tensor live_view_cpu(const at::Tensor& token, int64_t count) {
   auto e = lookup(token, "live_view");
   TORCH_CHECK(e->dev != nullptr, "shmem::live_view: stream '", e->name,

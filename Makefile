@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-wheels clean
 
 $(VENV)/.built: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ $(VENV)/.bench: $(VENV)/.built
 
 bench: $(VENV)/.bench
 	$(VENV)/bin/python -m bench --quick --plots bench/results/plots
+
+# Wheels for .ci/gpu on a machine without a package registry (carried there
+# with the working tree; .ci/gpu installs them with --no-deps --no-index).
+gpu-wheels: $(VENV)/.built
+	$(VENV)/bin/pip download -q --no-deps -d bench/wheels "pyshmem==1.4.0"
 
 clean:
 	rm -rf build $(VENV) torch_shmem/*.so *.egg-info

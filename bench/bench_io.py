@@ -24,8 +24,14 @@ CPU implementations, side by side in the same run:
   not a latest-value stream, so it is compared as write-then-read.
 
 GPU part (when CUDA is present; untested until run on a GPU): device-resident writes (CUDA
-tensor source) and host-upload writes (NumPy source) into GPU streams, read back into a
-CUDA tensor, next to ``torch`` copies (the copy limits) and pyshmem's GPU streams. Each
+tensor source) and host-upload writes into GPU streams, read back into a CUDA tensor, next
+to ``torch`` copies (the copy limits) and pyshmem's GPU streams. Host uploads come from a
+NumPy array (pageable: the driver stages it, or ``TORCH_SHMEM_HOST_UPLOAD=staged``: two
+page-locked chunks of torch_shmem's own) and from a pinned CPU tensor (straight DMA). A
+``cpu_mirror=True`` stream adds the mirror copy into its page-locked CPU payload to every
+write. The mirror copy itself is also timed alone, device tensor into page-locked host
+memory: the Triton kernel (``torch_shmem.kernels.mirror_copy``, stores from the SMs) against
+the copy engine (``copy_(non_blocking=True)``), which is what the write path uses. Each
 timed batch ends with ``torch.cuda.synchronize()``.
 
 Importing this module never imports torch.
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 from multiprocessing import shared_memory
 from typing import Any, Iterator
@@ -50,6 +57,7 @@ from .common import (
     Step,
     Target,
     GPU_DEVICE,
+    GPU_DRY_RUN,
     fmt_hz,
     gpu_sync,
     gpu_torch,
@@ -81,9 +89,24 @@ BASELINES = {TS_READ: (RAW_ALLOC, PY_READ), TS_OUT: (RAW, PY_OUT)}
 CUDA_D2D, CUDA_H2D = "torch D2D copy x2", "torch H2D + D2D copy"
 TSG_DEV, TSG_HOST = "torch_shmem GPU device write + read()", "torch_shmem GPU host write + read()"
 TSG_DEV_OUT = "torch_shmem GPU device write + read(out=)"
+TSG_HOST_STAGED = "torch_shmem GPU host write (staged) + read()"
+TSG_HOST_PINNED = "torch_shmem GPU pinned-host write + read()"
+TSG_MIRROR = "torch_shmem GPU device write, cpu_mirror (Triton) + read()"
+TSG_MIRROR_CE = "torch_shmem GPU device write, cpu_mirror (copy engine) + read()"
+CUDA_H2D_PINNED = "torch pinned H2D + D2D copy"
+CUDA_D2D_D2H = "torch D2D + D2H (pinned) copy"
+MIRROR_TRITON = "mirror_copy D2H (pinned), Triton kernel"
+MIRROR_CE = "copy_ D2H (pinned), copy engine"
 PYG_DEV, PYG_HOST = "pyshmem GPU device write + read()", "pyshmem GPU host write + read()"
-GPU_BASELINES = {TSG_DEV: (CUDA_D2D, PYG_DEV), TSG_DEV_OUT: (CUDA_D2D, PYG_DEV),
-                 TSG_HOST: (CUDA_H2D, PYG_HOST)}
+GPU_BASELINES = {
+    TSG_DEV: (CUDA_D2D, PYG_DEV), TSG_DEV_OUT: (CUDA_D2D, PYG_DEV),
+    TSG_HOST: (CUDA_H2D, PYG_HOST), TSG_HOST_STAGED: (CUDA_H2D, PYG_HOST),
+    TSG_HOST_PINNED: (CUDA_H2D_PINNED, PYG_HOST),
+    TSG_MIRROR: (CUDA_D2D_D2H, None), TSG_MIRROR_CE: (CUDA_D2D_D2H, None),
+    MIRROR_TRITON: (MIRROR_CE, None),
+}
+HOST_UPLOAD_ENV = "TORCH_SHMEM_HOST_UPLOAD"
+MIRROR_ENV = "TORCH_SHMEM_MIRROR"
 
 
 # ---------------------------------------------------------------- CPU implementations
@@ -241,6 +264,39 @@ def bench_size(n: int, cfg: Config, pyshmem: Any, iox: Any, progress: Progress) 
 
 
 # ---------------------------------------------------------------- GPU (untested: no GPU yet)
+@contextlib.contextmanager
+def env_at_create(key: str, value: str, impl: Any) -> Iterator[Step]:
+    """Enter ``impl`` (which creates its stream) with ``os.environ[key] = value``.
+
+    torch_shmem reads its upload policy when a stream is mapped, so the variable only needs
+    to be set while the stream is created; it is restored before anything is timed.
+    """
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        step = impl.__enter__()
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    try:
+        yield step
+    finally:
+        impl.__exit__(None, None, None)
+
+
+def mirror_kernel_available(torch: Any) -> bool:
+    """Whether the Triton mirror kernel can run on CUDA tensors here."""
+    if GPU_DRY_RUN:
+        return False
+    try:
+        from torch_shmem.kernels import triton_available
+    except Exception:
+        return False
+    return triton_available()
+
+
 def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) -> tuple[list[dict], list[str]]:
     """GPU stream round trips and torch copy limits; ``([], [reason])`` when CUDA is absent.
 
@@ -257,7 +313,12 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
         notes.append("torch_shmem GPU rows skipped: torch_shmem.gpu_available() is False "
                      "(the CUDA half was not built or no device is visible)")
     py_gpu = pyshmem is not None and pyshmem.gpu_available()
-    progress.start("io (GPU)", len(sizes) * (2 + 3 * ts_gpu + 2 * py_gpu) * cfg.repeats)
+    pinned = not GPU_DRY_RUN  # page-locked host memory needs a CUDA device
+    triton_mirror = mirror_kernel_available(torch)
+    if not triton_mirror:
+        notes.append(f"{MIRROR_TRITON!r} skipped: the Triton kernels cannot run here")
+    per_size = 2 + 3 * pinned + 4 * ts_gpu + 3 * (ts_gpu and pinned) + 2 * py_gpu + triton_mirror
+    progress.start("io (GPU)", len(sizes) * per_size * cfg.repeats)
     rows: list[dict] = []
     for n in sizes:
         host = np.random.default_rng(n).standard_normal((n, n), dtype=DTYPE)
@@ -277,22 +338,59 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
 
         impls: dict[str, Any] = {CUDA_D2D: contextlib.nullcontext(d2d),
                                  CUDA_H2D: contextlib.nullcontext(h2d)}
+        host_pinned = torch.from_numpy(host).pin_memory() if pinned else None
+        mirror = torch.empty_like(host_pinned) if pinned else None
+        if pinned:
+            def h2d_pinned(host_t=host_pinned, mid=mid, out=out) -> Any:
+                mid.copy_(host_t, non_blocking=True)
+                out.copy_(mid)
+                return out
+
+            def d2d_d2h(src=src, mid=mid, mirror=mirror, out=out) -> Any:
+                mid.copy_(src)
+                mirror.copy_(mid, non_blocking=True)
+                out.copy_(mid)
+                return out
+
+            def mirror_ce(src=src, mirror=mirror) -> Any:
+                mirror.copy_(src, non_blocking=True)
+                return mirror
+
+            impls[CUDA_H2D_PINNED] = contextlib.nullcontext(h2d_pinned)
+            impls[CUDA_D2D_D2H] = contextlib.nullcontext(d2d_d2h)
+            impls[MIRROR_CE] = contextlib.nullcontext(mirror_ce)
+        if triton_mirror:
+            from torch_shmem.kernels import mirror_copy
+
+            def mirror_triton(src=src, mirror=mirror) -> Any:
+                return mirror_copy(src, mirror, backend="triton")
+
+            impls[MIRROR_TRITON] = contextlib.nullcontext(mirror_triton)
         gpu_kw = {"gpu_device": GPU_DEVICE}
         if ts_gpu:
             impls[TSG_DEV_OUT] = stream_impl(ts, unique_name("gio"), src, True, out, **gpu_kw)
             impls[TSG_DEV] = stream_impl(ts, unique_name("gio"), src, False, **gpu_kw)
             impls[TSG_HOST] = stream_impl(ts, unique_name("gio"), host, False, **gpu_kw)
+            impls[TSG_HOST_STAGED] = env_at_create(
+                HOST_UPLOAD_ENV, "staged", stream_impl(ts, unique_name("gio"), host, False, **gpu_kw))
+            if pinned:
+                impls[TSG_HOST_PINNED] = stream_impl(ts, unique_name("gio"), host_pinned, False, **gpu_kw)
+                impls[TSG_MIRROR] = stream_impl(ts, unique_name("gio"), src, False, cpu_mirror=True, **gpu_kw)
+                impls[TSG_MIRROR_CE] = env_at_create(MIRROR_ENV, "copy", stream_impl(
+                    ts, unique_name("gio"), src, False, cpu_mirror=True, **gpu_kw))
         if py_gpu:
             impls[PYG_DEV] = stream_impl(pyshmem, unique_name("gio"), src, False, **gpu_kw)
             impls[PYG_HOST] = stream_impl(pyshmem, unique_name("gio"), host, False, **gpu_kw)
         with contextlib.ExitStack() as stack:
             steps = {label: stack.enter_context(impl) for label, impl in impls.items()}
             for label, step in steps.items():
-                if not torch.equal(step().to(dev), src):
+                got = step()
+                sync()
+                if not torch.equal(got.to(dev), src):
                     raise AssertionError(f"{label}: GPU round trip returned wrong data at {n}x{n}")
             rates, batches = measure_interleaved(steps, cfg, progress, f"GPU {n}x{n}", sync=sync)
         rows += _rows(n, host.nbytes, rates, batches, "cuda")
-        del src, mid, out
+        del src, mid, out, host_pinned, mirror
     progress.finish()
     return rows, notes
 
@@ -402,7 +500,13 @@ def run(cfg: Config, progress: Progress) -> Section:
         sec.tables.append("CPU streams:\n\n" + markdown_table(rows))
     if gpu:
         sec.tables.append("GPU streams (device-resident writes: CUDA tensor source; host "
-                          "writes: NumPy source uploaded by the write):\n\n"
+                          "writes: NumPy source uploaded by the write, through the driver's "
+                          "staging or, `(staged)`, torch_shmem's two page-locked chunks; "
+                          "pinned-host writes: a pinned CPU tensor, straight DMA; `cpu_mirror`: "
+                          "every write also copied into the page-locked CPU payload, by the Triton "
+                          "kernel (default) or the copy engine). The two "
+                          "`D2H (pinned)` rows time the mirror copy alone: Triton kernel vs "
+                          "copy engine:\n\n"
                           + markdown_table(gpu, GPU_BASELINES))
     sec.notes += [py_note, iox_note] + gpu_notes
     sec.rows = rows + gpu

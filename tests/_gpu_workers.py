@@ -61,3 +61,18 @@ def api_read(name, q):
     x = s.read()
     q.put((x.device.type, x.cpu().tolist()))
     s.close()
+
+
+def leave_open_and_exit(name, q):
+    import numpy as np
+
+    import torch_shmem
+
+    os.environ["TORCH_SHMEM_HOST_UPLOAD"] = "staged"
+    s = torch_shmem.create(name, shape=(3 << 20,), dtype=np.float32, gpu_device="cuda:0", cpu_mirror=True)
+    s.write(np.ones(3 << 20, np.float32))
+    other = O.open(name)
+    view = O.slot_view(other, 1)
+    assert float(view[0]) == 1.0
+    q.put("done")
+    # s, other and view are left open on purpose

@@ -126,9 +126,9 @@ def test_create_validation(name):
     assert s.size == 8
     with pytest.raises(FileExistsError, match=r"torch_shmem.open"):
         torch_shmem.create(name, shape=(2,))
-    with pytest.raises(RuntimeError, match="GPU streams"):
-        torch_shmem.create(name + "g", shape=(2,), gpu_device="cuda:0")
-    assert torch_shmem.gpu_available() is False
+    if not torch_shmem.gpu_available():  # on a GPU machine tests/test_gpu.py covers it
+        with pytest.raises(RuntimeError, match="GPU streams"):
+            torch_shmem.create(name + "g", shape=(2,), gpu_device="cuda:0")
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "/x", "x" * 201, "tab\tname"])

@@ -29,6 +29,19 @@ import torch_shmem.ops as O  # noqa: E402
 ctx = mp.get_context("spawn")
 
 
+def wait_stream(stream, release, timeout=60):
+    """Wait for a CUDA stream without hanging the session: a stream parked in wait_device
+    on a count nobody publishes would block synchronize() forever (and every later
+    device-wide sync). On timeout, ``release()`` publishes what it waits for, then fail."""
+    deadline = time.monotonic() + timeout
+    while not stream.query():
+        if time.monotonic() > deadline:
+            release()
+            stream.synchronize()
+            pytest.fail(f"the CUDA stream was still waiting after {timeout} s")
+        time.sleep(0.005)
+
+
 def join(p, timeout=120):
     p.join(timeout)
     if p.is_alive():
@@ -79,7 +92,8 @@ def test_consistency_under_a_fast_writer(name, nbytes):
     ready.set()
     torn = reads = 0
     last = 0
-    while p.is_alive() or reads == 0:
+    deadline = time.monotonic() + 120
+    while (p.is_alive() or reads == 0) and time.monotonic() < deadline:
         y = O.read(s)
         lo, hi = float(y.min()), float(y.max())
         reads += 1
@@ -243,7 +257,7 @@ def test_device_wait_same_process(name):
     assert not consumer.query()  # the consumer stream is parked on the device counter
     with torch.cuda.stream(producer):
         O.publish(s, torch.full((1024,), 2.0, device="cuda"))
-    consumer.synchronize()
+    wait_stream(consumer, lambda: O.publish(s, torch.zeros(1024, device="cuda")))
     assert torch.equal(got, torch.full((1024,), 2.0, device="cuda"))
     with pytest.raises(ValueError, match="count >= 1"):
         O.wait_device(r, 0)
@@ -260,9 +274,92 @@ def test_device_wait_across_processes(name):
         got = O.slot_view(s, 1).clone()
     p = ctx.Process(target=_gpu_workers.publish_after, args=(name, 0.5, 7.0))
     p.start()
-    consumer.synchronize()
+    wait_stream(consumer, lambda: O.publish(s, torch.zeros(4096, device="cuda")), timeout=120)
     assert torch.equal(got, torch.full((4096,), 7.0, device="cuda"))
     join(p)
     O.close(s)
     O.unlink(name)
 
+
+
+@pytest.mark.parametrize("policy", ["direct", "staged"])
+def test_host_uploads_pageable_and_pinned(name, policy, monkeypatch):
+    """Host uploads land byte for byte whatever the path: pageable NumPy and CPU tensors
+    (driver staging, or torch_shmem's two page-locked 4 MiB chunks when staged: the size
+    below is not a multiple of the chunk) and pinned tensors (straight DMA)."""
+    monkeypatch.setenv("TORCH_SHMEM_HOST_UPLOAD", policy)  # read when the stream is mapped
+    n = (9 << 20) // 4 + 3
+    s = O.create_gpu(name, (n,), torch.float32, device=0)
+    g = torch.Generator().manual_seed(1)
+    for k in range(3):
+        host = torch.randn(n, generator=g)
+        src = host.pin_memory() if k == 2 else host
+        O.publish(s, src)
+        assert torch.equal(O.read(s).cpu(), host), (policy, k)
+    small = O.create_gpu(f"{name}-small", (5,), torch.int16, device=0)  # below one chunk
+    O.publish(small, torch.arange(5, dtype=torch.int16))
+    assert O.read(small).cpu().tolist() == [0, 1, 2, 3, 4]
+    for st in (small, s):
+        O.close(st)
+    O.unlink(f"{name}-small")
+    O.unlink(name)
+
+
+@pytest.mark.parametrize("policy", ["kernel", "copy"])
+def test_cpu_mirror_pages_registered_and_released(name, policy, monkeypatch):
+    """A mirrored stream's writable handles page-lock the CPU payload: every write lands in
+    it, by the Triton kernel (default, through shmem::mirror_copy) or the copy engine
+    (TORCH_SHMEM_MIRROR=copy), and opening/closing handles repeatedly (register/unregister)
+    never fails."""
+    from torch_shmem import kernels
+
+    if policy == "copy":
+        monkeypatch.setenv("TORCH_SHMEM_MIRROR", "copy")  # read when a handle maps the stream
+    n = (5 << 20) // 8 + 1
+    s = torch_shmem.create(name, shape=(n,), dtype=np.float64, gpu_device="cuda:0", cpu_mirror=True)
+    plain = torch_shmem.open(name)  # CPU handle: reads the mirror
+    calls = O.mirror_copy_calls
+    for k in range(1, 21):
+        w = torch_shmem.open(name, gpu_device="cuda:0")
+        w.write(torch.full((n,), float(k), dtype=torch.float64, device="cuda"))
+        w.close()
+        got = plain.read()
+        assert got[0] == k and got[-1] == k and (got == k).all()
+    assert plain.count == 20
+    used = O.mirror_copy_calls - calls
+    if policy == "copy" or not kernels.triton_available():
+        assert used == 0
+    else:
+        assert used == 20
+    plain.close()
+    s.unlink()
+
+
+def test_exit_without_close_is_clean(name):
+    """A process that leaves GPU streams open (mirrored, staged uploads, a live mapping)
+    exits with status 0: nothing in torch_shmem runs CUDA calls that can throw at exit."""
+    q = ctx.Queue()
+    p = ctx.Process(target=_gpu_workers.leave_open_and_exit, args=(name, q))
+    p.start()
+    assert q.get(timeout=120) == "done"
+    join(p)
+
+
+def test_publish_behind_own_device_wait_is_refused(name):
+    """Publishing count c on a CUDA stream that this process parked on count >= c of the
+    same stream would queue the write behind its own wait: refused before anything is
+    queued, the lock released; another CUDA stream can publish and release the wait."""
+    s = O.create_gpu(name, (256,), torch.float32, device=0)
+    parked, other = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(parked):
+        O.wait_device(s, 1)
+        with pytest.raises(RuntimeError, match="wait_device"):
+            O.publish(s, torch.ones(256, device="cuda"))
+    with torch.cuda.stream(other):
+        O.publish(s, torch.ones(256, device="cuda"))  # the lock was released by the refusal
+    wait_stream(parked, lambda: None)
+    with torch.cuda.stream(parked):
+        O.publish(s, torch.full((256,), 2.0, device="cuda"))  # the wait is satisfied now
+    assert torch.equal(O.read(s), torch.full((256,), 2.0, device="cuda"))
+    O.close(s)
+    O.unlink(name)

@@ -51,7 +51,7 @@ def _cases():
     """Case ids run by the interpreter worker (identical in the worker and at collection)."""
     ids = [f"mirror-{d}-{_sid(s)}" for d in DTYPES for s in SHAPES]
     ids += [f"misaligned-{d}-{a}-{b}-{n}" for d, a, b, n in MISALIGNED]
-    ids += ["mirror-nan-bits", "mirror-auto-uses-kernel"]
+    ids += ["mirror-nan-bits", "mirror-auto-uses-kernel", "mirror-via-op"]
     ids += [f"gemv-{m}x{n}-{d}-{o}" for m, n, d, o in GEMV]
     ids += ["gemv-auto-uses-kernel"]
     return ids
@@ -141,6 +141,19 @@ def _run_case(case, K, mirror_mod, gemv_mod, gen):
         _, dst, guards = _guarded(src.shape, torch.complex64)
         _check_mirror(K.mirror_copy, src, dst, guards, backend="triton")
         assert torch.equal(dst.view(torch.int32), src.view(torch.int32))
+        return
+    if kind == "mirror" and rest == "via-op":
+        # The op the write path of mirrored GPU streams calls from C++: its Python
+        # implementation takes the Triton kernel (interpreted here) for byte views.
+        import torch_shmem.ops as O
+
+        src = _random_tensor((4099,), torch.uint8, gen=gen)
+        dst = torch.zeros(4099, dtype=torch.uint8)
+        assert mirror_mod.select_backend(src, dst) == "triton"
+        before = O.mirror_copy_calls
+        torch.ops.shmem.mirror_copy(src, dst)
+        assert O.mirror_copy_calls == before + 1
+        assert torch.equal(dst, src)
         return
     if kind == "mirror" and rest == "auto-uses-kernel":
         src = torch.arange(10.0)

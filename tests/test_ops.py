@@ -231,6 +231,23 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"shmem::{op}", "CPU"), op
 
 
+def test_mirror_copy_op_registered_and_byte_exact():
+    """shmem::mirror_copy: declared in C++, implemented from Python for CPU and CUDA (the
+    write path of mirrored GPU streams dispatches to it); here through torch's copy."""
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("shmem::mirror_copy", key), key
+    src = torch.tensor([0x7FC0DEAD, 0x7F800001, -0x3FFFFF], dtype=torch.int32).view(torch.float32)
+    dst = torch.zeros(3)
+    before = O.mirror_copy_calls
+    torch.ops.shmem.mirror_copy(src, dst)
+    assert O.mirror_copy_calls == before + 1
+    assert torch.equal(dst.view(torch.int32), src.view(torch.int32))  # NaN payloads kept
+    torch.library.opcheck(torch.ops.shmem.mirror_copy.default,
+                          (torch.arange(10, dtype=torch.uint8), torch.empty(10, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        torch.ops.shmem.mirror_copy(torch.zeros(3), torch.zeros(4))
+
+
 def test_publish_frame_id_full_uint64_range(stream, name):
     reader = torch_shmem.open(name)
     for fid in (0, 7, 2**63 - 1, 2**63, 2**64 - 1):

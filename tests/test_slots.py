@@ -196,3 +196,64 @@ def test_device_wait_orders_a_consumer_after_the_slot_is_complete(name):
     print(f"written={written} checked={checked} lapped={lapped}")
     assert checked > 0
     assert s._h.sim_wait_count(written + 1, 0)  # publication 1 was the frame-0 write
+
+
+def _mirror_payload(name, n, dtype):
+    """The CPU payload of a mirrored slotted stream, read straight from its segment."""
+    mem = np.memmap("/dev/shm/torch_shmem." + name, dtype=np.uint8, mode="r")
+    return np.frombuffer(mem[4096:4096 + n * np.dtype(dtype).itemsize].tobytes(), dtype=dtype)
+
+
+def test_ops_on_simulated_device_mirror_through_the_op(name, monkeypatch):
+    """torch.ops.shmem on a slotted stream with simulated device memory: publish/read go
+    through the slot protocol, and the mirror copy inside the host window is dispatched from
+    C++ to shmem::mirror_copy's Python implementation (the path of mirrored GPU streams).
+    When that implementation raises, the error reaches the caller, the lock is released and
+    the stream reads as torn until the next completed write."""
+    torch = pytest.importorskip("torch")
+    import threading
+
+    import torch_shmem.kernels as K
+    import torch_shmem.ops as O
+
+    n = 1000
+    handle = _core.create(name, dtype_code(np.dtype(np.float32)), (n,), 0o600,
+                          SIM | _core.FLAG_CPU_MIRROR, 3)
+    s = SharedMemory(handle, owner=True)
+    st = O.open(name)
+    x = torch.arange(n, dtype=torch.float32)
+    calls = O.mirror_copy_calls
+    O.publish(st, x)
+    assert O.mirror_copy_calls == calls + 1
+    assert torch.equal(O.read(st), x)
+    np.testing.assert_array_equal(_mirror_payload(name, n, np.float32), x.numpy())
+    # publication 1 is in slot 1 of the simulated device memory
+    assert torch.equal(torch.ops.shmem.live_view(st.token, 1), x)
+
+    def boom(src, dst):
+        raise RuntimeError("mirror copy failed on purpose")
+
+    monkeypatch.setattr(K, "mirror_copy", boom)
+    with pytest.raises(RuntimeError, match="on purpose"):
+        O.publish(st, x * 2)
+    got = []
+
+    def take_and_release():
+        s.acquire(timeout=5)  # TimeoutError if the failed write had kept the lock
+        got.append(True)
+        s.release()
+
+    other = threading.Thread(target=take_and_release)
+    other.start()
+    other.join(10)
+    assert got == [True]  # another thread took the lock: the failed write released it
+    with pytest.raises(RuntimeError, match="incomplete write"):
+        O.read(st)
+    monkeypatch.undo()
+    O.publish(st, x * 3)
+    assert torch.equal(O.read(st), x * 3)
+    np.testing.assert_array_equal(_mirror_payload(name, n, np.float32), (x * 3).numpy())
+    with pytest.raises(ValueError, match="simulated device memory"):
+        O.wait_device(st, 1)
+    O.close(st)
+    s.close()

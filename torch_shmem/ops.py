@@ -110,7 +110,10 @@ def create_gpu(
     See docs/gpu.md for the slot protocol and the guarantees of each mode.
     """
     index = torch.device(device if not isinstance(device, int) else f"cuda:{device}").index or 0
-    return _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode))
+    stream = _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode))
+    if cpu_mirror:
+        _warm_up_mirror(stream)
+    return stream
 
 
 @torch.compiler.disable
@@ -120,7 +123,10 @@ def open(name: str, *, readonly: bool = False, device: int | None = None) -> Str
     A GPU stream is mapped on ``device`` (default: the device it was created
     on, matched by uuid).
     """
-    return _wrap(torch.ops.shmem.open(name, readonly, -1 if device is None else int(device)))
+    stream = _wrap(torch.ops.shmem.open(name, readonly, -1 if device is None else int(device)))
+    if stream.device.type == "cuda" and not readonly and _is_mirrored(name):
+        _warm_up_mirror(stream)
+    return stream
 
 
 @torch.compiler.disable
@@ -212,6 +218,50 @@ def count(stream: Stream) -> torch.Tensor:
     return torch.ops.shmem.count(stream.token)
 
 
+# ---------------------------------------------------------------- CPU-mirror copy
+# shmem::mirror_copy is declared in C++ and implemented here, so the write path of
+# mirrored GPU streams (C++, csrc/cuda/gpu_stream.cu) reaches the Triton kernel through
+# the dispatcher. The import of torch_shmem.kernels (triton) waits for the first call.
+_IMPL = torch.library.Library("shmem", "IMPL")
+mirror_copy_calls = 0  # calls of the implementation in this process (for tests and bench)
+
+
+def _mirror_copy_impl(src: torch.Tensor, dst: torch.Tensor) -> None:
+    global mirror_copy_calls
+    from .kernels import mirror_copy
+
+    mirror_copy_calls += 1
+    mirror_copy(src, dst)
+
+
+for _key in ("CPU", "CUDA"):
+    _IMPL.impl("mirror_copy", _mirror_copy_impl, _key)
+
+
+def _is_mirrored(name: str) -> bool:
+    from . import _core
+
+    h = _core.open(name, True)
+    try:
+        return bool(h.info()[3] & _core.FLAG_CPU_MIRROR)
+    finally:
+        h.close(1.0)
+
+
+def _warm_up_mirror(stream: Stream) -> None:
+    """Import and compile the mirror kernel before the first write needs it.
+
+    The first write of a mirrored stream would otherwise import triton and JIT-compile
+    the kernel inside its host window (with the lock held, readers waiting).
+    """
+    from .kernels import mirror
+
+    nbytes = stream.dtype.itemsize
+    for d in stream.shape:
+        nbytes *= d
+    mirror.warm_up(nbytes, stream.device)
+
+
 # ---------------------------------------------------------------- fake kernels
 @torch.library.register_fake("shmem::publish")
 def _publish_fake(stream, src, frame_id=None):
@@ -241,3 +291,8 @@ def _wait_device_fake(stream, count):
 @torch.library.register_fake("shmem::count")
 def _count_fake(stream):
     return torch.empty((), dtype=torch.int64)
+
+
+@torch.library.register_fake("shmem::mirror_copy")
+def _mirror_copy_fake(src, dst):
+    return None

@@ -156,7 +156,16 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   // Host publication: only now is slot k complete.
   s.begin_write_locked();
   h->latest_slot.store(k, std::memory_order_relaxed);
-  if (g->flags & kFlagCpuMirror) m.copy_out_then_gen(k, s.payload(), false);
+  if (g->flags & kFlagCpuMirror) {
+    try {
+      m.mirror_out(k, s.payload());
+    } catch (...) {
+      // The mirror may be half copied: readers of it raise
+      // InconsistentStreamError until the next completed write.
+      s.abort_write_locked();
+      throw;
+    }
+  }
   return s.commit_write_locked(has_frame_id, frame_id);
 }
 

@@ -64,6 +64,10 @@ class SlotMemory {
   // Reader queue: copy slot -> dst, then return gen[slot] read after the
   // copy completed.
   virtual uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) = 0;
+  // Writer, inside the host window: copy the complete slot into the CPU
+  // mirror (host memory) and wait for it. On a GPU the mirror pages are
+  // page-locked once per mapping (cudaHostRegister), so this is one DMA.
+  virtual void mirror_out(uint32_t slot, void* host_dst) { (void)copy_out_then_gen(slot, host_dst, false); }
   // Address of a slot in this process (device pointer on a GPU).
   virtual void* slot_ptr(uint32_t slot) = 0;
   // Device-side wait: work queued on the reader queue after this call

@@ -22,12 +22,15 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "../core/slots.h"
 #include "../ops/registry.h"
@@ -40,9 +43,13 @@ namespace {
 using core::Header;
 using IID = std::array<uint8_t, 16>;
 
+// On failure the runtime's last-error state is cleared before throwing:
+// torch checks cudaGetLastError() after its own launches, and would report
+// our error from an unrelated kernel later.
 #define TSHM_CUDA_CHECK(call, what)                                                        \
   do {                                                                                     \
     cudaError_t err_ = (call);                                                             \
+    if (err_ != cudaSuccess) (void)cudaGetLastError();                                     \
     TORCH_CHECK(err_ == cudaSuccess, "torch_shmem: ", what, ": ", #call, " failed: ",       \
                 cudaGetErrorString(err_));                                                 \
   } while (0)
@@ -85,6 +92,56 @@ PFN_cuStreamWaitValue64_v11070 stream_wait_value64() {
   return fn;
 }
 
+// Device scope for destructors and deleters: plain runtime calls whose
+// errors are ignored (c10's CUDAGuard throws on error, and a destructor may
+// run while the runtime is being torn down at process exit).
+class QuietDeviceScope {
+ public:
+  explicit QuietDeviceScope(int device) {
+    if (cudaGetDevice(&prev_) != cudaSuccess) prev_ = -1;
+    if (prev_ != device) (void)cudaSetDevice(device);
+    (void)cudaGetLastError();
+  }
+  ~QuietDeviceScope() {
+    if (prev_ >= 0) (void)cudaSetDevice(prev_);
+    (void)cudaGetLastError();
+  }
+  QuietDeviceScope(const QuietDeviceScope&) = delete;
+  QuietDeviceScope& operator=(const QuietDeviceScope&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+// Host uploads from pageable memory: "direct" hands the pageable pointer to
+// cudaMemcpyAsync (the driver stages it); "staged" copies it through two
+// page-locked chunks of this process, the memcpy of one chunk overlapping
+// the DMA of the other. TORCH_SHMEM_HOST_UPLOAD=direct|staged, read when a
+// stream is mapped; sources that are already page-locked always go by DMA.
+// The CPU-mirror copy: the Triton kernel through shmem::mirror_copy
+// (default; stores from the SMs straight into the page-locked pages) or the
+// copy engine (TORCH_SHMEM_MIRROR=copy; one DMA). Read when a stream is
+// mapped. Pages that could not be page-locked always take the copy engine.
+bool mirror_by_copy_engine_requested() {
+  const char* v = std::getenv("TORCH_SHMEM_MIRROR");
+  return v != nullptr && std::string(v) == "copy";
+}
+
+bool staged_uploads_requested() {
+  const char* v = std::getenv("TORCH_SHMEM_HOST_UPLOAD");
+  return v != nullptr && std::string(v) == "staged";
+}
+constexpr size_t kStageChunk = size_t(4) << 20;
+
+bool is_page_locked(const void* p) {
+  cudaPointerAttributes a;
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeHost;
+}
+
 IID iid_of(const Header* h) {
   IID id;
   std::memcpy(id.data(), h->instance_id, 16);
@@ -97,36 +154,62 @@ struct Mapping {
   size_t bytes = 0;
   int device = -1;
   bool owned = false;  // allocated by this process (cudaFree) vs imported (close handle)
+  // Highest count each CUDA stream of this process was told to wait for
+  // (wait_device) on this allocation: a publish queued behind such a wait
+  // on the same stream could never run.
+  std::mutex waits_mu;
+  std::map<cudaStream_t, uint64_t> waits;
   ~Mapping() {
     if (base == nullptr) return;
-    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    QuietDeviceScope scope(device);
     if (owned)
-      cudaFree(base);
+      (void)cudaFree(base);
     else
-      cudaIpcCloseMemHandle(base);
+      (void)cudaIpcCloseMemHandle(base);
+    (void)cudaGetLastError();
   }
 };
 
-std::mutex g_mu;
-std::map<IID, std::weak_ptr<Mapping>> g_cache;    // every live mapping
-std::map<IID, std::shared_ptr<Mapping>> g_owned;  // creator keeps its allocation until unlink
+// Never destroyed (see g_entries in csrc/ops/shmem_ops.cpp): the driver
+// releases every allocation and mapping when the process exits.
+std::mutex& g_mu = *new std::mutex();
+// every live mapping
+std::map<IID, std::weak_ptr<Mapping>>& g_cache = *new std::map<IID, std::weak_ptr<Mapping>>();
+// the creator keeps its allocation until unlink
+std::map<IID, std::shared_ptr<Mapping>>& g_owned = *new std::map<IID, std::shared_ptr<Mapping>>();
 
 class CudaSlotMemory : public core::SlotMemory {
  public:
   CudaSlotMemory(std::shared_ptr<Mapping> map, const Header* h)
-      : map_(std::move(map)), stride_(h->slot_stride), nbytes_(h->payload_bytes) {
+      : map_(std::move(map)),
+        stride_(h->slot_stride),
+        nbytes_(h->payload_bytes),
+        staged_(staged_uploads_requested()),
+        mirror_by_kernel_(!mirror_by_copy_engine_requested()) {
     c10::cuda::CUDAGuard guard(device());
     TSHM_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "event");
   }
   ~CudaSlotMemory() override {
-    c10::cuda::CUDAGuard guard(device());
-    cudaEventDestroy(done_);
+    QuietDeviceScope scope(map_->device);
+    (void)cudaEventDestroy(done_);
+    for (int i = 0; i < 2; ++i) {
+      if (stage_done_[i] != nullptr) (void)cudaEventDestroy(stage_done_[i]);
+      if (stage_[i] != nullptr) (void)cudaFreeHost(stage_[i]);
+    }
+    (void)cudaGetLastError();
   }
 
-  void store_gen(uint32_t slot, uint64_t gen) override { store_u64(core::gen_offset(slot), gen); }
+  void store_gen(uint32_t slot, uint64_t gen) override {
+    if (gen & 1) refuse_self_deadlock((gen + 1) / 2);
+    store_u64(core::gen_offset(slot), gen);
+  }
 
   void copy_in(uint32_t slot, const void* src, bool src_on_device) override {
     c10::cuda::CUDAGuard guard(device());
+    if (!src_on_device && staged_ && nbytes_ > kStageChunk && !is_page_locked(src)) {
+      staged_upload(slot_ptr(slot), static_cast<const uint8_t*>(src));
+      return;
+    }
     TSHM_CUDA_CHECK(cudaMemcpyAsync(slot_ptr(slot), src, nbytes_,
                                     src_on_device ? cudaMemcpyDeviceToDevice
                                                   : cudaMemcpyHostToDevice,
@@ -158,6 +241,20 @@ class CudaSlotMemory : public core::SlotMemory {
     return gen;
   }
 
+  // Into the CPU payload, page-locked by the writer's handle (Entry::host_pin):
+  // the Triton kernel (through the dispatcher) or one DMA; pageable pages
+  // (registration failed) go through the driver's copy.
+  void mirror_out(uint32_t slot, void* host_dst) override {
+    c10::cuda::CUDAGuard guard(device());
+    cudaStream_t st = stream();
+    const bool by_kernel = mirror_by_kernel_ && is_page_locked(host_dst) &&
+                           ops::mirror_copy_via_op(slot_ptr(slot), host_dst, nbytes_, map_->device);
+    if (!by_kernel)
+      TSHM_CUDA_CHECK(cudaMemcpyAsync(host_dst, slot_ptr(slot), nbytes_, cudaMemcpyDeviceToHost, st),
+                      "copy a GPU stream slot into its CPU mirror");
+    TSHM_CUDA_CHECK(cudaStreamSynchronize(st), "wait for the CPU mirror copy");
+  }
+
   void* slot_ptr(uint32_t slot) override {
     return static_cast<uint8_t*>(map_->base) + core::kDeviceCountersBytes + stride_ * slot;
   }
@@ -170,6 +267,11 @@ class CudaSlotMemory : public core::SlotMemory {
     c10::cuda::CUDAGuard guard(device());
     cudaStream_t st = stream();
     auto* count = static_cast<unsigned long long*>(map_->base);  // offset 0
+    {
+      std::lock_guard<std::mutex> g(map_->waits_mu);
+      uint64_t& w = map_->waits[st];
+      w = std::max(w, n);
+    }
     static std::atomic<bool> mem_ops_ok{true};
     if (auto fn = stream_wait_value64(); fn != nullptr && mem_ops_ok.load()) {
       CUresult r = fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(count),
@@ -194,10 +296,58 @@ class CudaSlotMemory : public core::SlotMemory {
     TSHM_CUDA_CHECK(cudaGetLastError(), "store a device counter");
   }
 
+  // The writer's first queued operation for publication c: refuse (before
+  // anything is queued) when this process parked the same CUDA stream on a
+  // count >= c of this allocation, which only this publication could reach.
+  void refuse_self_deadlock(uint64_t c) {
+    cudaStream_t st = stream();
+    std::lock_guard<std::mutex> g(map_->waits_mu);
+    auto it = map_->waits.find(st);
+    if (it == map_->waits.end()) return;
+    TORCH_CHECK(it->second < c, "torch_shmem: cannot publish count ", c,
+                " on this CUDA stream: it was told to wait (wait_device) for count ",
+                it->second, " of the same GPU stream, so the write would queue behind its own "
+                "wait and never run; publish from another CUDA stream");
+    map_->waits.erase(it);  // count c - 1 >= the wait's count is already published
+  }
+
+  // Pageable source -> slot through two page-locked chunks: chunk i is
+  // copied into stage_[i % 2] once the DMA that last read that buffer is
+  // done (its event), then queued for DMA on the writer's stream; the host
+  // memcpy of one chunk overlaps the DMA of the previous one.
+  void staged_upload(void* dst, const uint8_t* src) {
+    cudaStream_t st = stream();
+    for (int i = 0; i < 2; ++i) {
+      if (stage_[i] == nullptr) {
+        TSHM_CUDA_CHECK(cudaHostAlloc(&stage_[i], kStageChunk, cudaHostAllocPortable),
+                        "allocate an upload staging buffer");
+        TSHM_CUDA_CHECK(cudaEventCreateWithFlags(&stage_done_[i], cudaEventDisableTiming),
+                        "event");
+      }
+    }
+    uint64_t off = 0;
+    for (int i = 0; off < nbytes_; ++i, off += kStageChunk) {
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(kStageChunk, nbytes_ - off));
+      const int b = i & 1;
+      // (at once for the first two chunks: the last write ended with its
+      // queue complete, and an event never recorded counts as complete)
+      TSHM_CUDA_CHECK(cudaEventSynchronize(stage_done_[b]), "wait for a staging buffer");
+      std::memcpy(stage_[b], src + off, n);
+      TSHM_CUDA_CHECK(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + off, stage_[b], n,
+                                      cudaMemcpyHostToDevice, st),
+                      "upload into a GPU stream slot");
+      TSHM_CUDA_CHECK(cudaEventRecord(stage_done_[b], st), "record a staging event");
+    }
+  }
+
   std::shared_ptr<Mapping> map_;
   uint64_t stride_;
   uint64_t nbytes_;
+  bool staged_;
+  bool mirror_by_kernel_;
   cudaEvent_t done_ = nullptr;
+  void* stage_[2] = {nullptr, nullptr};
+  cudaEvent_t stage_done_[2] = {nullptr, nullptr};
 };
 
 int device_by_uuid(const uint8_t uuid[16]) {
@@ -220,8 +370,17 @@ class CudaBackend : public ops::GpuBackend {
     map->bytes = h->device_bytes;
     map->owned = true;
     TSHM_CUDA_CHECK(cudaMalloc(&map->base, map->bytes), "allocate a GPU stream");
-    TSHM_CUDA_CHECK(cudaMemset(map->base, 0, map->bytes), "zero a GPU stream");
-    TSHM_CUDA_CHECK(cudaDeviceSynchronize(), "zero a GPU stream");
+    // Zeroed on a private non-blocking stream and waited for alone: neither
+    // the legacy default stream (which would wait for every blocking stream)
+    // nor the caller's current stream (which may be parked in wait_device).
+    {
+      cudaStream_t zs = nullptr;
+      TSHM_CUDA_CHECK(cudaStreamCreateWithFlags(&zs, cudaStreamNonBlocking), "zero a GPU stream");
+      cudaError_t e1 = cudaMemsetAsync(map->base, 0, map->bytes, zs);
+      cudaError_t e2 = e1 == cudaSuccess ? cudaStreamSynchronize(zs) : e1;
+      (void)cudaStreamDestroy(zs);
+      TSHM_CUDA_CHECK(e2, "zero a GPU stream");
+    }
     cudaIpcMemHandle_t handle;
     TSHM_CUDA_CHECK(cudaIpcGetMemHandle(&handle, map->base), "export a GPU stream");
     static_assert(sizeof(handle) <= sizeof(h->ipc_handle), "IPC handle does not fit");
@@ -259,6 +418,7 @@ class CudaBackend : public ops::GpuBackend {
       map->bytes = h->device_bytes;
       cudaError_t err = cudaIpcOpenMemHandle(&map->base, handle, cudaIpcMemLazyEnablePeerAccess);
       if (err != cudaSuccess) {
+        (void)cudaGetLastError();  // not torch's error to find later
         map->base = nullptr;
         TORCH_CHECK(false, "torch_shmem: cannot map GPU stream '",
                     std::string(h->name, h->name_len), "' (",
@@ -284,6 +444,21 @@ class CudaBackend : public ops::GpuBackend {
     }
     // `drop` frees the allocation here unless a handle of this process
     // still uses it (then when that handle closes).
+  }
+
+  std::shared_ptr<void> pin_host(void* p, uint64_t bytes) override {
+    if (p == nullptr || bytes == 0) return nullptr;
+    // Portable: usable from every device's context; mapped: the mirror kernel
+    // stores into the pages through their device address.
+    if (cudaHostRegister(p, static_cast<size_t>(bytes),
+                         cudaHostRegisterPortable | cudaHostRegisterMapped) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    return std::shared_ptr<void>(p, [](void* q) {
+      (void)cudaHostUnregister(q);
+      (void)cudaGetLastError();
+    });
   }
 };
 

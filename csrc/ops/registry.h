@@ -15,6 +15,9 @@ namespace ops {
 
 struct Entry {
   std::unique_ptr<core::Stream> stream;
+  // Page-locking of stream's CPU payload (mirrored GPU streams, writable
+  // handles); declared after `stream` so it is undone before the unmap.
+  std::shared_ptr<void> host_pin;
   std::shared_ptr<core::SlotMemory> dev;  // GPU streams: the device slots
   int device = -1;                        // CUDA ordinal in this process, -1: CPU
   std::string name;
@@ -38,10 +41,23 @@ class GpuBackend {
   // Called by unlink: the creating process frees its allocation once no
   // handle of this process uses it.
   virtual void forget(const uint8_t instance_id[16]) = 0;
+  // Page-locks [p, p + bytes) for DMA (cudaHostRegister) until the result
+  // is released; nullptr where that fails (copies then go through the
+  // driver's pageable path, correct but slower).
+  virtual std::shared_ptr<void> pin_host(void* p, uint64_t bytes) = 0;
 };
 
 GpuBackend* gpu_backend();  // nullptr when built without CUDA
 void set_gpu_backend(GpuBackend* backend);
+
+// The CPU-mirror copy through the op shmem::mirror_copy, whose CUDA kernel
+// (the Triton kernel, torch_shmem/kernels/mirror.py) is registered from
+// Python when torch_shmem.ops is imported: copies `nbytes` from device
+// memory `src` on `device` into page-locked host memory `dst`, queued on
+// the device's current CUDA stream. Returns false, having done nothing,
+// when no CUDA kernel is registered for the op (C++-only use); the caller
+// then copies with the copy engine.
+bool mirror_copy_via_op(void* src, void* dst, uint64_t nbytes, int device);
 
 }  // namespace ops
 }  // namespace torch_shmem

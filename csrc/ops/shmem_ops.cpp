@@ -21,6 +21,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -50,10 +51,63 @@ GpuBackend* g_gpu_backend = nullptr;
 GpuBackend* gpu_backend() { return g_gpu_backend; }
 void set_gpu_backend(GpuBackend* backend) { g_gpu_backend = backend; }
 
+bool mirror_copy_via_op(void* src, void* dst, uint64_t nbytes, int device) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("shmem::mirror_copy", "");
+  if (!op.hasKernelForDispatchKey(device >= 0 ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU))
+    return false;
+  const auto n = static_cast<int64_t>(nbytes);
+  auto src_opts = at::TensorOptions().dtype(at::kByte);
+  if (device >= 0) src_opts = src_opts.device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+  at::Tensor s = at::from_blob(src, {n}, src_opts);
+  at::Tensor d = at::from_blob(dst, {n}, at::TensorOptions().dtype(at::kByte));
+  op.typed<void(const at::Tensor&, at::Tensor&)>().call(s, d);
+  return true;
+}
+
+namespace {
+
+// Simulated device memory (streams flagged kFlagSimDevice, made by tests):
+// the slot protocol on host shared memory through these same ops, with CPU
+// tensors, so the GPU streams' op paths run on machines without a GPU. The
+// mirror copy goes through shmem::mirror_copy (its CPU kernel), as the CUDA
+// backend's goes through the CUDA kernel.
+class SimSlotMemory : public core::SlotMemory {
+ public:
+  SimSlotMemory(core::HostSlotMemory* m, uint64_t payload_bytes) : m_(m), nbytes_(payload_bytes) {}
+  void store_gen(uint32_t slot, uint64_t gen) override { m_->store_gen(slot, gen); }
+  void copy_in(uint32_t slot, const void* src, bool on_dev) override {
+    m_->copy_in(slot, src, on_dev);
+  }
+  void store_count(uint64_t count) override { m_->store_count(count); }
+  void finish_writer() override { m_->finish_writer(); }
+  uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool on_dev) override {
+    return m_->copy_out_then_gen(slot, dst, on_dev);
+  }
+  void mirror_out(uint32_t slot, void* host_dst) override {
+    if (!mirror_copy_via_op(m_->slot_ptr(slot), host_dst, nbytes_, -1))
+      m_->mirror_out(slot, host_dst);
+  }
+  void* slot_ptr(uint32_t slot) override { return m_->slot_ptr(slot); }
+  bool queue_wait_count(uint64_t n, double host_timeout) override {
+    return m_->queue_wait_count(n, host_timeout);
+  }
+
+ private:
+  std::unique_ptr<core::HostSlotMemory> m_;
+  uint64_t nbytes_;
+};
+
+}  // namespace
+
 namespace {
 
 std::mutex g_mu;
-std::unordered_map<int64_t, std::shared_ptr<Entry>> g_entries;
+// Never destroyed: at process exit the CUDA runtime may already be torn
+// down when static destructors run, and the kernel reclaims the mappings
+// (host and device) anyway.
+std::unordered_map<int64_t, std::shared_ptr<Entry>>& g_entries =
+    *new std::unordered_map<int64_t, std::shared_ptr<Entry>>();
 int64_t g_next_id = 1;  // never reused, so a closed token never aliases a new stream
 
 constexpr double kSlice = 0.1;
@@ -136,6 +190,11 @@ at::Tensor register_stream(Stream* raw, std::shared_ptr<core::SlotMemory> dev = 
   e->stream.reset(raw);
   e->dev = std::move(dev);
   e->device = device;
+  // A writable handle of a mirrored GPU stream copies every publication
+  // into the CPU payload: page-lock it once so that copy is one DMA.
+  if (e->dev != nullptr && device >= 0 && (raw->geometry()->flags & core::kFlagCpuMirror) &&
+      !raw->readonly() && raw->payload() != nullptr && gpu_backend() != nullptr)
+    e->host_pin = gpu_backend()->pin_host(raw->payload(), raw->geometry()->payload_bytes);
   e->name = raw->name();
   std::memcpy(&e->iid_lo, raw->geometry()->instance_id, 8);
   std::memcpy(&e->iid_hi, raw->geometry()->instance_id + 8, 8);
@@ -244,6 +303,9 @@ void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, double ti
   } catch (const Error& err) {
     s.unlock();
     rethrow(op, e.name, err);
+  } catch (...) {  // a CUDA failure (c10::Error) from the device copies
+    s.unlock();
+    throw;
   }
   s.unlock();
 }
@@ -261,6 +323,9 @@ void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid
   } catch (const Error& err) {
     s.unlock();
     rethrow(op, e.name, err);
+  } catch (...) {  // a CUDA failure (c10::Error) from the device copies
+    s.unlock();
+    throw;
   }
   s.unlock();
   (void)count;
@@ -308,8 +373,17 @@ at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
   TORCH_CHECK_VALUE(to_scalar_type(s->geometry()->dtype_code) != at::ScalarType::Undefined,
                     "shmem::open: stream '", n, "' has an unknown dtype");
   if (!(s->geometry()->flags & core::kFlagGpu)) return register_stream(guard.release());
-  TORCH_CHECK(!(s->geometry()->flags & core::kFlagSimDevice), "shmem::open: stream '", n,
-              "' uses simulated device memory (a test stream); open it with torch_shmem.open");
+  if (s->geometry()->flags & core::kFlagSimDevice) {
+    core::HostSlotMemory* m = nullptr;
+    try {
+      m = core::HostSlotMemory::open(n, s->geometry()->device_bytes);
+    } catch (const Error& err) {
+      rethrow("open", n, err);
+    }
+    m->set_geometry(s->geometry()->slot_stride, s->geometry()->payload_bytes);
+    auto dev = std::make_shared<SimSlotMemory>(m, s->geometry()->payload_bytes);
+    return register_stream(guard.release(), std::move(dev), -1);
+  }
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::open: stream '", n,
               "' is a GPU stream and this build of torch_shmem has no CUDA support");
@@ -476,9 +550,9 @@ at::Tensor live_view_cpu(const at::Tensor& token, int64_t count) {
                           : e->stream->header()->latest_slot.load(std::memory_order_acquire);
   TORCH_CHECK(k < nslots, "shmem::live_view: stream '", e->name, "': corrupted latest slot");
   std::shared_ptr<core::SlotMemory> keep = e->dev;
-  auto opts = at::TensorOptions()
-                  .dtype(to_scalar_type(e->stream->geometry()->dtype_code))
-                  .device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(e->device)));
+  auto opts = at::TensorOptions().dtype(to_scalar_type(e->stream->geometry()->dtype_code));
+  if (e->device >= 0)  // else simulated device memory: host pages
+    opts = opts.device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(e->device)));
   return at::from_blob(e->dev->slot_ptr(k), stream_shape(*e->stream),
                        [keep](void*) mutable { keep.reset(); }, opts);
 }
@@ -493,6 +567,8 @@ void wait_device_impl(at::Tensor& token, int64_t count) {
                     "' is a CPU stream and has no device counter; use wait_read_into");
   TORCH_CHECK_VALUE(count >= 1, "shmem::wait_device: stream '", e->name,
                     "': expected a count >= 1, got ", count);
+  TORCH_CHECK_VALUE(e->device >= 0, "shmem::wait_device: stream '", e->name,
+                    "' uses simulated device memory (no CUDA stream to park); use wait_read_into");
   e->dev->queue_wait_count(static_cast<uint64_t>(count), -1);
 }
 
@@ -521,6 +597,11 @@ TORCH_LIBRARY(shmem, m) {
   m.def("count(Tensor stream) -> Tensor");
   m.def("live_view(Tensor stream, int count=-1) -> Tensor");
   m.def("wait_device(Tensor(a!) stream, int count) -> ()");
+  // The CPU-mirror copy of GPU streams, byte for byte (same shape and
+  // dtype; dst usually page-locked host memory). Implemented in Python
+  // (torch_shmem/ops.py: the Triton kernel, or torch's copy); the write path
+  // of mirrored GPU streams calls it through the dispatcher.
+  m.def("mirror_copy(Tensor src, Tensor(a!) dst) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {

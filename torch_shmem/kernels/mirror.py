@@ -1,10 +1,13 @@
-"""CPU-mirror copy: a GPU stream's device payload into its host-visible CPU payload, in one pass.
+"""CPU-mirror copy: a device payload into page-locked host memory, in one pass, from the SMs.
 
-With ``cpu_mirror=True`` every write to a GPU stream also lands in the stream's CPU payload
-(shared pages registered with ``cudaHostRegister``). The kernel reads the device slot and
-stores straight into those pages through their mapped device pointer (zero-copy), so the
-copy is one element-wise pass with no staging buffer and runs on the writer's CUDA stream
-(the current stream when :func:`mirror_copy` is called), ordered after the slot write.
+With ``cpu_mirror=True`` every write to a GPU stream also lands in the stream's CPU payload,
+shared pages that the writer's handle registers with ``cudaHostRegister``. This kernel makes
+that copy: it reads the device slot and stores straight into the pinned pages through their
+mapped device pointer (zero-copy), one element-wise pass with no staging buffer, on the
+current CUDA stream when :func:`mirror_copy` is called (the writer's stream: the C++ write
+path calls it through the op ``shmem::mirror_copy``, registered in torch_shmem/ops.py).
+``TORCH_SHMEM_MIRROR=copy`` makes the write path use the copy engine instead; ``python -m
+bench --gpu`` times both.
 
 Dtypes: the kernel never sees the payload's dtype. Both tensors are viewed as bytes and
 copied as ``WORD``-byte integers, ``WORD`` the widest of 8/4/2/1 that divides the byte
@@ -169,3 +172,24 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, nbytes: int) -> None:
     with torch.cuda.device(device):
         _mirror_copy_kernel[grid](src_b, dst_b, n_body, n_words, WORD=_TL_WORDS[word], BLOCK=block, TAIL=_TAIL,
                                   num_warps=4)
+
+
+def warm_up(nbytes: int, device: torch.device) -> None:
+    """Compile the kernel that :func:`mirror_copy` will launch for an aligned ``nbytes`` copy
+    from ``device`` into page-locked host memory, on small buffers of the same kind.
+
+    Triton specializes on the word size and on whether the integer arguments are 1 or
+    multiples of 16; the buffers here reproduce those of an ``nbytes`` copy between
+    16-byte-aligned addresses (device allocations, page-aligned stream payloads). No-op
+    when the kernel cannot run (then :func:`mirror_copy` takes torch's copy anyway).
+    """
+    if nbytes <= 0 or device.type != "cuda" or triton is None or not triton_available():
+        return
+    word = _word_size(nbytes, 0)
+    n_words = nbytes // word
+    small = n_words if n_words <= 1 else 32 + n_words % _TAIL
+    src = torch.zeros(small * word, dtype=torch.uint8, device=device)
+    dst = torch.empty(small * word, dtype=torch.uint8, pin_memory=True)
+    with torch.cuda.device(device):
+        mirror_copy(src, dst)
+        torch.cuda.current_stream(device).synchronize()

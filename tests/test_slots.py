@@ -257,3 +257,78 @@ def test_ops_on_simulated_device_mirror_through_the_op(name, monkeypatch):
         O.wait_device(st, 1)
     O.close(st)
     s.close()
+
+
+def test_ops_reads_of_a_sim_stream_under_a_fast_writer(name):
+    """The torch ops' read paths of GPU streams (snapshot through the slot protocol, lock
+    fallback), on simulated device memory: a writer process publishes checksummed frames
+    back to back; read_into and wait_read_into in this process never return a torn or
+    older frame."""
+    torch = pytest.importorskip("torch")
+    import torch_shmem.ops as O
+
+    n = 128 * 1024  # 1 MiB
+    s = create_sim(name, (n,), nslots=2)
+    s.write(_workers.make_frame(0, n), frame_id=0)
+    st = O.open(name)
+    out = torch.empty(n, dtype=torch.uint64)
+    ready, done = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    w = ctx.Process(target=_workers.slot_writer, args=(name, n, 1.0, ready, done, results))
+    w.start()
+    ready.set()
+    reads = torn = regress = 0
+    last = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        finished = done.is_set()
+        if reads % 2 or finished:
+            O.read_into(st, out)
+        else:
+            try:
+                O.wait_read_into(st, out, timeout=10)  # the writer may still be starting
+            except RuntimeError:
+                assert done.is_set(), "no new publication for 10 s while the writer runs"
+                O.read_into(st, out)
+        k = _workers.frame_seq(out.numpy())
+        reads += 1
+        if k < 0:
+            torn += 1
+        elif k < last:
+            regress += 1
+        else:
+            last = k
+        if finished:
+            break
+    w.join(60)
+    assert w.exitcode == 0
+    written = results.get(timeout=10)[1]
+    print(f"reads={reads} torn={torn} written={written}")
+    assert torn == 0 and regress == 0 and reads > 10
+    assert last == written
+    O.close(st)
+    s.close()
+
+
+def test_ops_on_a_sim_stream_compile_and_opcheck(name):
+    """publish/read of a slotted stream inside torch.compile(fullgraph=True), and opcheck
+    of the data ops on it (simulated device memory, CPU tensors)."""
+    torch = pytest.importorskip("torch")
+    import torch_shmem.ops as O
+
+    s = create_sim(name, (16,), dtype=np.float32, nslots=3)
+    st = O.open(name)
+
+    @torch.compile(fullgraph=True)
+    def step(x):
+        O.publish(st, x * 2)
+        return O.read(st) + 1
+
+    x = torch.randn(16)
+    torch.testing.assert_close(step(x), x * 2 + 1)
+    assert s.count == 1
+    torch.library.opcheck(torch.ops.shmem.publish.default, (st.token, x))
+    torch.library.opcheck(torch.ops.shmem.read_into.default, (st.token, torch.empty(16)))
+    torch.library.opcheck(torch.ops.shmem.read.default, (st.token, [16], torch.float32, "cpu"))
+    O.close(st)
+    s.close()

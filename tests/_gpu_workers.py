@@ -76,3 +76,11 @@ def leave_open_and_exit(name, q):
     assert float(view[0]) == 1.0
     q.put("done")
     # s, other and view are left open on purpose
+
+
+def attach_then_read_on_go(name, ready, go, q):
+    s = O.open(name)
+    ready.set()
+    go.wait(120)
+    q.put(O.read(s).cpu().tolist())
+    O.close(s)

@@ -285,3 +285,10 @@ def slot_reader(name, ready, done, results):
             break
     results.put(("reader", (reads, torn, regress, mismatched_id, last)))
     s.close()
+
+
+def slot_reader_once(name):
+    """Map a slotted stream, read it once, close it."""
+    s = torch_shmem.open(name)
+    s.read()
+    s.close()

@@ -363,3 +363,28 @@ def test_publish_behind_own_device_wait_is_refused(name):
     assert torch.equal(O.read(s), torch.full((256,), 2.0, device="cuda"))
     O.close(s)
     O.unlink(name)
+
+
+def test_unlink_while_another_process_maps_defers_the_free(name):
+    """The creator's unlink (and close) does not free device memory that another live
+    process still maps: that process keeps reading the stream's last publication, even
+    after the creator allocated and scribbled over fresh device memory; the importer
+    table lists it meanwhile. The memory goes once that process has closed."""
+    n = 1 << 20
+    s = O.create_gpu(name, (n,), torch.float32, device=0)
+    O.publish(s, torch.full((n,), 5.0, device="cuda"))
+    ready, go = ctx.Event(), ctx.Event()
+    q = ctx.Queue()
+    p = ctx.Process(target=_gpu_workers.attach_then_read_on_go, args=(name, ready, go, q))
+    p.start()
+    assert ready.wait(120)
+    assert torch_shmem.stat(name)["gpu_importers"] == [p.pid]
+    O.close(s)
+    O.unlink(name)
+    scribble = [torch.full((n * 3,), -1.0, device="cuda") for _ in range(8)]  # reuse bait
+    torch.cuda.synchronize()
+    go.set()
+    got = q.get(timeout=120)
+    join(p)
+    assert got[0] == 5.0 and got[-1] == 5.0 and set(got) == {5.0}
+    del scribble

@@ -332,3 +332,42 @@ def test_ops_on_a_sim_stream_compile_and_opcheck(name):
     torch.library.opcheck(torch.ops.shmem.read.default, (st.token, [16], torch.float32, "cpu"))
     O.close(st)
     s.close()
+
+
+def _raw_importers(name):
+    """Header::importers (64 int32 at offset 1408), read from the segment file."""
+    with open("/dev/shm/torch_shmem." + name, "rb") as f:
+        f.seek(1408)
+        return [v for v in struct.unpack("64i", f.read(256)) if v]
+
+
+def test_importer_table_tracks_processes_mapping_the_device_memory(name):
+    """Every process other than the creator that maps a slotted stream's device memory has
+    an entry in the header's importer table while it maps it (the creator of a GPU stream
+    frees the allocation only once none is alive): a handle's close removes it, a killed
+    process's entry is ignored and cleared by the next writable look."""
+    s = create_sim(name, (4,))
+    assert _raw_importers(name) == [] and s._h.importers() == ()
+    h2 = torch_shmem.open(name)  # another handle of this process maps the memory too
+    assert s._h.importers() == (os.getpid(),)
+    h2.close()
+    assert _raw_importers(name) == []
+    ready = ctx.Event()
+    p = ctx.Process(target=_workers.hold_open, args=(name, ready))
+    p.start()
+    assert ready.wait(60)
+    assert s._h.importers() == (p.pid,)
+    # (stat() maps the simulated memory itself, so it lists this process too)
+    assert p.pid in torch_shmem.stat(name)["gpu_importers"]
+    p.kill()
+    p.join(30)
+    assert _raw_importers(name) == [p.pid]  # died without unmapping
+    assert p.pid not in torch_shmem.stat(name)["gpu_importers"]  # not alive: ignored
+    assert s._h.importers() == ()  # and cleared through a writable handle
+    assert _raw_importers(name) == []
+    q = ctx.Process(target=_workers.slot_reader_once, args=(name,))
+    q.start()
+    q.join(60)
+    assert q.exitcode == 0
+    assert _raw_importers(name) == []  # a clean close removed its entry
+    s.close()

@@ -79,6 +79,7 @@ def _read_stat(name: str) -> dict[str, Any]:
     try:
         code, shape, nbytes, flags, creator_pid, instance_id, ctime, mode = h.info()
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = h.state()
+        importers = list(h.importers())
     finally:
         h.close(1.0)
     creator_alive = _proc.pid_alive(creator_pid, created_at=ctime)
@@ -102,6 +103,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         "gpu_enabled": gpu,
         "gpu_device": None,  # CPU streams; the device of a GPU stream is not read here
         "cpu_mirror": not gpu or bool(flags & _core.FLAG_CPU_MIRROR),
+        "gpu_importers": importers,
         "notify": bool(flags & _core.FLAG_NOTIFY),
         "instance_id": instance_id.hex(),
         "creator_pid": creator_pid,
@@ -127,7 +129,9 @@ def stat(name: str) -> dict[str, Any]:
     """Metadata of a stream, without attaching a handle or copying the payload.
 
     Keys: ``name``, ``shape`` (list), ``dtype`` (str), ``size`` (payload
-    bytes), ``gpu_enabled``, ``gpu_device``, ``cpu_mirror``, ``notify``
+    bytes), ``gpu_enabled``, ``gpu_device``, ``cpu_mirror``, ``gpu_importers``
+    (pids of the live processes other than the creator that map a GPU
+    stream's device memory; the creator frees it only once they are gone), ``notify``
     (True: waits are always futex-notified), ``instance_id``,
     ``creator_pid``, ``creator_alive``, ``create_time``, ``count``,
     ``write_sequence``, ``write_time`` (0.0 before the first write), ``age``

@@ -59,7 +59,8 @@ HostSlotMemory* HostSlotMemory::create(const std::string& name, uint64_t bytes, 
   return m;
 }
 
-HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes) {
+HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes,
+                                     const uint8_t instance_id[16]) {
   const std::string os = sim_device_name(name);
   int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
   if (fd < 0) throw_os("cannot open simulated device memory '" + os + "'", errno);
@@ -75,11 +76,22 @@ HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes) {
   auto* m = new HostSlotMemory();
   m->base_ = static_cast<uint8_t*>(base);
   m->bytes_ = bytes;
+  m->pin_ = HeaderPin::open(name, instance_id);
+  if (m->pin_ != nullptr) {
+    if (!m->pin_->add_importer(static_cast<int32_t>(getpid()))) {
+      delete m;
+      throw Error(ErrorKind::kState, "stream '" + name + "' is already mapped by " +
+                                         std::to_string(kMaxImporters) +
+                                         " other processes (the limit)");
+    }
+    m->registered_ = true;
+  }
   return m;
 }
 
 HostSlotMemory::~HostSlotMemory() {
   if (base_ != nullptr) munmap(base_, bytes_);
+  if (registered_) pin_->remove_importer(static_cast<int32_t>(getpid()));
 }
 
 // gen odd is stored before any slot byte changes (release fence), and the

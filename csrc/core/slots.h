@@ -85,9 +85,12 @@ class SlotMemory {
 // on machines without a GPU.
 class HostSlotMemory : public SlotMemory {
  public:
-  // Creates (and zero-fills) or opens the simulated allocation.
+  // Creates (and zero-fills) or opens the simulated allocation. open()
+  // records this process in the stream's importer table while it maps the
+  // memory, as the CUDA backend does for an imported allocation.
   static HostSlotMemory* create(const std::string& name, uint64_t bytes, uint32_t mode);
-  static HostSlotMemory* open(const std::string& name, uint64_t bytes);
+  static HostSlotMemory* open(const std::string& name, uint64_t bytes,
+                              const uint8_t instance_id[16]);
   ~HostSlotMemory() override;
 
   void store_gen(uint32_t slot, uint64_t gen) override;
@@ -108,6 +111,8 @@ class HostSlotMemory : public SlotMemory {
 
  private:
   HostSlotMemory() = default;
+  std::unique_ptr<HeaderPin> pin_;  // importer entry (open() only)
+  bool registered_ = false;
   uint8_t* base_ = nullptr;
   uint64_t bytes_ = 0;
   uint64_t slot_stride_ = 0;

@@ -11,6 +11,7 @@
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sched.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -205,6 +206,65 @@ int64_t now_realtime_ns() {
   timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+}
+
+// ---------------------------------------------------------------------------
+// HeaderPin: the importer table of a GPU stream (Header::importers)
+// ---------------------------------------------------------------------------
+
+std::unique_ptr<HeaderPin> HeaderPin::open(const std::string& name, const uint8_t instance_id[16]) {
+  int fd = shm_open(Stream::os_name(name).c_str(), O_RDWR | O_CLOEXEC, 0);
+  if (fd < 0) return nullptr;
+  struct stat st;
+  void* p = MAP_FAILED;
+  if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes)
+    p = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (p == MAP_FAILED) return nullptr;
+  auto* h = static_cast<Header*>(p);
+  if (std::memcmp(h->instance_id, instance_id, 16) != 0) {  // unlinked and re-created
+    munmap(p, kHeaderBytes);
+    return nullptr;
+  }
+  std::unique_ptr<HeaderPin> pin(new HeaderPin());
+  pin->h_ = h;
+  return pin;
+}
+
+HeaderPin::~HeaderPin() {
+  if (h_ != nullptr) munmap(h_, kHeaderBytes);
+}
+
+bool HeaderPin::add_importer(int32_t pid) {
+  for (auto& e : h_->importers) {
+    int32_t expected = 0;
+    if (e.compare_exchange_strong(expected, pid, std::memory_order_acq_rel)) return true;
+  }
+  return false;
+}
+
+void HeaderPin::remove_importer(int32_t pid) {
+  for (auto& e : h_->importers) {
+    int32_t expected = pid;
+    if (e.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) return;
+  }
+}
+
+int HeaderPin::live_importers() { return static_cast<int>(live_importer_pids(h_, true).size()); }
+
+// Alive: kill(pid, 0) succeeds, or fails only for lack of permission. A
+// recycled pid counts as alive (a free waits longer, never comes early).
+std::vector<int32_t> live_importer_pids(Header* h, bool clear_dead) {
+  std::vector<int32_t> live;
+  for (auto& e : h->importers) {
+    int32_t pid = e.load(std::memory_order_acquire);
+    if (pid <= 0) continue;
+    if (kill(pid, 0) == 0 || errno == EPERM)
+      live.push_back(pid);
+    else if (clear_dead)
+      e.compare_exchange_strong(pid, 0, std::memory_order_acq_rel);
+  }
+  return live;
 }
 
 std::string sim_device_name(const std::string& name) {

@@ -31,8 +31,10 @@
 
 #include <atomic>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace torch_shmem {
 namespace core {
@@ -87,6 +89,9 @@ constexpr uint32_t kMinSlots = 2;
 constexpr uint32_t kMaxSlots = 16;
 constexpr uint64_t kSlotAlign = 512;
 constexpr uint64_t kDeviceCountersBytes = 4096;
+// Processes other than the creator that can map one GPU stream's device
+// allocation at a time (Header::importers).
+constexpr uint32_t kMaxImporters = 64;
 
 // True when the segment holds a CPU payload after the header.
 inline bool has_cpu_payload(uint32_t flags) {
@@ -161,12 +166,21 @@ struct alignas(128) Header {
   // parked readers so that the write path makes no syscall when nobody waits.
   alignas(128) std::atomic<uint32_t> epoch;
   std::atomic<uint32_t> waiters;
+
+  // ---- device importers (GPU streams) ------------------------------------
+  // pids of the processes other than the creator that map the device
+  // allocation, 0 = free entry. The creator frees the allocation after
+  // unlink only once none of them is alive: freeing memory another process
+  // still maps would hand that process someone else's data. An importer
+  // clears its entry when it unmaps; a dead one's entry is ignored.
+  alignas(128) std::atomic<int32_t> importers[kMaxImporters];
 };
 
 static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout changed");
 static_assert(offsetof(Header, seq) == 1024, "header layout changed");
 static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
 static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
+static_assert(offsetof(Header, importers) == 1408, "header layout changed");
 static_assert(sizeof(Header) <= kHeaderBytes, "header exceeds its page");
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "need lock-free 64-bit atomics");
 static_assert(sizeof(std::atomic<uint32_t>) == 4, "futex word must be 32 bits");
@@ -309,6 +323,34 @@ class Stream {
   bool readonly_ = false;
   alignas(Header) unsigned char geo_[sizeof(Header)] = {};  // see geometry()
 };
+
+// A private read-write mapping of one stream's header page, for objects
+// that outlive the stream's handles (a GPU allocation and its importer
+// entry). Keeps the segment alive after unlink, like any mapping.
+class HeaderPin {
+ public:
+  // nullptr when the segment cannot be mapped writable (no permission) or
+  // the name no longer holds the stream with this instance id.
+  static std::unique_ptr<HeaderPin> open(const std::string& name, const uint8_t instance_id[16]);
+  ~HeaderPin();
+  HeaderPin(const HeaderPin&) = delete;
+  HeaderPin& operator=(const HeaderPin&) = delete;
+
+  // Records pid in a free entry; false when all kMaxImporters are taken.
+  bool add_importer(int32_t pid);
+  void remove_importer(int32_t pid);
+  // Number of entries whose process is alive; clears those of dead ones.
+  int live_importers();
+
+ private:
+  HeaderPin() = default;
+  Header* h_ = nullptr;
+};
+
+// The live entries of h's importer table (Header::importers); with
+// clear_dead, the entries of dead processes are also cleared (the header
+// must then be mapped writable).
+std::vector<int32_t> live_importer_pids(Header* h, bool clear_dead);
 
 // FNV-1a 64 over header bytes [8, 1016); see Header::geometry_checksum.
 uint64_t geometry_checksum(const Header* h);

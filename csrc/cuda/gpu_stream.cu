@@ -31,6 +31,9 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
+
+#include <unistd.h>
 
 #include "../core/slots.h"
 #include "../ops/registry.h"
@@ -159,14 +162,20 @@ struct Mapping {
   // on the same stream could never run.
   std::mutex waits_mu;
   std::map<cudaStream_t, uint64_t> waits;
+  // The stream's header page (importer table); nullptr where it could not
+  // be mapped writable. An importer's entry is cleared after its unmap.
+  std::unique_ptr<core::HeaderPin> pin;
+  bool registered = false;
   ~Mapping() {
-    if (base == nullptr) return;
-    QuietDeviceScope scope(device);
-    if (owned)
-      (void)cudaFree(base);
-    else
-      (void)cudaIpcCloseMemHandle(base);
-    (void)cudaGetLastError();
+    if (base != nullptr) {
+      QuietDeviceScope scope(device);
+      if (owned)
+        (void)cudaFree(base);
+      else
+        (void)cudaIpcCloseMemHandle(base);
+      (void)cudaGetLastError();
+    }
+    if (registered) pin->remove_importer(static_cast<int32_t>(getpid()));
   }
 };
 
@@ -177,6 +186,27 @@ std::mutex& g_mu = *new std::mutex();
 std::map<IID, std::weak_ptr<Mapping>>& g_cache = *new std::map<IID, std::weak_ptr<Mapping>>();
 // the creator keeps its allocation until unlink
 std::map<IID, std::shared_ptr<Mapping>>& g_owned = *new std::map<IID, std::shared_ptr<Mapping>>();
+// unlinked by the creator, kept while another live process maps them
+std::vector<std::shared_ptr<Mapping>>& g_pending = *new std::vector<std::shared_ptr<Mapping>>();
+
+// Drops the pending allocations no live importer maps any more (freed once
+// no handle of this process uses them). Called on every create, attach and
+// unlink of a GPU stream in this process.
+void sweep_pending() {
+  std::vector<std::shared_ptr<Mapping>> drop;
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    for (auto it = g_pending.begin(); it != g_pending.end();) {
+      if ((*it)->pin == nullptr || (*it)->pin->live_importers() == 0) {
+        drop.push_back(std::move(*it));
+        it = g_pending.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  // `drop` frees here, outside the lock.
+}
 
 class CudaSlotMemory : public core::SlotMemory {
  public:
@@ -364,11 +394,13 @@ int device_by_uuid(const uint8_t uuid[16]) {
 class CudaBackend : public ops::GpuBackend {
  public:
   std::shared_ptr<core::SlotMemory> create(Header* h, int device) override {
+    sweep_pending();
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     auto map = std::make_shared<Mapping>();
     map->device = device;
     map->bytes = h->device_bytes;
     map->owned = true;
+    map->pin = core::HeaderPin::open(std::string(h->name, h->name_len), h->instance_id);
     TSHM_CUDA_CHECK(cudaMalloc(&map->base, map->bytes), "allocate a GPU stream");
     // Zeroed on a private non-blocking stream and waited for alone: neither
     // the legacy default stream (which would wait for every blocking stream)
@@ -405,6 +437,7 @@ class CudaBackend : public ops::GpuBackend {
                 std::string(h->name, h->name_len), "' lives on cuda:", found,
                 " in this process, not cuda:", device);
     *device_out = found;
+    sweep_pending();
     const IID id = iid_of(h);
     std::lock_guard<std::mutex> g(g_mu);
     auto it = g_cache.find(id);
@@ -416,6 +449,16 @@ class CudaBackend : public ops::GpuBackend {
       map = std::make_shared<Mapping>();
       map->device = found;
       map->bytes = h->device_bytes;
+      // Registered before mapping, so the creator cannot free the memory
+      // between our open and our entry.
+      const std::string name(h->name, h->name_len);
+      map->pin = core::HeaderPin::open(name, h->instance_id);
+      if (map->pin != nullptr) {
+        TORCH_CHECK(map->pin->add_importer(static_cast<int32_t>(getpid())),
+                    "torch_shmem: GPU stream '", name, "' is already mapped by ",
+                    core::kMaxImporters, " other processes (the limit)");
+        map->registered = true;
+      }
       cudaError_t err = cudaIpcOpenMemHandle(&map->base, handle, cudaIpcMemLazyEnablePeerAccess);
       if (err != cudaSuccess) {
         (void)cudaGetLastError();  // not torch's error to find later
@@ -433,17 +476,17 @@ class CudaBackend : public ops::GpuBackend {
   void forget(const uint8_t instance_id[16]) override {
     IID id;
     std::memcpy(id.data(), instance_id, 16);
-    std::shared_ptr<Mapping> drop;
     {
       std::lock_guard<std::mutex> g(g_mu);
       auto it = g_owned.find(id);
       if (it != g_owned.end()) {
-        drop = std::move(it->second);
+        g_pending.push_back(std::move(it->second));
         g_owned.erase(it);
       }
     }
-    // `drop` frees the allocation here unless a handle of this process
-    // still uses it (then when that handle closes).
+    // Freed now if no other live process maps it and no handle of this
+    // process uses it; else later (a sweep, or the last handle's close).
+    sweep_pending();
   }
 
   std::shared_ptr<void> pin_host(void* p, uint64_t bytes) override {

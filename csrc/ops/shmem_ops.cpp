@@ -376,7 +376,7 @@ at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
   if (s->geometry()->flags & core::kFlagSimDevice) {
     core::HostSlotMemory* m = nullptr;
     try {
-      m = core::HostSlotMemory::open(n, s->geometry()->device_bytes);
+      m = core::HostSlotMemory::open(n, s->geometry()->device_bytes, s->geometry()->instance_id);
     } catch (const Error& err) {
       rethrow("open", n, err);
     }

@@ -488,7 +488,8 @@ PyObject* mod_open(PyObject*, PyObject* args) {
   torch_shmem::core::HostSlotMemory* sim = nullptr;
   if (s->geometry()->flags & torch_shmem::core::kFlagSimDevice) {
     try {
-      sim = torch_shmem::core::HostSlotMemory::open(n, s->geometry()->device_bytes);
+      sim = torch_shmem::core::HostSlotMemory::open(n, s->geometry()->device_bytes,
+                                                     s->geometry()->instance_id);
     } catch (const Error& e) {
       delete s;
       return raise_core_error(nullptr, e);
@@ -843,6 +844,10 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   }
   h->closed = true;
   if (h->exports == 0) h->s->unmap();
+  // No call is in flight and device slots are never exported: unmap the
+  // simulated device memory now (which also clears its importer entry).
+  delete h->sim;
+  h->sim = nullptr;
   Py_RETURN_NONE;
 }
 
@@ -881,6 +886,27 @@ PyObject* H_state(Handle* h, PyObject*) {
       static_cast<unsigned long long>(hdr->frame_id.load(std::memory_order_relaxed)),
       hdr->broken.load(), hdr->unlinked.load(), hdr->owner_pid.load(), hdr->owner_tid.load(),
       hdr->waiters.load());
+}
+
+// importers() -> tuple of pids: the live processes other than the creator
+// that map a GPU stream's device memory (empty for CPU streams). A writable
+// handle also clears the entries of dead processes.
+PyObject* H_importers(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  std::vector<int32_t> pids =
+      torch_shmem::core::live_importer_pids(h->s->header(), !h->s->readonly());
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(pids.size()));
+  if (t == nullptr) return nullptr;
+  for (size_t i = 0; i < pids.size(); ++i) {
+    PyObject* v = PyLong_FromLong(pids[i]);
+    if (v == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), v);
+  }
+  return t;
 }
 
 PyObject* H_count(Handle* h, PyObject*) {
@@ -1035,6 +1061,7 @@ PyMethodDef handle_methods[] = {
     {"mark_unlinked", (PyCFunction)H_unlink_mark, METH_NOARGS, nullptr},
     {"info", (PyCFunction)H_info, METH_NOARGS, nullptr},
     {"state", (PyCFunction)H_state, METH_NOARGS, nullptr},
+    {"importers", (PyCFunction)H_importers, METH_NOARGS, nullptr},
     {"count", (PyCFunction)H_count, METH_NOARGS, nullptr},
     {"seq", (PyCFunction)H_seq, METH_NOARGS, nullptr},
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},

@@ -98,10 +98,6 @@ class SimSlotMemory : public core::SlotMemory {
   uint64_t nbytes_;
 };
 
-}  // namespace
-
-namespace {
-
 std::mutex g_mu;
 // Never destroyed: at process exit the CUDA runtime may already be torn
 // down when static destructors run, and the kernel reclaims the mappings
@@ -191,7 +187,8 @@ at::Tensor register_stream(Stream* raw, std::shared_ptr<core::SlotMemory> dev = 
   e->dev = std::move(dev);
   e->device = device;
   // A writable handle of a mirrored GPU stream copies every publication
-  // into the CPU payload: page-lock it once so that copy is one DMA.
+  // into the CPU payload: page-lock and map it once, so the mirror kernel
+  // can store into it from the device (and a DMA can write it directly).
   if (e->dev != nullptr && device >= 0 && (raw->geometry()->flags & core::kFlagCpuMirror) &&
       !raw->readonly() && raw->payload() != nullptr && gpu_backend() != nullptr)
     e->host_pin = gpu_backend()->pin_host(raw->payload(), raw->geometry()->payload_bytes);

@@ -189,6 +189,37 @@ def _run_case(case, K, mirror_mod, gemv_mod, gen):
     raise AssertionError(f"unknown case {case}")
 
 
+def _interpreter_loop_defect():
+    """Why this Triton interpreter cannot run a loop with a runtime bound (None if it can).
+
+    Triton 3.6's interpreter turns the bound into an int through a one-element array, which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars").
+    The GEMV kernel loops over the columns that way; its interpreted cases are skipped with
+    this reason where the probe fails (they run under Triton 3.8 in CI and compiled on GPUs).
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(out_ptr, n):
+        acc = 0
+        for _ in range(0, n, 4):
+            acc += 1
+        tl.store(out_ptr, acc)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _probe[(1,)](out, 8)
+    except Exception as exc:  # InterpreterError wrapping the TypeError
+        if "0-dimensional arrays" not in str(exc):
+            raise
+        return (f"triton {triton.__version__}'s interpreter cannot run a loop with a runtime bound "
+                f"under numpy {numpy.__version__} ({exc})")
+    assert int(out[0]) == 2, int(out[0])
+    return None
+
+
 def _interpreter_worker(out_path):
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch_shmem.kernels as K
@@ -199,7 +230,11 @@ def _interpreter_worker(out_path):
     seed = int.from_bytes(os.urandom(4), "little")
     results["_seed"] = seed
     gen = torch.Generator().manual_seed(seed)
+    loop_defect = _interpreter_loop_defect()
     for case in _cases():
+        if loop_defect and case.startswith("gemv-"):
+            results[case] = {"skip": loop_defect}
+            continue
         try:
             _run_case(case, K, mirror_mod, gemv_mod, gen)
             results[case] = None
@@ -232,6 +267,8 @@ def interpreted_results(tmp_path_factory):
 @pytest.mark.parametrize("case", _cases())
 def test_interpreted_kernel(interpreted_results, case):
     err = interpreted_results[case]
+    if isinstance(err, dict):
+        pytest.skip(err["skip"])
     assert err is None, f"seed={interpreted_results['_seed']}\n{err}"
 
 

@@ -388,3 +388,19 @@ def test_unlink_while_another_process_maps_defers_the_free(name):
     join(p)
     assert got[0] == 5.0 and got[-1] == 5.0 and set(got) == {5.0}
     del scribble
+
+
+def test_pyshmem_api_read_new_woken_by_another_process(name):
+    """read_new() on a GPU stream parks on the host futex and returns the next publication
+    (made by another process) as a CUDA tensor; read_after() is level-triggered."""
+    s = torch_shmem.create(name, shape=(64,), dtype=np.float32, gpu_device="cuda:0")
+    s.write(np.zeros(64, np.float32))
+    p = ctx.Process(target=_gpu_workers.publish_after, args=(name, 0.5, 3.0))
+    p.start()
+    t0 = time.monotonic()
+    y = s.read_new(timeout=60)
+    assert time.monotonic() - t0 >= 0.3  # it waited for the writer
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), torch.full((64,), 3.0))
+    join(p)
+    assert torch.equal(s.read_after(0, timeout=1).cpu(), torch.full((64,), 3.0))  # count 2 > 0: at once
+    s.unlink()

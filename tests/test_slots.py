@@ -371,3 +371,33 @@ def test_importer_table_tracks_processes_mapping_the_device_memory(name):
     assert q.exitcode == 0
     assert _raw_importers(name) == []  # a clean close removed its entry
     s.close()
+
+
+def test_importer_table_full_of_dead_entries_is_swept(name):
+    """Importers that crashed leave their entries; when the table is full, the next attach
+    clears the dead ones instead of failing. A table full of live processes refuses the
+    attach with an error that says so."""
+    import subprocess
+
+    s = create_sim(name, (4,))
+    dead = []
+    for _ in range(4):
+        p = subprocess.Popen(["true"])
+        p.wait()
+        dead.append(p.pid)
+    path = "/dev/shm/torch_shmem." + name
+    with open(path, "r+b") as f:
+        f.seek(1408)
+        f.write(struct.pack("64i", *(dead * 16)))
+    h = torch_shmem.open(name)  # sweeps the dead entries, then registers
+    assert _raw_importers(name) == [os.getpid()]
+    h.close()
+    with open(path, "r+b") as f:  # 64 live entries (this process)
+        f.seek(1408)
+        f.write(struct.pack("64i", *([os.getpid()] * 64)))
+    with pytest.raises(RuntimeError, match="64 other processes"):
+        torch_shmem.open(name)
+    with open(path, "r+b") as f:
+        f.seek(1408)
+        f.write(bytes(256))
+    s.close()

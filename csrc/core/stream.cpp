@@ -235,10 +235,15 @@ HeaderPin::~HeaderPin() {
   if (h_ != nullptr) munmap(h_, kHeaderBytes);
 }
 
+// A full table is swept of dead processes' entries (importers that crashed
+// never cleared theirs) before giving up.
 bool HeaderPin::add_importer(int32_t pid) {
-  for (auto& e : h_->importers) {
-    int32_t expected = 0;
-    if (e.compare_exchange_strong(expected, pid, std::memory_order_acq_rel)) return true;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    for (auto& e : h_->importers) {
+      int32_t expected = 0;
+      if (e.compare_exchange_strong(expected, pid, std::memory_order_acq_rel)) return true;
+    }
+    if (attempt == 0) live_importer_pids(h_, true);
   }
   return false;
 }

@@ -336,7 +336,8 @@ class HeaderPin {
   HeaderPin(const HeaderPin&) = delete;
   HeaderPin& operator=(const HeaderPin&) = delete;
 
-  // Records pid in a free entry; false when all kMaxImporters are taken.
+  // Records pid in a free entry, clearing dead processes' entries if the
+  // table is full; false when kMaxImporters live processes hold entries.
   bool add_importer(int32_t pid);
   void remove_importer(int32_t pid);
   // Number of entries whose process is alive; clears those of dead ones.

@@ -74,8 +74,11 @@ def leave_open_and_exit(name, q):
     other = O.open(name)
     view = O.slot_view(other, 1)
     assert float(view[0]) == 1.0
+    _LEFT_OPEN.extend((s, other, view))  # still referenced when the interpreter exits
     q.put("done")
-    # s, other and view are left open on purpose
+
+
+_LEFT_OPEN = []
 
 
 def attach_then_read_on_go(name, ready, go, q):

@@ -212,20 +212,31 @@ int64_t now_realtime_ns() {
 // HeaderPin: the importer table of a GPU stream (Header::importers)
 // ---------------------------------------------------------------------------
 
-std::unique_ptr<HeaderPin> HeaderPin::open(const std::string& name, const uint8_t instance_id[16]) {
+std::unique_ptr<HeaderPin> HeaderPin::open(const std::string& name, const uint8_t instance_id[16],
+                                           int* why) {
+  int unused = 0;
+  if (why == nullptr) why = &unused;
   int fd = shm_open(Stream::os_name(name).c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) return nullptr;
+  if (fd < 0) {
+    *why = errno;
+    return nullptr;
+  }
   struct stat st;
   void* p = MAP_FAILED;
-  if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes)
+  *why = ESTALE;
+  if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
     p = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) *why = errno;
+  }
   ::close(fd);
   if (p == MAP_FAILED) return nullptr;
   auto* h = static_cast<Header*>(p);
   if (std::memcmp(h->instance_id, instance_id, 16) != 0) {  // unlinked and re-created
     munmap(p, kHeaderBytes);
+    *why = ESTALE;
     return nullptr;
   }
+  *why = 0;
   std::unique_ptr<HeaderPin> pin(new HeaderPin());
   pin->h_ = h;
   return pin;
@@ -241,7 +252,7 @@ bool HeaderPin::add_importer(int32_t pid) {
   for (int attempt = 0; attempt < 2; ++attempt) {
     for (auto& e : h_->importers) {
       int32_t expected = 0;
-      if (e.compare_exchange_strong(expected, pid, std::memory_order_acq_rel)) return true;
+      if (e.compare_exchange_strong(expected, pid, std::memory_order_seq_cst)) return true;
     }
     if (attempt == 0) live_importer_pids(h_, true);
   }
@@ -257,12 +268,17 @@ void HeaderPin::remove_importer(int32_t pid) {
 
 int HeaderPin::live_importers() { return static_cast<int>(live_importer_pids(h_, true).size()); }
 
+bool HeaderPin::unlinked() const { return h_->unlinked.load(std::memory_order_seq_cst) != 0; }
+
 // Alive: kill(pid, 0) succeeds, or fails only for lack of permission. A
 // recycled pid counts as alive (a free waits longer, never comes early).
 std::vector<int32_t> live_importer_pids(Header* h, bool clear_dead) {
   std::vector<int32_t> live;
+  // Orders a preceding store of `unlinked` before the loads below (see
+  // HeaderPin::unlinked).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   for (auto& e : h->importers) {
-    int32_t pid = e.load(std::memory_order_acquire);
+    int32_t pid = e.load(std::memory_order_seq_cst);
     if (pid <= 0) continue;
     if (kill(pid, 0) == 0 || errno == EPERM)
       live.push_back(pid);

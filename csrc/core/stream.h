@@ -329,9 +329,11 @@ class Stream {
 // entry). Keeps the segment alive after unlink, like any mapping.
 class HeaderPin {
  public:
-  // nullptr when the segment cannot be mapped writable (no permission) or
-  // the name no longer holds the stream with this instance id.
-  static std::unique_ptr<HeaderPin> open(const std::string& name, const uint8_t instance_id[16]);
+  // nullptr when the segment cannot be mapped writable (*why = EACCES or
+  // EPERM: no permission) or the name no longer holds the stream with this
+  // instance id (*why = ENOENT or ESTALE: unlinked, maybe re-created).
+  static std::unique_ptr<HeaderPin> open(const std::string& name, const uint8_t instance_id[16],
+                                         int* why = nullptr);
   ~HeaderPin();
   HeaderPin(const HeaderPin&) = delete;
   HeaderPin& operator=(const HeaderPin&) = delete;
@@ -342,6 +344,11 @@ class HeaderPin {
   void remove_importer(int32_t pid);
   // Number of entries whose process is alive; clears those of dead ones.
   int live_importers();
+  // The stream's unlinked flag (set by unlink_name once the name is gone).
+  // An importer checks it after add_importer, the creator checks importers
+  // after unlinking: with both orders sequentially consistent, an importer
+  // that registers too late sees the flag and backs out.
+  bool unlinked() const;
 
  private:
   HeaderPin() = default;

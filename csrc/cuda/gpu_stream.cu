@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include <errno.h>
 #include <unistd.h>
 
 #include "../core/slots.h"
@@ -450,14 +451,22 @@ class CudaBackend : public ops::GpuBackend {
       map->device = found;
       map->bytes = h->device_bytes;
       // Registered before mapping, so the creator cannot free the memory
-      // between our open and our entry.
+      // between our open and our entry; then the unlinked flag is checked,
+      // so an entry made after the creator's last look backs out (the
+      // creator unlinks first, then counts importers).
       const std::string name(h->name, h->name_len);
-      map->pin = core::HeaderPin::open(name, h->instance_id);
+      int why = 0;
+      map->pin = core::HeaderPin::open(name, h->instance_id, &why);
+      TORCH_CHECK(map->pin != nullptr || why == EACCES || why == EPERM,
+                  "torch_shmem: GPU stream '", name,
+                  "' was unlinked; its device memory is being released");
       if (map->pin != nullptr) {
         TORCH_CHECK(map->pin->add_importer(static_cast<int32_t>(getpid())),
                     "torch_shmem: GPU stream '", name, "' is already mapped by ",
                     core::kMaxImporters, " other processes (the limit)");
         map->registered = true;
+        TORCH_CHECK(!map->pin->unlinked(), "torch_shmem: GPU stream '", name,
+                    "' was unlinked; its device memory is being released");
       }
       cudaError_t err = cudaIpcOpenMemHandle(&map->base, handle, cudaIpcMemLazyEnablePeerAccess);
       if (err != cudaSuccess) {

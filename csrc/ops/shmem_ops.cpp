@@ -441,15 +441,23 @@ void close_cpu(const at::Tensor& token) {
 bool unlink_cpu(c10::string_view name) {
   std::string n(name);
   try {
-    if (GpuBackend* b = gpu_backend()) {
-      // The creating process drops its own reference to the allocation.
+    // A GPU stream's instance, read before the name goes: once it is
+    // unlinked (and flagged so), the creating process drops its own
+    // reference to the allocation, which is freed when no other live
+    // process maps it (importers registering after the flag back out).
+    uint8_t iid[16];
+    bool gpu = false;
+    if (gpu_backend() != nullptr) {
       try {
         std::unique_ptr<Stream> s(Stream::open(n, true));
-        if (s->geometry()->flags & core::kFlagGpu) b->forget(s->geometry()->instance_id);
+        gpu = (s->geometry()->flags & core::kFlagGpu) != 0;
+        std::memcpy(iid, s->geometry()->instance_id, 16);
       } catch (const Error&) {
       }
     }
-    return Stream::unlink_name(n);
+    const bool removed = Stream::unlink_name(n);
+    if (gpu) gpu_backend()->forget(iid);
+    return removed;
   } catch (const Error& err) {
     rethrow("unlink", n, err);
   }

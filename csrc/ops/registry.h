@@ -38,12 +38,14 @@ class GpuBackend {
   // Sets *device_out to the ordinal used.
   virtual std::shared_ptr<core::SlotMemory> attach(const core::Header* h, int device,
                                                    int* device_out) = 0;
-  // Called by unlink: the creating process frees its allocation once no
-  // handle of this process uses it.
+  // Called by unlink, after the name is gone: the creating process frees
+  // its allocation once no handle of this process uses it and no other
+  // live process maps it (the header's importer table).
   virtual void forget(const uint8_t instance_id[16]) = 0;
-  // Page-locks [p, p + bytes) for DMA (cudaHostRegister) until the result
-  // is released; nullptr where that fails (copies then go through the
-  // driver's pageable path, correct but slower).
+  // Page-locks and maps [p, p + bytes) (cudaHostRegister) until the result
+  // is released, for the mirror kernel's stores and DMA; nullptr where that
+  // fails (the mirror copy then goes through the driver's pageable path,
+  // correct but slower).
   virtual std::shared_ptr<void> pin_host(void* p, uint64_t bytes) = 0;
 };
 

@@ -286,7 +286,7 @@ def env_at_create(key: str, value: str, impl: Any) -> Iterator[Step]:
         impl.__exit__(None, None, None)
 
 
-def mirror_kernel_available(torch: Any) -> bool:
+def mirror_kernel_available() -> bool:
     """Whether the Triton mirror kernel can run on CUDA tensors here."""
     if GPU_DRY_RUN:
         return False
@@ -314,7 +314,7 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
                      "(the CUDA half was not built or no device is visible)")
     py_gpu = pyshmem is not None and pyshmem.gpu_available()
     pinned = not GPU_DRY_RUN  # page-locked host memory needs a CUDA device
-    triton_mirror = mirror_kernel_available(torch)
+    triton_mirror = mirror_kernel_available()
     if not triton_mirror:
         notes.append(f"{MIRROR_TRITON!r} skipped: the Triton kernels cannot run here")
     per_size = 2 + 3 * pinned + 4 * ts_gpu + 3 * (ts_gpu and pinned) + 2 * py_gpu + triton_mirror

@@ -32,6 +32,25 @@ def frame_seq(frame):
     return int(k)
 
 
+class FrameTally:
+    """Counts of a reader's checks of checksummed frames: reads, torn, regressions, last."""
+
+    def __init__(self):
+        self.reads = self.torn = self.regress = self.last = 0
+
+    def add(self, frame):
+        """Check one frame read; return its number k (-1 if torn)."""
+        k = frame_seq(frame)
+        self.reads += 1
+        if k < 0:
+            self.torn += 1
+        elif k < self.last:
+            self.regress += 1
+        else:
+            self.last = k
+        return k
+
+
 def writer(name, n, frames, min_seconds, ready, done, results):
     """Write frames 1, 2, ... : at least `frames` of them and for at least `min_seconds`."""
     s = torch_shmem.open(name)
@@ -53,24 +72,16 @@ def reader(name, ready, done, results):
     """Read until the writer is done; count torn frames and regressions."""
     s = torch_shmem.open(name)
     ready.wait(30)
-    reads = torn = regress = 0
-    last = 0
+    t = FrameTally()
     deadline = time.monotonic() + 120
     out = np.empty(s.shape, dtype=np.uint64)
     while time.monotonic() < deadline:
         finished = done.is_set()
         s.read(out=out)
-        k = frame_seq(out)
-        reads += 1
-        if k < 0:
-            torn += 1
-        elif k < last:
-            regress += 1
-        else:
-            last = k
+        t.add(out)
         if finished:
             break
-    results.put(("reader", (reads, torn, regress, last, s.total_missed_writes)))
+    results.put(("reader", (t.reads, t.torn, t.regress, t.last, s.total_missed_writes)))
     s.close()
 
 
@@ -264,26 +275,19 @@ def slot_reader(name, ready, done, results):
     """Read a slotted stream until the writer is done; verify every frame."""
     s = torch_shmem.open(name)
     ready.wait(30)
-    reads = torn = regress = mismatched_id = 0
-    last = 0
+    t = FrameTally()
+    mismatched_id = 0
     out = np.empty(s.shape, dtype=np.uint64)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         finished = done.is_set()
         pub = s.read_publication(out=out)
-        k = frame_seq(out)
-        reads += 1
-        if k < 0:
-            torn += 1
-        elif k < last:
-            regress += 1
-        else:
-            last = k
+        k = t.add(out)
         if k > 0 and pub.frame_id != k:
             mismatched_id += 1
         if finished:
             break
-    results.put(("reader", (reads, torn, regress, mismatched_id, last)))
+    results.put(("reader", (t.reads, t.torn, t.regress, mismatched_id, t.last)))
     s.close()
 
 

@@ -277,12 +277,11 @@ def test_ops_reads_of_a_sim_stream_under_a_fast_writer(name):
     w = ctx.Process(target=_workers.slot_writer, args=(name, n, 1.0, ready, done, results))
     w.start()
     ready.set()
-    reads = torn = regress = 0
-    last = 0
+    t = _workers.FrameTally()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         finished = done.is_set()
-        if reads % 2 or finished:
+        if t.reads % 2 or finished:
             O.read_into(st, out)
         else:
             try:
@@ -290,22 +289,15 @@ def test_ops_reads_of_a_sim_stream_under_a_fast_writer(name):
             except RuntimeError:
                 assert done.is_set(), "no new publication for 10 s while the writer runs"
                 O.read_into(st, out)
-        k = _workers.frame_seq(out.numpy())
-        reads += 1
-        if k < 0:
-            torn += 1
-        elif k < last:
-            regress += 1
-        else:
-            last = k
+        t.add(out.numpy())
         if finished:
             break
     w.join(60)
     assert w.exitcode == 0
     written = results.get(timeout=10)[1]
-    print(f"reads={reads} torn={torn} written={written}")
-    assert torn == 0 and regress == 0 and reads > 10
-    assert last == written
+    print(f"reads={t.reads} torn={t.torn} written={written}")
+    assert t.torn == 0 and t.regress == 0 and t.reads > 10
+    assert t.last == written
     O.close(st)
     s.close()
 

@@ -124,6 +124,11 @@ uint64_t HostSlotMemory::copy_out_then_gen(uint32_t slot, void* dst, bool) {
   return word(base_, gen_offset(slot))->load(std::memory_order_relaxed);
 }
 
+void HostSlotMemory::mirror_out(uint32_t slot, void* host_dst) {
+  if (mirror_copier_ && mirror_copier_(slot_ptr(slot), host_dst, payload_bytes_)) return;
+  SlotMemory::mirror_out(slot, host_dst);
+}
+
 void* HostSlotMemory::slot_ptr(uint32_t slot) {
   return base_ + kDeviceCountersBytes + slot_stride_ * slot;
 }

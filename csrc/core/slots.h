@@ -37,6 +37,7 @@
 
 #include <stdint.h>
 
+#include <functional>
 #include <string>
 
 #include "stream.h"
@@ -104,6 +105,14 @@ class HostSlotMemory : public SlotMemory {
   uint64_t load_gen(uint32_t slot) const;
   uint64_t load_count() const;
 
+  void mirror_out(uint32_t slot, void* host_dst) override;
+  // Copier for mirror_out (src slot, dst, bytes; false: not done, the
+  // backend copies itself). The torch ops set it so that simulated streams
+  // mirror through shmem::mirror_copy, as CUDA ones do.
+  void set_mirror_copier(std::function<bool(void*, void*, uint64_t)> f) {
+    mirror_copier_ = std::move(f);
+  }
+
   void set_geometry(uint64_t slot_stride, uint64_t payload_bytes) {
     slot_stride_ = slot_stride;
     payload_bytes_ = payload_bytes;
@@ -117,6 +126,7 @@ class HostSlotMemory : public SlotMemory {
   uint64_t bytes_ = 0;
   uint64_t slot_stride_ = 0;
   uint64_t payload_bytes_ = 0;
+  std::function<bool(void*, void*, uint64_t)> mirror_copier_;
 };
 
 // Protocol entry points. The stream must be slotted (kFlagGpu).

@@ -117,11 +117,6 @@ class QuietDeviceScope {
   int prev_ = -1;
 };
 
-// Host uploads from pageable memory: "direct" hands the pageable pointer to
-// cudaMemcpyAsync (the driver stages it); "staged" copies it through two
-// page-locked chunks of this process, the memcpy of one chunk overlapping
-// the DMA of the other. TORCH_SHMEM_HOST_UPLOAD=direct|staged, read when a
-// stream is mapped; sources that are already page-locked always go by DMA.
 // The CPU-mirror copy: the Triton kernel through shmem::mirror_copy
 // (default; stores from the SMs straight into the page-locked pages) or the
 // copy engine (TORCH_SHMEM_MIRROR=copy; one DMA). Read when a stream is
@@ -131,6 +126,11 @@ bool mirror_by_copy_engine_requested() {
   return v != nullptr && std::string(v) == "copy";
 }
 
+// Host uploads from pageable memory: "direct" hands the pageable pointer to
+// cudaMemcpyAsync (the driver stages it); "staged" copies it through two
+// page-locked chunks of this process, the memcpy of one chunk overlapping
+// the DMA of the other. TORCH_SHMEM_HOST_UPLOAD=direct|staged, read when a
+// stream is mapped; sources that are already page-locked always go by DMA.
 bool staged_uploads_requested() {
   const char* v = std::getenv("TORCH_SHMEM_HOST_UPLOAD");
   return v != nullptr && std::string(v) == "staged";

@@ -67,37 +67,6 @@ bool mirror_copy_via_op(void* src, void* dst, uint64_t nbytes, int device) {
 
 namespace {
 
-// Simulated device memory (streams flagged kFlagSimDevice, made by tests):
-// the slot protocol on host shared memory through these same ops, with CPU
-// tensors, so the GPU streams' op paths run on machines without a GPU. The
-// mirror copy goes through shmem::mirror_copy (its CPU kernel), as the CUDA
-// backend's goes through the CUDA kernel.
-class SimSlotMemory : public core::SlotMemory {
- public:
-  SimSlotMemory(core::HostSlotMemory* m, uint64_t payload_bytes) : m_(m), nbytes_(payload_bytes) {}
-  void store_gen(uint32_t slot, uint64_t gen) override { m_->store_gen(slot, gen); }
-  void copy_in(uint32_t slot, const void* src, bool on_dev) override {
-    m_->copy_in(slot, src, on_dev);
-  }
-  void store_count(uint64_t count) override { m_->store_count(count); }
-  void finish_writer() override { m_->finish_writer(); }
-  uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool on_dev) override {
-    return m_->copy_out_then_gen(slot, dst, on_dev);
-  }
-  void mirror_out(uint32_t slot, void* host_dst) override {
-    if (!mirror_copy_via_op(m_->slot_ptr(slot), host_dst, nbytes_, -1))
-      m_->mirror_out(slot, host_dst);
-  }
-  void* slot_ptr(uint32_t slot) override { return m_->slot_ptr(slot); }
-  bool queue_wait_count(uint64_t n, double host_timeout) override {
-    return m_->queue_wait_count(n, host_timeout);
-  }
-
- private:
-  std::unique_ptr<core::HostSlotMemory> m_;
-  uint64_t nbytes_;
-};
-
 std::mutex g_mu;
 // Never destroyed: at process exit the CUDA runtime may already be torn
 // down when static destructors run, and the kernel reclaims the mappings
@@ -377,9 +346,15 @@ at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
     } catch (const Error& err) {
       rethrow("open", n, err);
     }
+    // Simulated device memory (streams flagged kFlagSimDevice, made by
+    // tests): the slot protocol on host shared memory through these same
+    // ops, with CPU tensors, so the GPU streams' op paths run without a GPU;
+    // the mirror copy goes through shmem::mirror_copy (its CPU kernel), as
+    // the CUDA backend's goes through the CUDA kernel.
     m->set_geometry(s->geometry()->slot_stride, s->geometry()->payload_bytes);
-    auto dev = std::make_shared<SimSlotMemory>(m, s->geometry()->payload_bytes);
-    return register_stream(guard.release(), std::move(dev), -1);
+    m->set_mirror_copier(
+        [](void* src, void* dst, uint64_t n) { return mirror_copy_via_op(src, dst, n, -1); });
+    return register_stream(guard.release(), std::shared_ptr<core::SlotMemory>(m), -1);
   }
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::open: stream '", n,

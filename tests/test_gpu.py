@@ -70,6 +70,7 @@ def test_same_process_publish_read_upload_download(name):
     O.unlink(name)
 
 
+@pytest.mark.ipc
 def test_cross_process_read(name):
     s = O.create_gpu(name, (3,), torch.float32, device=0)
     O.publish(s, torch.tensor([1.0, 2.0, 3.0], device="cuda"))
@@ -82,6 +83,7 @@ def test_cross_process_read(name):
     O.unlink(name)
 
 
+@pytest.mark.ipc
 @pytest.mark.parametrize("nbytes", [4, 1 << 20, 64 << 20])
 def test_consistency_under_a_fast_writer(name, nbytes):
     n = nbytes // 4
@@ -122,6 +124,7 @@ def test_cpu_mirror_on_and_off(name):
     O.unlink(name)
 
 
+@pytest.mark.ipc
 def test_wait_read_into_woken_by_another_process(name):
     s = O.create_gpu(name, (8,), torch.int32, device=0)
     p = ctx.Process(target=_gpu_workers.publish_after, args=(name, 0.5, 7))
@@ -163,6 +166,7 @@ def test_no_leak_over_create_unlink_loops(name):
     assert free_before - free_after < (256 << 20), (free_before, free_after)
 
 
+@pytest.mark.ipc
 def test_creator_exit_is_reported(name):
     q = ctx.Queue()
     p = ctx.Process(target=_gpu_workers.create_and_exit, args=(name, q))
@@ -199,6 +203,7 @@ def test_live_view_under_lock(name):
     O.unlink(name)
 
 
+@pytest.mark.ipc
 def test_pyshmem_api_on_gpu_streams(name):
     assert torch_shmem.gpu_available()
     s = torch_shmem.create(name, shape=(2, 3), dtype=np.float32, gpu_device="cuda:0")
@@ -235,6 +240,7 @@ def test_pyshmem_api_cpu_mirror(name):
     s.unlink()
 
 
+@pytest.mark.device_wait
 def test_device_wait_same_process(name):
     """wait_device returns at once on the host; the consumer stream's later work
     runs only after publication n is complete, and slot_view(n) holds it."""
@@ -266,6 +272,8 @@ def test_device_wait_same_process(name):
     O.unlink(name)
 
 
+@pytest.mark.ipc
+@pytest.mark.device_wait
 def test_device_wait_across_processes(name):
     s = O.create_gpu(name, (4096,), torch.float32, device=0, nslots=3)
     consumer = torch.cuda.Stream()
@@ -345,6 +353,7 @@ def test_exit_without_close_is_clean(name):
     join(p)
 
 
+@pytest.mark.device_wait
 def test_publish_behind_own_device_wait_is_refused(name):
     """Publishing count c on a CUDA stream that this process parked on count >= c of the
     same stream would queue the write behind its own wait: refused before anything is
@@ -365,6 +374,7 @@ def test_publish_behind_own_device_wait_is_refused(name):
     O.unlink(name)
 
 
+@pytest.mark.ipc
 def test_unlink_while_another_process_maps_defers_the_free(name):
     """The creator's unlink (and close) does not free device memory that another live
     process still maps: that process keeps reading the stream's last publication, even
@@ -390,6 +400,7 @@ def test_unlink_while_another_process_maps_defers_the_free(name):
     del scribble
 
 
+@pytest.mark.ipc
 def test_pyshmem_api_read_new_woken_by_another_process(name):
     """read_new() on a GPU stream parks on the host futex and returns the next publication
     (made by another process) as a CUDA tensor; read_after() is level-triggered."""

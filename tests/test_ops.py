@@ -268,12 +268,14 @@ def test_device_wait_refuses_cpu_streams(stream):
         O.slot_view(stream, 1)
 
 
-def test_device_wait_traces_without_a_graph_break(stream):
-    # the schema declares the token mutated, so compile keeps the call in order;
-    # on a CPU stream the compiled call raises the eager error
+def test_device_wait_is_kept_out_of_compiled_graphs(stream):
+    # wait_device orders the CUDA stream against kernels that never name the token
+    # (on a slot_view), which a compiled graph could move across it: it is eager only,
+    # so fullgraph=True refuses it at trace time (test_slots checks the
+    # ordering of a compiled read after it)
     @torch.compile(fullgraph=True)
     def step():
         O.wait_device(stream, 1)
 
-    with pytest.raises(Exception, match="CPU stream"):
+    with pytest.raises(Exception, match="(?i)disable|skip|unsupported"):
         step()

@@ -250,13 +250,158 @@ def test_ops_on_simulated_device_mirror_through_the_op(name, monkeypatch):
     with pytest.raises(RuntimeError, match="incomplete write"):
         O.read(st)
     monkeypatch.undo()
+    # Publication 2 was complete in its slot, and the device count (what device
+    # waiters follow) reached 2 before the mirror failed: the repairing write skips
+    # to count 3, so slot 2 keeps publication 2 for any waiter released for it.
     O.publish(st, x * 3)
+    assert int(O.count(st)) == 3 and s.count == 3
     assert torch.equal(O.read(st), x * 3)
+    assert torch.equal(torch.ops.shmem.live_view(st.token, 2), x * 2)
+    assert torch.equal(torch.ops.shmem.live_view(st.token, 3), x * 3)
     np.testing.assert_array_equal(_mirror_payload(name, n, np.float32), (x * 3).numpy())
-    with pytest.raises(ValueError, match="simulated device memory"):
-        O.wait_device(st, 1)
     O.close(st)
     s.close()
+
+
+def _device_count_word(name):
+    return np.memmap(sim_path(name), dtype=np.uint64, mode="r+", shape=(1,))
+
+
+def test_a_dead_writers_device_count_is_never_reused(name):
+    """A writer that dies after its device count was stored but before its host
+    publication (the host still shows the previous count) leaves device waiters
+    released for a count the host never published: the next writer, taking the lock
+    over from the dead one, publishes the count after it instead of rewriting that
+    count's slot with other bytes."""
+    s = create_sim(name, (16,), nslots=3)
+    s.write(np.full(16, 1, np.uint64))
+    ready = ctx.Event()
+    p = ctx.Process(target=_workers.hold_lock_forever, args=(name, ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        word = _device_count_word(name)
+        word[0] = 2  # the dead writer's device-side store of count 2
+        word.flush()
+        del word
+    finally:
+        p.kill()
+        p.join(30)
+    assert s.count == 1 and s.read().tolist() == [1] * 16  # the host never published 2
+    s.write(np.full(16, 3, np.uint64))
+    assert s.count == 3 and s.read().tolist() == [3] * 16
+    assert int(_device_count_word(name)[0]) == 3
+
+
+def test_ops_read_on_a_parked_reader_waits_on_the_host(name):
+    """wait_device on simulated device memory parks the calling thread's reader queue
+    (as on a GPU it parks the current CUDA stream): the next read waits on the host,
+    without the stream lock, until the awaited publication exists, then returns it or
+    a newer one; a timeout is honoured; a count already reached does not wait."""
+    torch = pytest.importorskip("torch")
+    import torch_shmem.ops as O
+
+    s = create_sim(name, (64,), nslots=2)
+    s.write(np.full(64, 1, np.uint64))
+    st = O.open(name)
+    O.wait_device(st, 1)  # already published: nothing to wait for
+    t0 = time.monotonic()
+    assert O.read(st).tolist() == [1] * 64
+    assert time.monotonic() - t0 < 0.5
+    O.wait_device(st, 2)
+    p = ctx.Process(target=_workers.write_after, args=(name, 0.5, [2] * 64))
+    p.start()
+    out = torch.empty(64, dtype=torch.uint64)
+    t0 = time.monotonic()
+    O.read_into(st, out)  # the writer process needs the lock meanwhile: not held here
+    waited = time.monotonic() - t0
+    p.join(60)
+    assert p.exitcode == 0
+    assert out.tolist() == [2] * 64 and waited >= 0.3
+    O.wait_device(st, 5)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="timed out"):
+        O.wait_read_into(st, out, timeout=0.3)
+    assert 0.25 <= time.monotonic() - t0 < 5
+    s.write(np.full(64, 3, np.uint64))
+    s.write(np.full(64, 4, np.uint64))
+    s.write(np.full(64, 5, np.uint64))  # count 5: the park resolves
+    assert O.read(st).tolist() == [5] * 64
+    O.close(st)
+    s.close()
+
+
+def test_compiled_read_stays_after_wait_device(name):
+    """Under torch.compile, wait_device is a graph break (eager only), so a compiled read
+    written after it runs after it: it returns the awaited publication, which a writer
+    process makes only after the compiled function started."""
+    torch = pytest.importorskip("torch")
+    import torch_shmem.ops as O
+
+    s = create_sim(name, (8,), nslots=2)
+    s.write(np.full(8, 1, np.uint64))
+    st = O.open(name)
+
+    def step(out):
+        y = out.clone()
+        O.wait_device(st, 2)
+        O.read_into(st, out)
+        return y
+
+    compiled = torch.compile(step)
+    out = torch.zeros(8, dtype=torch.uint64)
+    p = ctx.Process(target=_workers.write_after, args=(name, 0.5, [2] * 8))
+    p.start()
+    explanation = torch._dynamo.explain(step)(out)
+    p.join(60)
+    assert p.exitcode == 0
+    assert explanation.graph_break_count >= 1
+    assert out.tolist() == [2] * 8
+    p = ctx.Process(target=_workers.write_after, args=(name, 0.5, [3] * 8))
+    p.start()
+    O.wait_device(st, 3)  # warm the parked path in eager mode too
+    O.read_into(st, out)
+    p.join(60)
+    assert out.tolist() == [3] * 8
+    p = ctx.Process(target=_workers.write_after, args=(name, 0.5, [4] * 8))
+    p.start()
+    st_count_before = s.count
+    compiled(out)
+    p.join(60)
+    assert st_count_before == 3 and out.tolist() == [4] * 8
+    O.close(st)
+    s.close()
+
+
+def test_two_writer_processes_alternating_on_a_slotted_stream(name):
+    """Two writer processes publish checksummed frames to one slotted stream at the
+    same time while this process reads it: every read is one intact frame, counts are
+    exact (each completed write adds one), and each writer's frames arrive."""
+    n = 64 * 1024  # 512 KiB frames
+    s = create_sim(name, (n,), nslots=2)
+    s.write(_workers.make_frame(0, n))  # a valid frame before the writers start
+    ready, done = ctx.Event(), ctx.Event()
+    q = ctx.Queue()
+    writers = [ctx.Process(target=_workers.slot_writer, args=(name, n, 1.5, ready, done, q))
+               for _ in range(2)]
+    for w in writers:
+        w.start()
+    ready.set()
+    tally = _workers.FrameTally()
+    out = np.empty(n, np.uint64)
+    deadline = time.monotonic() + 60
+    while any(w.is_alive() for w in writers) and time.monotonic() < deadline:
+        s.read(out=out)
+        k = _workers.frame_seq(out)
+        tally.reads += 1
+        tally.torn += k < 0
+    for w in writers:
+        w.join(60)
+        assert w.exitcode == 0
+    written = [q.get(timeout=10)[1] for _ in writers]
+    assert tally.torn == 0, f"{tally.torn}/{tally.reads} torn reads"
+    assert tally.reads > 0 and min(written) > 0
+    assert s.count == 1 + sum(written)
 
 
 def test_ops_reads_of_a_sim_stream_under_a_fast_writer(name):

@@ -186,6 +186,7 @@ def wait_read_into(stream: Stream, out: torch.Tensor, timeout: float | None = No
     return out
 
 
+@torch.compiler.disable
 def wait_device(stream: Stream, count: int) -> None:
     """Make the current CUDA stream wait, on the device, for publication ``count`` (GPU streams).
 
@@ -193,9 +194,19 @@ def wait_device(stream: Stream, count: int) -> None:
     of the stream's device starts only when publication ``count`` is complete in
     its slot, which :func:`slot_view` returns. Uses ``cuStreamWaitValue64``
     (fetched from the driver at run time), or a one-thread polling kernel where
-    the driver lacks stream memory operations. Nothing times out on the device:
-    queue it only for a count the writer will reach. Raises ValueError for a
-    CPU stream or a count < 1.
+    the driver lacks stream memory operations (or ``TORCH_SHMEM_DEVICE_WAIT=poll``).
+    Nothing times out on the device: queue it only for a count the writer will
+    reach. A read of this stream queued on the parked CUDA stream (``read``,
+    ``read_into``, ``wait_read_into``) first waits on the host for publication
+    ``count`` (with its timeout, without the stream lock); a publish from the
+    parked CUDA stream that could not run before the wait resolves is refused.
+
+    Eager only (``torch.compiler.disable``): the wait orders the CUDA stream
+    against work that does not name the stream token (kernels on a
+    :func:`slot_view`), which a compiled graph could otherwise move across it;
+    inside ``torch.compile`` the call is a graph break. On simulated device
+    memory (tests) the calling thread stands for the CUDA stream. Raises
+    ValueError for a CPU stream or a count < 1.
     """
     torch.ops.shmem.wait_device(stream.token, int(count))
 

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -145,6 +146,23 @@ bool HostSlotMemory::queue_wait_count(uint64_t n, double host_timeout) {
   return true;
 }
 
+void HostSlotMemory::park(uint64_t n) {
+  std::lock_guard<std::mutex> g(parks_mu_);
+  uint64_t& w = parks_[std::this_thread::get_id()];
+  w = std::max(w, n);
+}
+
+uint64_t HostSlotMemory::unresolved_park() {
+  std::lock_guard<std::mutex> g(parks_mu_);
+  auto it = parks_.find(std::this_thread::get_id());
+  if (it == parks_.end()) return 0;
+  if (load_count() >= it->second) {
+    parks_.erase(it);
+    return 0;
+  }
+  return it->second;
+}
+
 uint64_t HostSlotMemory::load_gen(uint32_t slot) const {
   return word(base_, gen_offset(slot))->load(std::memory_order_acquire);
 }
@@ -163,22 +181,42 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   // Slot count and flags from the validated private copy: a damaged shared
   // nslots of 0 would be a division by zero here.
   const Header* g = s.geometry();
-  const uint64_t c = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
+  uint64_t c = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
+  // After a failed or dead writer, the device count may be ahead of the
+  // host's (it is stored on the device before the host publication): skip
+  // past it, so the count that device waiters were released for is never
+  // reused for other bytes in the same slot.
+  if (s.take_recovered() || h->broken.load(std::memory_order_acquire))
+    c = std::max(c, m.load_device_count() + 1);
   const uint32_t k = static_cast<uint32_t>(c % g->nslots);
-  m.store_gen(k, 2 * c - 1);
-  m.copy_in(k, src, src_on_device);
-  m.store_gen(k, 2 * c);
-  m.store_count(c);
-  m.finish_writer();
+  bool count_queued = false;
+  try {
+    m.store_gen(k, 2 * c - 1);  // may refuse (before anything is queued)
+    m.copy_in(k, src, src_on_device);
+    m.store_gen(k, 2 * c);
+    count_queued = true;  // from here the device count may reach c
+    m.store_count(c);
+    m.finish_writer();
+  } catch (...) {
+    if (count_queued) {
+      // The host shows the previous publication, but device waiters may
+      // have been released for c: reserve c (seq 2c - 1, broken), so the
+      // next write is c + 1. Readers raise InconsistentStreamError until it.
+      s.begin_write_locked_at(c);
+      s.abort_write_locked();
+    }
+    throw;
+  }
   // Host publication: only now is slot k complete.
-  s.begin_write_locked();
+  s.begin_write_locked_at(c);
   h->latest_slot.store(k, std::memory_order_relaxed);
   if (g->flags & kFlagCpuMirror) {
     try {
       m.mirror_out(k, s.payload());
     } catch (...) {
       // The mirror may be half copied: readers of it raise
-      // InconsistentStreamError until the next completed write.
+      // InconsistentStreamError until the next completed write, which
+      // takes count c + 1 (the device count already is c).
       s.abort_write_locked();
       throw;
     }

@@ -38,7 +38,10 @@
 #include <stdint.h>
 
 #include <functional>
+#include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 
 #include "stream.h"
 
@@ -79,6 +82,23 @@ class SlotMemory {
   // host backend blocks the calling thread up to host_timeout seconds
   // (< 0: forever) and returns false on timeout.
   virtual bool queue_wait_count(uint64_t n, double host_timeout) = 0;
+  // The device count (offset 0) as it is now, read without going through
+  // the caller's queues (on a GPU: a private stream; never blocks behind a
+  // parked or busy CUDA stream).
+  virtual uint64_t load_device_count() = 0;
+  // The calling reader queue's unresolved device wait on this allocation:
+  // the count n of an earlier park (wait_device) that the device count has
+  // not reached yet, or 0. A host-synchronous read queued behind such a
+  // wait would block until publication n, so the binding first waits for n
+  // on the host (interruptible, with the caller's timeout, never holding
+  // the stream lock). Throws kState when the queue is parked on another
+  // allocation's unpublished count (nothing this stream's writers do can
+  // release it).
+  virtual uint64_t unresolved_park() { return 0; }
+  // Reader queue: wait_device without blocking the host. On a GPU this is
+  // queue_wait_count; the host backend records it for the calling thread,
+  // which stands for the reader queue (unresolved_park reports it).
+  virtual void park(uint64_t n) { (void)queue_wait_count(n, -1); }
 };
 
 // Host shared-memory backend: the "device allocation" is a second POSIX shm
@@ -101,6 +121,9 @@ class HostSlotMemory : public SlotMemory {
   uint64_t copy_out_then_gen(uint32_t slot, void* dst, bool dst_on_device) override;
   void* slot_ptr(uint32_t slot) override;
   bool queue_wait_count(uint64_t n, double host_timeout) override;
+  uint64_t load_device_count() override { return load_count(); }
+  uint64_t unresolved_park() override;
+  void park(uint64_t n) override;
 
   uint64_t load_gen(uint32_t slot) const;
   uint64_t load_count() const;
@@ -127,10 +150,16 @@ class HostSlotMemory : public SlotMemory {
   uint64_t slot_stride_ = 0;
   uint64_t payload_bytes_ = 0;
   std::function<bool(void*, void*, uint64_t)> mirror_copier_;
+  std::mutex parks_mu_;
+  std::map<std::thread::id, uint64_t> parks_;  // park(): per calling thread
 };
 
 // Protocol entry points. The stream must be slotted (kFlagGpu).
-// Caller holds the lock. Returns the new count.
+// Caller holds the lock. Returns the new count. A failure once the device
+// count may have been queued leaves the stream broken with the count
+// reserved, so the next write takes the count after it (device waiters
+// released for the failed count never see their slot rewritten as the
+// same count).
 uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
                            bool has_frame_id, uint64_t frame_id);
 // Lock-free attempt; false means "take the lock and use slot_read_locked".

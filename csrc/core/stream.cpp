@@ -688,6 +688,7 @@ bool Stream::lock_for(double seconds) {
     // The previous owner died holding the lock (possibly mid-write; see
     // below).
     pthread_mutex_consistent(&hdr_->mutex);
+    recovered_ = true;
     rc = 0;
   }
   if (rc == ENOTRECOVERABLE)
@@ -780,6 +781,21 @@ uint64_t Stream::clear_locked() {
 }
 
 void Stream::begin_write_locked() { begin_locked(); }
+
+void Stream::begin_write_locked_at(uint64_t c) {
+  const uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
+  if (c == (s >> 1) + 1) {  // the usual case: the next count (odd s: a torn write's)
+    begin_locked();
+    return;
+  }
+  if (c <= (s >> 1))
+    throw Error(ErrorKind::kState, "stream '" + name_ + "': publication " + std::to_string(c) +
+                                       " is not past count " + std::to_string(s >> 1));
+  // Skipping counts: seq odd as in begin_locked (release fence before any
+  // byte of the host window changes).
+  hdr_->seq.store(2 * c - 1, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
+}
 
 uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
   return publish_locked(has_frame_id, frame_id);

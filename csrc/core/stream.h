@@ -277,6 +277,14 @@ class Stream {
   void unlock();
   int held_depth() const;  // this thread's depth on this stream (any handle)
   bool held_by_this_thread() const;
+  // True once after lock_for took the lock over from a dead owner (the
+  // flag is cleared by this call): the dead writer may have queued device
+  // work that the host header does not show.
+  bool take_recovered() {
+    bool r = recovered_;
+    recovered_ = false;
+    return r;
+  }
 
   // ---- publication (caller holds the lock) ------------------------------
   // count += 1 per completed write; seq = 2 * count (+1 while writing).
@@ -284,6 +292,11 @@ class Stream {
   uint64_t clear_locked();
   // Two-phase write for in-place producers.
   void begin_write_locked();
+  // Slotted streams: opens the host window of publication c (seq = 2c - 1).
+  // c is count + 1 except after a slotted write that failed once its device
+  // count may already have reached c (see slot_write_locked): then c skips
+  // past it. c must exceed count.
+  void begin_write_locked_at(uint64_t c);
   uint64_t commit_write_locked(bool has_frame_id, uint64_t frame_id);
   void abort_write_locked();  // leaves the stream broken until the next write
 
@@ -321,6 +334,7 @@ class Stream {
   uint64_t payload_bytes_ = 0;
   size_t map_bytes_ = 0;
   bool readonly_ = false;
+  bool recovered_ = false;  // see take_recovered()
   alignas(Header) unsigned char geo_[sizeof(Header)] = {};  // see geometry()
 };
 

@@ -7,11 +7,14 @@
 // creating process serves its own pointer from the same cache).
 //
 // Writer operations run on the current torch CUDA stream of the stream's
-// device and are ordered by it: gen odd (1-thread kernel) -> copy -> gen
-// even -> count; an event recorded after them is waited on before the host
-// publication, so only the writer's own work is waited for, never the
+// device and are ordered by it: gen odd -> copy -> gen even -> count (the
+// counters stored by cuStreamWriteValue64, or a one-thread kernel where the
+// driver lacks it); an event recorded after them is waited on before the
+// host publication, so only the writer's own work is waited for, never the
 // whole device. Readers copy on their current stream and read the slot's
-// generation after the copy (same stream), then synchronize that stream.
+// generation after the copy (same stream), then synchronize that stream;
+// a current stream parked by wait_device on an unpublished count is waited
+// out on the host first (see g_parks), never inside a CUDA synchronize.
 //
 // Only c10/cuda headers are used (the toolkit on the build machines has no
 // cuBLAS headers, so ATen/cuda/CUDAContext.h is not available).
@@ -78,23 +81,59 @@ __global__ void wait_geq_kernel(const unsigned long long* p, unsigned long long 
   __threadfence_system();
 }
 
-// cuStreamWaitValue64, fetched from the driver at run time (never linked,
-// so the library loads on machines without a driver); nullptr if the
-// driver does not provide it.
-PFN_cuStreamWaitValue64_v11070 stream_wait_value64() {
-  static PFN_cuStreamWaitValue64_v11070 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuStreamWaitValue64", &p, 11070, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      p = nullptr;
-    }
-    return reinterpret_cast<PFN_cuStreamWaitValue64_v11070>(p);
+// Driver entry points fetched at run time (never linked, so the library
+// loads on machines without a driver); nullptr if the driver lacks them.
+template <typename Fn>
+Fn driver_entry_point(const char* symbol) {
+  void* p = nullptr;
+  cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+  if (cudaGetDriverEntryPointByVersion(symbol, &p, 11070, cudaEnableDefault, &q) != cudaSuccess ||
+      q != cudaDriverEntryPointSuccess) {
+    (void)cudaGetLastError();
+    p = nullptr;
+  }
+  return reinterpret_cast<Fn>(p);
+}
+
+// TORCH_SHMEM_DEVICE_WAIT=poll: behave as on a driver without 64-bit
+// stream memory operations (device waits by the polling kernel, counter
+// stores by a one-thread kernel), so both paths can be tested on one
+// machine. Read once per process.
+bool memops_disabled_by_env() {
+  static const bool off = [] {
+    const char* v = std::getenv("TORCH_SHMEM_DEVICE_WAIT");
+    return v != nullptr && std::string(v) == "poll";
   }();
+  return off;
+}
+
+PFN_cuStreamWaitValue64_v11070 stream_wait_value64() {
+  static const auto fn = memops_disabled_by_env()
+                             ? nullptr
+                             : driver_entry_point<PFN_cuStreamWaitValue64_v11070>("cuStreamWaitValue64");
   return fn;
 }
+
+PFN_cuStreamWriteValue64_v11070 stream_write_value64() {
+  static const auto fn =
+      memops_disabled_by_env()
+          ? nullptr
+          : driver_entry_point<PFN_cuStreamWriteValue64_v11070>("cuStreamWriteValue64");
+  return fn;
+}
+
+// Set once a stream memory operation was refused (CUDA_ERROR_NOT_SUPPORTED
+// or INVALID_VALUE: the device or driver lacks 64-bit stream memory
+// operations); the kernels are used for the rest of the process.
+std::atomic<bool> g_wait_memops_ok{true};
+std::atomic<bool> g_write_memops_ok{true};
+
+// Counters reported by gpu_stats().
+struct Stats {
+  std::atomic<int64_t> wait_memops{0}, wait_kernels{0}, store_memops{0}, store_kernels{0},
+      staged_uploads{0}, mirror_dma{0}, parked_reads{0}, deferred_releases{0};
+};
+Stats& g_stats = *new Stats();
 
 // Device scope for destructors and deleters: plain runtime calls whose
 // errors are ignored (c10's CUDAGuard throws on error, and a destructor may
@@ -158,18 +197,33 @@ struct Mapping {
   size_t bytes = 0;
   int device = -1;
   bool owned = false;  // allocated by this process (cudaFree) vs imported (close handle)
-  // Highest count each CUDA stream of this process was told to wait for
-  // (wait_device) on this allocation: a publish queued behind such a wait
-  // on the same stream could never run.
-  std::mutex waits_mu;
-  std::map<cudaStream_t, uint64_t> waits;
   // The stream's header page (importer table); nullptr where it could not
   // be mapped writable. An importer's entry is cleared after its unmap.
   std::unique_ptr<core::HeaderPin> pin;
   bool registered = false;
+  std::string name;
+  // A private non-blocking CUDA stream for reading the device count: it
+  // never waits behind the callers' streams (which may be parked).
+  std::mutex aux_mu;
+  cudaStream_t aux = nullptr;
+
+  uint64_t device_count() {
+    std::lock_guard<std::mutex> g(aux_mu);
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    if (aux == nullptr)
+      TSHM_CUDA_CHECK(cudaStreamCreateWithFlags(&aux, cudaStreamNonBlocking),
+                      "create a counter-read stream");
+    unsigned long long v = 0;
+    TSHM_CUDA_CHECK(cudaMemcpyAsync(&v, base, sizeof(v), cudaMemcpyDeviceToHost, aux),
+                    "read a GPU stream's device count");
+    TSHM_CUDA_CHECK(cudaStreamSynchronize(aux), "read a GPU stream's device count");
+    return v;
+  }
+
   ~Mapping() {
     if (base != nullptr) {
       QuietDeviceScope scope(device);
+      if (aux != nullptr) (void)cudaStreamDestroy(aux);
       if (owned)
         (void)cudaFree(base);
       else
@@ -189,6 +243,66 @@ std::map<IID, std::weak_ptr<Mapping>>& g_cache = *new std::map<IID, std::weak_pt
 std::map<IID, std::shared_ptr<Mapping>>& g_owned = *new std::map<IID, std::shared_ptr<Mapping>>();
 // unlinked by the creator, kept while another live process maps them
 std::vector<std::shared_ptr<Mapping>>& g_pending = *new std::vector<std::shared_ptr<Mapping>>();
+
+// Device waits queued by this process (wait_device), per CUDA stream: the
+// stream runs nothing queued after them until that allocation's device
+// count reaches n. Entries are dropped once it has (checked lazily).
+// A host-synchronous operation queued behind an unresolved park would
+// block until then: reads wait for the publication on the host first
+// (SlotMemory::unresolved_park); publishes on a parked stream are refused.
+struct Park {
+  std::weak_ptr<Mapping> map;
+  uint64_t n;
+};
+std::mutex& g_parks_mu = *new std::mutex();
+std::map<cudaStream_t, std::vector<Park>>& g_parks = *new std::map<cudaStream_t, std::vector<Park>>();
+
+// The unresolved parks of CUDA stream st (resolved and stale entries are
+// dropped). Reads the device counts on private streams.
+std::vector<std::pair<std::shared_ptr<Mapping>, uint64_t>> unresolved_parks(cudaStream_t st) {
+  std::vector<std::pair<std::shared_ptr<Mapping>, uint64_t>> out;
+  std::lock_guard<std::mutex> g(g_parks_mu);
+  auto it = g_parks.find(st);
+  if (it == g_parks.end()) return out;
+  auto& v = it->second;
+  for (auto p = v.begin(); p != v.end();) {
+    auto m = p->map.lock();
+    if (m == nullptr || m->device_count() >= p->n) {
+      p = v.erase(p);
+    } else {
+      out.emplace_back(std::move(m), p->n);
+      ++p;
+    }
+  }
+  if (v.empty()) g_parks.erase(it);
+  return out;
+}
+
+// Views (live_view/slot_view) whose last reference went while kernels that
+// read them may still be queued: each keeps its mapping until its event,
+// recorded on the device's current stream at deletion, has completed.
+std::mutex& g_deferred_mu = *new std::mutex();
+std::vector<std::pair<cudaEvent_t, std::shared_ptr<core::SlotMemory>>>& g_deferred =
+    *new std::vector<std::pair<cudaEvent_t, std::shared_ptr<core::SlotMemory>>>();
+
+void sweep_deferred() noexcept {
+  std::vector<std::shared_ptr<core::SlotMemory>> drop;
+  {
+    std::lock_guard<std::mutex> g(g_deferred_mu);
+    for (auto it = g_deferred.begin(); it != g_deferred.end();) {
+      cudaError_t q = cudaEventQuery(it->first);
+      if (q == cudaErrorNotReady) {
+        ++it;
+        continue;
+      }
+      (void)cudaEventDestroy(it->first);
+      drop.push_back(std::move(it->second));
+      it = g_deferred.erase(it);
+    }
+    (void)cudaGetLastError();
+  }
+  // `drop` releases the mappings here, outside the lock.
+}
 
 // Drops the pending allocations no live importer maps any more (freed once
 // no handle of this process uses them). Called on every create, attach and
@@ -239,6 +353,7 @@ class CudaSlotMemory : public core::SlotMemory {
     c10::cuda::CUDAGuard guard(device());
     if (!src_on_device && staged_ && nbytes_ > kStageChunk && !is_page_locked(src)) {
       staged_upload(slot_ptr(slot), static_cast<const uint8_t*>(src));
+      g_stats.staged_uploads.fetch_add(1, std::memory_order_relaxed);
       return;
     }
     TSHM_CUDA_CHECK(cudaMemcpyAsync(slot_ptr(slot), src, nbytes_,
@@ -280,9 +395,11 @@ class CudaSlotMemory : public core::SlotMemory {
     cudaStream_t st = stream();
     const bool by_kernel = mirror_by_kernel_ && is_page_locked(host_dst) &&
                            ops::mirror_copy_via_op(slot_ptr(slot), host_dst, nbytes_, map_->device);
-    if (!by_kernel)
+    if (!by_kernel) {
       TSHM_CUDA_CHECK(cudaMemcpyAsync(host_dst, slot_ptr(slot), nbytes_, cudaMemcpyDeviceToHost, st),
                       "copy a GPU stream slot into its CPU mirror");
+      g_stats.mirror_dma.fetch_add(1, std::memory_order_relaxed);
+    }
     TSHM_CUDA_CHECK(cudaStreamSynchronize(st), "wait for the CPU mirror copy");
   }
 
@@ -291,55 +408,103 @@ class CudaSlotMemory : public core::SlotMemory {
   }
 
   // The consumer's current CUDA stream waits for count >= n on the device;
-  // the host returns at once. A driver without 64-bit stream memory
-  // operations (CUDA_ERROR_NOT_SUPPORTED) gets the polling kernel instead,
-  // and keeps it for the rest of the process.
+  // the host returns at once. Without 64-bit stream memory operations
+  // (refused by the driver, or TORCH_SHMEM_DEVICE_WAIT=poll) the polling
+  // kernel waits instead, for the rest of the process (logged once). The
+  // park is recorded only once it is queued.
   bool queue_wait_count(uint64_t n, double /*host_timeout*/) override {
     c10::cuda::CUDAGuard guard(device());
     cudaStream_t st = stream();
     auto* count = static_cast<unsigned long long*>(map_->base);  // offset 0
-    {
-      std::lock_guard<std::mutex> g(map_->waits_mu);
-      uint64_t& w = map_->waits[st];
-      w = std::max(w, n);
-    }
-    static std::atomic<bool> mem_ops_ok{true};
-    if (auto fn = stream_wait_value64(); fn != nullptr && mem_ops_ok.load()) {
+    bool queued = false;
+    if (auto fn = stream_wait_value64(); fn != nullptr && g_wait_memops_ok.load()) {
       CUresult r = fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(count),
                       static_cast<cuuint64_t>(n), CU_STREAM_WAIT_VALUE_GEQ);
-      if (r == CUDA_SUCCESS) return true;
-      TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
-                  "torch_shmem: cuStreamWaitValue64 on a GPU stream failed (CUresult ", int(r), ")");
-      mem_ops_ok.store(false);
+      if (r == CUDA_SUCCESS) {
+        queued = true;
+        g_stats.wait_memops.fetch_add(1, std::memory_order_relaxed);
+      } else {
+        TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
+                    "torch_shmem: GPU stream '", map_->name,
+                    "': cuStreamWaitValue64 failed (CUresult ", int(r), ")");
+        g_wait_memops_ok.store(false);
+        TORCH_WARN_ONCE("torch_shmem: the driver refused cuStreamWaitValue64 (CUresult ", int(r),
+                        "); device waits use a one-thread polling kernel from now on");
+      }
     }
-    wait_geq_kernel<<<1, 1, 0, st>>>(count, static_cast<unsigned long long>(n));
-    TSHM_CUDA_CHECK(cudaGetLastError(), "queue a device-side wait");
+    if (!queued) {
+      wait_geq_kernel<<<1, 1, 0, st>>>(count, static_cast<unsigned long long>(n));
+      TSHM_CUDA_CHECK(cudaGetLastError(), "queue a device-side wait");
+      g_stats.wait_kernels.fetch_add(1, std::memory_order_relaxed);
+    }
+    std::lock_guard<std::mutex> g(g_parks_mu);
+    g_parks[st].push_back(Park{map_, n});
     return true;
+  }
+
+  uint64_t load_device_count() override { return map_->device_count(); }
+
+  // See SlotMemory::unresolved_park: the current CUDA stream's parks.
+  uint64_t unresolved_park() override {
+    uint64_t same = 0;
+    for (auto& [m, n] : unresolved_parks(stream())) {
+      TORCH_CHECK(m == map_, "torch_shmem: GPU stream '", map_->name,
+                  "': the current CUDA stream was told to wait (wait_device) for count ", n,
+                  " of GPU stream '", m->name,
+                  "', which is not published yet, so a read queued on it would block until "
+                  "then; read from another CUDA stream");
+      same = std::max(same, n);
+    }
+    if (same != 0) g_stats.parked_reads.fetch_add(1, std::memory_order_relaxed);
+    return same;
   }
 
  private:
   c10::DeviceIndex device() const { return static_cast<c10::DeviceIndex>(map_->device); }
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(device()).stream(); }
+  // Counter stores on the writer's stream: cuStreamWriteValue64 (its
+  // default flags fence the stream's earlier writes before the store, like
+  // __threadfence_system), else a one-thread kernel.
   void store_u64(uint64_t offset, uint64_t v) {
     c10::cuda::CUDAGuard guard(device());
+    cudaStream_t st = stream();
     auto* p = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(map_->base) + offset);
-    store_u64_kernel<<<1, 1, 0, stream()>>>(p, static_cast<unsigned long long>(v));
+    if (auto fn = stream_write_value64(); fn != nullptr && g_write_memops_ok.load()) {
+      CUresult r = fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(p),
+                      static_cast<cuuint64_t>(v), CU_STREAM_WRITE_VALUE_DEFAULT);
+      if (r == CUDA_SUCCESS) {
+        g_stats.store_memops.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+      TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
+                  "torch_shmem: GPU stream '", map_->name,
+                  "': cuStreamWriteValue64 failed (CUresult ", int(r), ")");
+      g_write_memops_ok.store(false);
+      TORCH_WARN_ONCE("torch_shmem: the driver refused cuStreamWriteValue64 (CUresult ", int(r),
+                      "); device counters are stored by a one-thread kernel from now on");
+    }
+    store_u64_kernel<<<1, 1, 0, st>>>(p, static_cast<unsigned long long>(v));
     TSHM_CUDA_CHECK(cudaGetLastError(), "store a device counter");
+    g_stats.store_kernels.fetch_add(1, std::memory_order_relaxed);
   }
 
   // The writer's first queued operation for publication c: refuse (before
-  // anything is queued) when this process parked the same CUDA stream on a
-  // count >= c of this allocation, which only this publication could reach.
+  // anything is queued) when this CUDA stream is parked on a count that
+  // only this publication (or a later one) of this stream reaches, or on
+  // another GPU stream's unpublished count: the write, and the wait for it
+  // that the host makes holding this stream's lock, would queue behind it.
   void refuse_self_deadlock(uint64_t c) {
-    cudaStream_t st = stream();
-    std::lock_guard<std::mutex> g(map_->waits_mu);
-    auto it = map_->waits.find(st);
-    if (it == map_->waits.end()) return;
-    TORCH_CHECK(it->second < c, "torch_shmem: cannot publish count ", c,
-                " on this CUDA stream: it was told to wait (wait_device) for count ",
-                it->second, " of the same GPU stream, so the write would queue behind its own "
-                "wait and never run; publish from another CUDA stream");
-    map_->waits.erase(it);  // count c - 1 >= the wait's count is already published
+    for (auto& [m, n] : unresolved_parks(stream())) {
+      TORCH_CHECK(m != map_ || n < c, "torch_shmem: cannot publish count ", c, " of GPU stream '",
+                  map_->name, "' on this CUDA stream: it was told to wait (wait_device) for count ",
+                  n, " of the same GPU stream, so the write would queue behind its own wait and "
+                  "never run; publish from another CUDA stream");
+      TORCH_CHECK(m == map_, "torch_shmem: cannot publish to GPU stream '", map_->name,
+                  "' on this CUDA stream: it was told to wait (wait_device) for count ", n,
+                  " of GPU stream '", m->name, "', which is not published yet, and the write "
+                  "would wait behind it holding this stream's lock; publish from another CUDA "
+                  "stream");
+    }
   }
 
   // Pageable source -> slot through two page-locked chunks: chunk i is
@@ -381,26 +546,48 @@ class CudaSlotMemory : public core::SlotMemory {
   cudaEvent_t stage_done_[2] = {nullptr, nullptr};
 };
 
+// The ordinal of the visible device with this uuid, or -1. The uuids are
+// read once per process (device properties are slow to query).
 int device_by_uuid(const uint8_t uuid[16]) {
-  int n = 0;
-  TSHM_CUDA_CHECK(cudaGetDeviceCount(&n), "count devices");
-  for (int i = 0; i < n; ++i) {
-    cudaDeviceProp prop;
-    TSHM_CUDA_CHECK(cudaGetDeviceProperties(&prop, i), "device properties");
-    if (std::memcmp(prop.uuid.bytes, uuid, 16) == 0) return i;
+  static std::mutex mu;
+  static std::vector<std::array<uint8_t, 16>>* uuids = nullptr;
+  std::lock_guard<std::mutex> g(mu);
+  if (uuids == nullptr) {
+    auto found = std::make_unique<std::vector<std::array<uint8_t, 16>>>();
+    int n = 0;
+    TSHM_CUDA_CHECK(cudaGetDeviceCount(&n), "count devices");
+    for (int i = 0; i < n; ++i) {
+      cudaDeviceProp prop;
+      TSHM_CUDA_CHECK(cudaGetDeviceProperties(&prop, i), "device properties");
+      std::array<uint8_t, 16> u;
+      std::memcpy(u.data(), prop.uuid.bytes, 16);
+      found->push_back(u);
+    }
+    uuids = found.release();  // never freed: read by every later attach
   }
+  for (size_t i = 0; i < uuids->size(); ++i)
+    if (std::memcmp((*uuids)[i].data(), uuid, 16) == 0) return static_cast<int>(i);
   return -1;
+}
+
+const char* memop_path(std::atomic<int64_t>& memops, std::atomic<int64_t>& kernels) {
+  if (memops.load() > 0 && kernels.load() > 0) return "memop+kernel";
+  if (memops.load() > 0) return "memop";
+  if (kernels.load() > 0) return "kernel";
+  return "unused";
 }
 
 class CudaBackend : public ops::GpuBackend {
  public:
   std::shared_ptr<core::SlotMemory> create(Header* h, int device) override {
     sweep_pending();
+    sweep_deferred();
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     auto map = std::make_shared<Mapping>();
     map->device = device;
     map->bytes = h->device_bytes;
     map->owned = true;
+    map->name.assign(h->name, h->name_len);
     map->pin = core::HeaderPin::open(std::string(h->name, h->name_len), h->instance_id);
     TSHM_CUDA_CHECK(cudaMalloc(&map->base, map->bytes), "allocate a GPU stream");
     // Zeroed on a private non-blocking stream and waited for alone: neither
@@ -439,6 +626,7 @@ class CudaBackend : public ops::GpuBackend {
                 " in this process, not cuda:", device);
     *device_out = found;
     sweep_pending();
+    sweep_deferred();
     const IID id = iid_of(h);
     std::lock_guard<std::mutex> g(g_mu);
     auto it = g_cache.find(id);
@@ -450,6 +638,7 @@ class CudaBackend : public ops::GpuBackend {
       map = std::make_shared<Mapping>();
       map->device = found;
       map->bytes = h->device_bytes;
+      map->name.assign(h->name, h->name_len);
       // Registered before mapping, so the creator cannot free the memory
       // between our open and our entry; then the unlinked flag is checked,
       // so an entry made after the creator's last look backs out (the
@@ -495,22 +684,67 @@ class CudaBackend : public ops::GpuBackend {
     }
     // Freed now if no other live process maps it and no handle of this
     // process uses it; else later (a sweep, or the last handle's close).
+    sweep_deferred();
     sweep_pending();
   }
 
-  std::shared_ptr<void> pin_host(void* p, uint64_t bytes) override {
+  std::shared_ptr<void> pin_host(void* p, uint64_t bytes, int device) override {
     if (p == nullptr || bytes == 0) return nullptr;
-    // Portable: usable from every device's context; mapped: the mirror kernel
-    // stores into the pages through their device address.
+    // In the stream's device's context (not whichever device is current);
+    // portable: usable from every device's context; mapped: the mirror
+    // kernel stores into the pages through their device address.
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     if (cudaHostRegister(p, static_cast<size_t>(bytes),
                          cudaHostRegisterPortable | cudaHostRegisterMapped) != cudaSuccess) {
       (void)cudaGetLastError();
       return nullptr;
     }
-    return std::shared_ptr<void>(p, [](void* q) {
+    return std::shared_ptr<void>(p, [device](void* q) {
+      QuietDeviceScope scope(device);
       (void)cudaHostUnregister(q);
       (void)cudaGetLastError();
     });
+  }
+
+  void release_after_queued_work(std::shared_ptr<core::SlotMemory> keep, int device) noexcept override {
+    try {
+      sweep_deferred();
+      QuietDeviceScope scope(device);
+      cudaEvent_t ev = nullptr;
+      if (cudaEventCreateWithFlags(&ev, cudaEventDisableTiming) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return;  // `keep` goes now (the runtime is unusable, e.g. at exit)
+      }
+      cudaStream_t st = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+      if (cudaEventRecord(ev, st) != cudaSuccess) {
+        (void)cudaGetLastError();
+        (void)cudaEventDestroy(ev);
+        return;
+      }
+      g_stats.deferred_releases.fetch_add(1, std::memory_order_relaxed);
+      std::lock_guard<std::mutex> g(g_deferred_mu);
+      g_deferred.emplace_back(ev, std::move(keep));
+    } catch (...) {
+      // never from a deleter
+    }
+  }
+
+  std::vector<std::pair<std::string, std::string>> stats() override {
+    Stats& st = g_stats;
+    auto n = [](const std::atomic<int64_t>& a) { return std::to_string(a.load()); };
+    return {
+        {"device_wait_path", memop_path(st.wait_memops, st.wait_kernels)},
+        {"counter_store_path", memop_path(st.store_memops, st.store_kernels)},
+        {"device_wait_memops", n(st.wait_memops)},
+        {"device_wait_kernels", n(st.wait_kernels)},
+        {"counter_store_memops", n(st.store_memops)},
+        {"counter_store_kernels", n(st.store_kernels)},
+        {"memops_disabled_by_env", memops_disabled_by_env() ? "1" : "0"},
+        {"staged_uploads", n(st.staged_uploads)},
+        {"mirror_dma_copies", n(st.mirror_dma)},
+        {"parked_reads_waited", n(st.parked_reads)},
+        {"deferred_view_releases", n(st.deferred_releases)},
+    };
   }
 };
 

@@ -6,6 +6,8 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "../core/slots.h"
 #include "../core/stream.h"
@@ -46,7 +48,15 @@ class GpuBackend {
   // is released, for the mirror kernel's stores and DMA; nullptr where that
   // fails (the mirror copy then goes through the driver's pageable path,
   // correct but slower).
-  virtual std::shared_ptr<void> pin_host(void* p, uint64_t bytes) = 0;
+  virtual std::shared_ptr<void> pin_host(void* p, uint64_t bytes, int device) = 0;
+  // Drops `keep` (a live view's hold on a mapping) once the work queued so
+  // far on `device`'s current CUDA stream is complete; never throws (it
+  // runs in tensor deleters).
+  virtual void release_after_queued_work(std::shared_ptr<core::SlotMemory> keep,
+                                         int device) noexcept = 0;
+  // Counters and chosen paths of this process, for tests and the GPU check
+  // (e.g. device_wait_path, staged_uploads).
+  virtual std::vector<std::pair<std::string, std::string>> stats() = 0;
 };
 
 GpuBackend* gpu_backend();  // nullptr when built without CUDA

@@ -160,7 +160,7 @@ at::Tensor register_stream(Stream* raw, std::shared_ptr<core::SlotMemory> dev = 
   // can store into it from the device (and a DMA can write it directly).
   if (e->dev != nullptr && device >= 0 && (raw->geometry()->flags & core::kFlagCpuMirror) &&
       !raw->readonly() && raw->payload() != nullptr && gpu_backend() != nullptr)
-    e->host_pin = gpu_backend()->pin_host(raw->payload(), raw->geometry()->payload_bytes);
+    e->host_pin = gpu_backend()->pin_host(raw->payload(), raw->geometry()->payload_bytes, device);
   e->name = raw->name();
   std::memcpy(&e->iid_lo, raw->geometry()->instance_id, 8);
   std::memcpy(&e->iid_hi, raw->geometry()->instance_id + 8, 8);
@@ -251,12 +251,41 @@ void lock_stream(Entry& e, const char* op, double timeout) {
   }
 }
 
+// Waits on the host until the stream's count exceeds `after` (spin, then
+// the futex, in slices that check close()), up to `timeout` seconds (< 0:
+// no limit). Never holds the stream lock.
+void wait_count_after(Entry& e, uint64_t after, double timeout, const char* op) {
+  const double deadline = timeout < 0 ? 1e300 : now_s() + timeout;
+  double spin = 50e-6;
+  for (;;) {
+    double remaining = deadline - now_s();
+    double slice = remaining < kSlice ? remaining : kSlice;
+    if (e.stream->wait_slice(after, spin, slice > 0 ? slice : 0)) return;
+    spin = 0;
+    TORCH_CHECK(!e.closing.load(), "shmem::", op, ": stream '", e.name,
+                "' was closed while waiting");
+    TORCH_CHECK(now_s() < deadline, "shmem::", op, ": stream '", e.name, "': timed out after ",
+                timeout, " s waiting for a publication newer than count ", after);
+  }
+}
+
 // Copies one completed publication into dst (on the device when
-// dst_on_device; GPU streams only).
+// dst_on_device; GPU streams only). A reader queue parked by wait_device on
+// a count not published yet (the current CUDA stream) first waits for it on
+// the host: the copy queued behind the park would otherwise block this
+// thread inside a CUDA synchronize, possibly holding the stream lock that
+// the publishing writer needs.
 void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, double timeout,
               core::Snapshot* snap) {
   Stream& s = *e.stream;
   core::SlotMemory* dev = e.dev.get();
+  if (dev != nullptr) {
+    const double start = now_s();
+    if (const uint64_t parked = dev->unresolved_park(); parked != 0) {
+      wait_count_after(e, parked - 1, timeout, op);
+      if (timeout >= 0) timeout = std::max(0.0, timeout - (now_s() - start));
+    }
+  }
   try {
     if (dev ? core::slot_read_fast(s, *dev, dst, dst_on_device, snap) : s.read_fast(dst, snap))
       return;
@@ -494,20 +523,8 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
   TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::wait_read_into: stream '", e->name,
                     "': out must be contiguous");
   const uint64_t after = static_cast<uint64_t>(token.data_ptr<int64_t>()[3]);
-  const double start = now_s();
-  const double deadline = timeout < 0 ? 1e300 : start + timeout;
-  double spin = 50e-6;
-  for (;;) {
-    double remaining = deadline - now_s();
-    double slice = remaining < kSlice ? remaining : kSlice;
-    if (e->stream->wait_slice(after, spin, slice > 0 ? slice : 0)) break;
-    spin = 0;
-    TORCH_CHECK(!e->closing.load(), "shmem::wait_read_into: stream '", e->name,
-                "' was closed while waiting");
-    TORCH_CHECK(now_s() < deadline, "shmem::wait_read_into: stream '", e->name,
-                "': timed out after ", timeout, " s waiting for a publication newer than count ",
-                after);
-  }
+  const double deadline = timeout < 0 ? 1e300 : now_s() + timeout;
+  wait_count_after(*e, after, timeout, "wait_read_into");
   core::Snapshot snap;
   double left = timeout < 0 ? -1 : std::max(0.0, deadline - now_s());
   snapshot(*e, out.data_ptr(), on_device(out), "wait_read_into", left, &snap);
@@ -533,8 +550,18 @@ at::Tensor live_view_cpu(const at::Tensor& token, int64_t count) {
   auto opts = at::TensorOptions().dtype(to_scalar_type(e->stream->geometry()->dtype_code));
   if (e->device >= 0)  // else simulated device memory: host pages
     opts = opts.device(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(e->device)));
-  return at::from_blob(e->dev->slot_ptr(k), stream_shape(*e->stream),
-                       [keep](void*) mutable { keep.reset(); }, opts);
+  // The deleter runs when the last view goes, possibly while kernels that
+  // read it are still queued: on a GPU the mapping is released only after
+  // the work queued so far on the device's current CUDA stream completes.
+  const int device = e->device;
+  return at::from_blob(
+      e->dev->slot_ptr(k), stream_shape(*e->stream),
+      [keep, device](void*) mutable {
+        if (device >= 0 && gpu_backend() != nullptr)
+          gpu_backend()->release_after_queued_work(std::move(keep), device);
+        keep.reset();
+      },
+      opts);
 }
 
 // wait_device(stream, count): the current CUDA stream of the stream's
@@ -547,9 +574,9 @@ void wait_device_impl(at::Tensor& token, int64_t count) {
                     "' is a CPU stream and has no device counter; use wait_read_into");
   TORCH_CHECK_VALUE(count >= 1, "shmem::wait_device: stream '", e->name,
                     "': expected a count >= 1, got ", count);
-  TORCH_CHECK_VALUE(e->device >= 0, "shmem::wait_device: stream '", e->name,
-                    "' uses simulated device memory (no CUDA stream to park); use wait_read_into");
-  e->dev->queue_wait_count(static_cast<uint64_t>(count), -1);
+  // Simulated device memory: the calling thread stands for the reader
+  // queue; the park is resolved by its next read (which waits on the host).
+  e->dev->park(static_cast<uint64_t>(count));
 }
 
 at::Tensor count_cpu(const at::Tensor& token) {
@@ -626,9 +653,35 @@ TORCH_LIBRARY_IMPL(shmem, CUDA, m) {
 }  // namespace ops
 }  // namespace torch_shmem
 
-// The module itself is empty: importing it runs the static registrations.
+// Importing the module runs the static registrations; its one function
+// reports the CUDA half's counters and chosen paths.
+static PyObject* gpu_stats(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (d == nullptr) return nullptr;
+  auto* b = torch_shmem::ops::gpu_backend();
+  if (b == nullptr) return d;
+  for (const auto& kv : b->stats()) {
+    PyObject* v = PyUnicode_FromString(kv.second.c_str());
+    if (v == nullptr || PyDict_SetItemString(d, kv.first.c_str(), v) != 0) {
+      Py_XDECREF(v);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(v);
+  }
+  return d;
+}
+
+static PyMethodDef shmem_ops_methods[] = {
+    {"gpu_stats", gpu_stats, METH_NOARGS,
+     "gpu_stats() -> dict of str: this process's GPU-stream paths and counters (empty without "
+     "CUDA): device_wait_path and counter_store_path (memop, kernel or unused), "
+     "device_wait_memops, device_wait_kernels, staged_uploads, mirror_dma_copies, "
+     "parked_reads_waited, deferred_view_releases"},
+    {nullptr, nullptr, 0, nullptr}};
+
 static PyModuleDef shmem_ops_module = {PyModuleDef_HEAD_INIT, "_C",
-                                       "torch.ops.shmem registrations", -1, nullptr};
+                                       "torch.ops.shmem registrations", -1, shmem_ops_methods};
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&shmem_ops_module);
   if (m == nullptr) return nullptr;

@@ -15,14 +15,20 @@ def read_once(name, q):
     O.close(s)
 
 
-def publish_frames(name, frames, ready):
+def publish_for(name, seconds, ready, q, base=0.0):
+    """Open, say so (ready), then publish uniform frames base + 1, base + 2, ... for
+    `seconds`; report how many."""
     s = O.open(name)
-    ready.wait(60)
     x = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-    for k in range(1, frames + 1):
-        x.fill_(k)
+    ready.set()
+    end = time.monotonic() + seconds
+    k = 0
+    while time.monotonic() < end:
+        k += 1
+        x.fill_(base + k)
         O.publish(s, x)
     torch.cuda.synchronize()
+    q.put(k)
     O.close(s)
 
 
@@ -87,3 +93,55 @@ def attach_then_read_on_go(name, ready, go, q):
     go.wait(120)
     q.put(O.read(s).cpu().tolist())
     O.close(s)
+
+
+def device_wait_roundtrip(name, q):
+    """Same-process device wait in a fresh process (TORCH_SHMEM_DEVICE_WAIT is read once
+    per process): park a consumer CUDA stream on an unpublished count, publish it from
+    a producer stream, and report what the consumer saw and the paths taken."""
+    from torch_shmem import _C
+
+    s = O.create_gpu(name, (4096,), torch.float32, device=0, nslots=3)
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    try:
+        with torch.cuda.stream(consumer):
+            O.wait_device(s, 1)
+            got = O.slot_view(s, 1).clone()
+        time.sleep(0.2)
+        parked = not consumer.query()
+        with torch.cuda.stream(producer):
+            O.publish(s, torch.full((4096,), 5.0, device="cuda"))
+        deadline = time.monotonic() + 30
+        while not consumer.query() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        released = consumer.query()
+        value = float(got[0]) if released else None
+        uniform = bool((got == got[0]).all()) if released else None
+        q.put((parked, released, value, uniform, dict(_C.gpu_stats())))
+    finally:
+        O.close(s)
+        O.unlink(name)
+
+
+def map_and_read_after_creator_exit(name, ready, creator_gone, q):
+    """Map a GPU stream, then read it again once its creator has exited: report the
+    outcome ("data", the values) or ("error", message)."""
+    s = O.open(name)
+    first = O.read(s).cpu().tolist()
+    ready.set()
+    creator_gone.wait(120)
+    try:
+        got = O.read(s)
+        torch.cuda.synchronize()
+        q.put(("data", first, got.cpu().tolist()))
+    except RuntimeError as e:
+        q.put(("error", first, str(e)))
+    O.close(s)
+
+
+def create_publish_wait(name, importer_ready):
+    """Create and publish a GPU stream, wait until another process mapped it, exit."""
+    s = O.create_gpu(name, (4,), torch.float32, device=0)
+    O.publish(s, torch.arange(4.0, device="cuda"))
+    torch.cuda.synchronize()
+    importer_ready.wait(120)

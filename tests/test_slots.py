@@ -342,9 +342,9 @@ def test_compiled_read_stays_after_wait_device(name):
     s.write(np.full(8, 1, np.uint64))
     st = O.open(name)
 
-    def step(out):
+    def step(out, n):
         y = out.clone()
-        O.wait_device(st, 2)
+        O.wait_device(st, n)
         O.read_into(st, out)
         return y
 
@@ -352,7 +352,7 @@ def test_compiled_read_stays_after_wait_device(name):
     out = torch.zeros(8, dtype=torch.uint64)
     p = ctx.Process(target=_workers.write_after, args=(name, 0.5, [2] * 8))
     p.start()
-    explanation = torch._dynamo.explain(step)(out)
+    explanation = torch._dynamo.explain(step)(out, 2)
     p.join(60)
     assert p.exitcode == 0
     assert explanation.graph_break_count >= 1
@@ -366,7 +366,7 @@ def test_compiled_read_stays_after_wait_device(name):
     p = ctx.Process(target=_workers.write_after, args=(name, 0.5, [4] * 8))
     p.start()
     st_count_before = s.count
-    compiled(out)
+    compiled(out, 4)
     p.join(60)
     assert st_count_before == 3 and out.tolist() == [4] * 8
     O.close(st)

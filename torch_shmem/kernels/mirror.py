@@ -156,7 +156,12 @@ def mirror_copy(src: torch.Tensor, dst: torch.Tensor, *, backend: str | None = N
     return dst
 
 
+launches = 0  # Triton kernel launches of this process (tests and the GPU check count them)
+
+
 def _launch(src: torch.Tensor, dst: torch.Tensor, nbytes: int) -> None:
+    global launches
+    launches += 1
     # Contiguous, so these are views: flat, then bytes (view(dtype) rejects 0-d tensors).
     src_b = src.reshape(-1).view(torch.uint8)
     dst_b = dst.reshape(-1).view(torch.uint8)

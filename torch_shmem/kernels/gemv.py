@@ -16,6 +16,12 @@ bandwidth and the kernel is built to stream ``A`` once at full width:
   the autotuner's repeated launches are harmless). Under the Triton interpreter one fixed
   small config is used instead (autotuning there would only cost time).
 
+``TORCH_SHMEM_GEMV_CONFIGS=N`` (read once, when this module is imported) autotunes over
+only the first ``N`` of the configs below (``N=1``: no autotuning, the first config
+always). With a cold Triton cache every config of every shape is compiled and timed, which
+a short GPU check (.ci/gpu) cannot afford; unset (the default) means all of them. A value
+that is not a positive integer is ignored with a warning.
+
 Performance formulas (``t`` in seconds):
 
 - GFLOP/s = ``2 * m * n / t / 1e9``
@@ -28,6 +34,9 @@ leave SMs idle, which a split-n variant would fix (not needed for the square cas
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -44,6 +53,27 @@ __all__ = ["gemv", "triton_available"]
 triton_available = _util.triton_available
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CONFIGS_ENV = "TORCH_SHMEM_GEMV_CONFIGS"
+
+
+def _config_limit() -> int | None:
+    """``$TORCH_SHMEM_GEMV_CONFIGS`` as a positive int, or None (all configs)."""
+    raw = os.environ.get(CONFIGS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        warnings.warn(f"torch_shmem: gemv: ignoring {CONFIGS_ENV}={raw!r} (not a positive integer); "
+                      "autotuning over every config", RuntimeWarning, stacklevel=2)
+        return None
+    return n
+
+
+_CONFIG_LIMIT = _config_limit()  # read once, at import
+
 # One fixed config under the interpreter (CPU tensors): few programs, few loop trips.
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=128)
 
@@ -66,7 +96,7 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_mask)
 
-    _CONFIGS = [
+    _ALL_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in (
             (4, 1024, 4, 2),
@@ -79,6 +109,7 @@ if triton is not None:
             (64, 128, 8, 2),
         )
     ]
+    _CONFIGS = _ALL_CONFIGS[:_CONFIG_LIMIT]  # every config unless $TORCH_SHMEM_GEMV_CONFIGS says fewer
     # Built separately from _gemv_kernel so that the interpreter path can launch the plain kernel.
     _gemv_kernel_autotuned = triton.autotune(configs=_CONFIGS, key=["m", "n"])(_gemv_kernel)
 

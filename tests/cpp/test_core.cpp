@@ -184,16 +184,20 @@ void test_unlink_ends_waits() {
   std::memcpy(iid, r->geometry()->instance_id, 16);
   CHECK(Stream::name_state(name, iid) == Stream::NameState::kSame);
   std::atomic<int> result{-1};
+  std::atomic<double> waited{0};
   std::thread waiter([&] {
+    // One slice of 10 s: only the wake sent by unlink_name ends it early.
     bool gone = false;
-    for (int i = 0; i < 100 && !gone; ++i)  // 100 slices of 100 ms: 10 s at most
-      if (r->wait_slice(0, 0, 0.1, &gone)) break;
-    result = gone ? 1 : 0;
+    const double t0 = torch_shmem::core::now_monotonic();
+    const bool newer = r->wait_slice(0, 0, 10.0, &gone);
+    waited = torch_shmem::core::now_monotonic() - t0;
+    result = !newer && gone ? 1 : 0;
   });
   while (r->header()->waiters.load() == 0) std::this_thread::yield();
   CHECK(Stream::unlink_name(name));
   waiter.join();
   CHECK(result == 1 && r->unlinked());
+  CHECK(waited < 5.0);
   bool gone = false;
   CHECK(!r->wait_slice(0, 0, 5, &gone) && gone);  // at once, not after 5 s
   CHECK(!r->wait_slice(0, 0, 0.001) && r->count() == 0);  // without `gone`: as before

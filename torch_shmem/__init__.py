@@ -5,11 +5,14 @@ Importing this package and using CPU streams never imports torch.
 """
 
 from ._admin import list_streams, purge, stat
+from ._follow import Follower, follow
 from ._stream import (
     InconsistentStreamError,
     Publication,
     SharedMemory,
     StaleStreamError,
+    StreamReplacedError,
+    StreamUnlinkedError,
     create,
     gpu_available,
     locked_many,
@@ -30,12 +33,16 @@ if "torch" in _sys.modules:  # torch users get torch.ops.shmem at once
 del _sys
 
 __all__ = [
+    "Follower",
     "InconsistentStreamError",
     "Publication",
     "SharedMemory",
     "StaleStreamError",
+    "StreamReplacedError",
+    "StreamUnlinkedError",
     "__version__",
     "create",
+    "follow",
     "gpu_available",
     "list_streams",
     "locked_many",

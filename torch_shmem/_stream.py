@@ -18,17 +18,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import _core, _proc
+from . import _cleanup, _core, _proc
 from ._dtypes import SUPPORTED_DTYPES, code_dtype, dtype_code, normalize_dtype
 from ._publication import Publication
 
 InconsistentStreamError = _core.InconsistentStreamError
+# Defined in the native module, which raises them from blocked waits:
+#   StaleStreamError(RuntimeError)      the handle's stream was unlinked
+#   +- StreamUnlinkedError              ... and nothing holds the name now
+#   +- StreamReplacedError              ... and the name holds a new generation
+StaleStreamError = _core.StaleStreamError
+StreamUnlinkedError = _core.StreamUnlinkedError
+StreamReplacedError = _core.StreamReplacedError
 
 __all__ = [
     "InconsistentStreamError",
     "Publication",
     "SharedMemory",
     "StaleStreamError",
+    "StreamReplacedError",
+    "StreamUnlinkedError",
     "create",
     "gpu_available",
     "locked_many",
@@ -46,10 +55,6 @@ _get_ident = threading.get_ident
 # layout is cast/copied straight into the payload under the lock instead of
 # through a temporary (one pass over the data instead of two).
 _DIRECT_CAST_BYTES = 64 * 1024
-
-
-class StaleStreamError(RuntimeError):
-    """The handle's stream was unlinked and its name now names another generation."""
 
 
 def gpu_available() -> bool:
@@ -1063,9 +1068,12 @@ class SharedMemory:
     def unlink(self) -> None:
         """Close this handle and destroy the stream (other handles keep their mapping).
 
-        Raises StaleStreamError (and removes nothing) when the name was
-        re-created since this handle opened it; PermissionError on a
-        read-only handle. A stream already unlinked is not an error.
+        Raises StreamReplacedError (a StaleStreamError; removes nothing)
+        when the name was re-created since this handle opened it;
+        PermissionError on a read-only handle. A stream already unlinked is
+        not an error. Blocked waits of every handle of the stream, in any
+        process, end with StreamUnlinkedError or StreamReplacedError
+        (see :meth:`read_new`).
         """
         if self._h.readonly:
             self._check_open()
@@ -1074,6 +1082,7 @@ class SharedMemory:
             )
         instance_id = self._instance_id
         self.close()
+        _cleanup.forget(self._name, instance_id)
         try:
             current = _core.open(self._name, False)
         except (FileNotFoundError, ValueError):
@@ -1082,7 +1091,7 @@ class SharedMemory:
             current_id = current.info()[5]
             current.close(1.0)
             if current_id != instance_id:
-                raise StaleStreamError(
+                raise StreamReplacedError(
                     f"torch_shmem: stream {self._name!r} was re-created since this handle "
                     "opened it: the name belongs to a newer generation, which is left alone"
                 )
@@ -1147,6 +1156,12 @@ def create(
 
     The handle is a context manager: leaving the ``with`` block closes it,
     or unlinks the stream when ``auto_unlink=True`` (see also :func:`stream`).
+    With ``auto_unlink=True`` the stream is also unlinked when this process
+    exits (atexit: a normal exit, ``sys.exit``, an uncaught exception or
+    KeyboardInterrupt) or is terminated by SIGTERM, SIGINT or SIGHUP whose
+    handler was the default one (a handler is installed for those, from the
+    main thread only; see docs/api.md, "Signals"). SIGKILL cannot be
+    handled: ``torch-shmem purge --dead-only`` removes what it leaves.
     ``notify`` is accepted for pyshmem compatibility and only recorded (it
     shows in :func:`stat`): every wait here parks on a futex that writers wake.
     """
@@ -1174,7 +1189,7 @@ def create(
             from . import _gpu  # imports torch: only for GPU streams
 
             shm = _gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
-            shm._auto_unlink = bool(auto_unlink)
+            _set_auto_unlink(shm, auto_unlink)
             return shm
         handle = _core.create(name, dtype_code(dt), dims, mode, _core.FLAG_NOTIFY if notify else 0)
     except FileExistsError as exc:
@@ -1184,27 +1199,41 @@ def create(
             f"torch_shmem.open({name!r}) or remove it with torch_shmem.unlink({name!r})",
         ) from None
     shm = SharedMemory(handle, owner=True)
-    shm._auto_unlink = bool(auto_unlink)
+    _set_auto_unlink(shm, auto_unlink)
     return shm
 
 
-def open(name: str, *, gpu_device: str | None = None, readonly: bool = False) -> SharedMemory:  # noqa: A001
+def _set_auto_unlink(shm: SharedMemory, auto_unlink: bool) -> None:
+    shm._auto_unlink = bool(auto_unlink)
+    if auto_unlink:
+        # unlinked at exit and on SIGTERM/SIGINT/SIGHUP (torch_shmem/_cleanup.py)
+        _cleanup.register(shm._name, shm._instance_id, unlink)
+
+
+def open(  # noqa: A001
+    name: str,
+    *,
+    gpu_device: str | None = None,
+    readonly: bool = False,
+    wait: float | None = 0.0,
+) -> SharedMemory:
     """Attach to an existing stream.
 
     Raises FileNotFoundError (pointing to :func:`create`) when it does not
     exist, ValueError when the name holds a foreign or corrupted segment,
     PermissionError when this user may not open it. ``readonly=True`` maps
     the payload read-only and refuses writes and the lock.
+
+    ``wait`` is for a consumer that may start before its producer: up to
+    that many seconds (None: no limit) for the name to appear, then it opens
+    the stream once its creator has initialised it. The name is polled with
+    a backoff from 1 ms to 50 ms; Ctrl-C interrupts the wait. TimeoutError
+    (naming the stream) when it does not appear in time. ``wait=0`` (the
+    default) does not wait.
     """
     _check_name(name)
-    try:
-        handle = _core.open(name, bool(readonly))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            2,
-            f"torch_shmem: stream {name!r} does not exist; create it with "
-            f"torch_shmem.create({name!r}, shape=..., dtype=...)",
-        ) from None
+    wait = _check_wait(wait, name)
+    handle = _open_handle(name, bool(readonly), wait)
     if _wants_gpu(gpu_device):
         from . import _gpu  # imports torch: only for GPU attachments
 
@@ -1212,12 +1241,68 @@ def open(name: str, *, gpu_device: str | None = None, readonly: bool = False) ->
     return SharedMemory(handle, owner=False)
 
 
+# Polling of open(wait=...): the first retry after 1 ms, the delay doubling
+# up to 50 ms. A failed shm_open costs a few microseconds, so this is cheap
+# and needs no inotify watch (a limited per-user resource) on /dev/shm.
+_OPEN_POLL_FIRST = 1e-3
+_OPEN_POLL_MAX = 0.05
+
+
+def _check_wait(wait: Any, name: str) -> float | None:
+    if wait is None:
+        return None
+    if isinstance(wait, bool) or not isinstance(wait, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"torch_shmem: stream {name!r}: wait must be a number of seconds or None, got {wait!r}"
+        )
+    wait = float(wait)
+    if not wait >= 0:
+        raise ValueError(f"torch_shmem: stream {name!r}: wait must be >= 0 or None, got {wait!r}")
+    return wait
+
+
+def _open_handle(
+    name: str, readonly: bool, wait: float | None, stop: threading.Event | None = None
+) -> Any:
+    """``_core.open``, retried while the name does not exist, for ``wait`` seconds (None: no limit).
+
+    Returns None when ``stop`` is set while waiting.
+    """
+    deadline = None if wait is None else time.monotonic() + wait
+    delay = _OPEN_POLL_FIRST
+    while True:
+        try:
+            return _core.open(name, readonly)
+        except FileNotFoundError:
+            if wait == 0:
+                raise FileNotFoundError(
+                    2,
+                    f"torch_shmem: stream {name!r} does not exist; create it with "
+                    f"torch_shmem.create({name!r}, shape=..., dtype=...), or wait for its "
+                    f"producer with torch_shmem.open({name!r}, wait=seconds)",
+                ) from None
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise TimeoutError(
+                f"torch_shmem: stream {name!r} did not appear within {wait:.3g} s; its producer "
+                f"creates it with torch_shmem.create({name!r}, shape=..., dtype=...)"
+            )
+        pause = delay if deadline is None else min(delay, deadline - now)
+        if stop is None:
+            time.sleep(pause)
+        elif stop.wait(pause):
+            return None
+        delay = min(delay * 2, _OPEN_POLL_MAX)
+
+
 def unlink(name: str) -> None:
     """Destroy the named stream; a silent no-op when it does not exist.
 
-    Handles that are open keep their mapping until they close.
+    Handles that are open keep their mapping until they close; their waits
+    for a future publication end with StreamUnlinkedError.
     """
     _check_name(name)
+    _cleanup.forget_name(name)
     if "torch_shmem._C" in sys.modules:
         # the op library also drops this process's own GPU allocation
         import torch

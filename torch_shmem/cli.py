@@ -204,6 +204,8 @@ class _Watched:
                     if write_ns:
                         self.latencies.append(max(0.0, now - write_ns * 1e-9))
                     self.last = count
+        except _core.StaleStreamError:
+            pass  # unlinked: nothing new can come; STATE shows "unlinked" from the header
         except Exception as exc:  # closed by the printer (Ctrl-C), or a real error
             if not self.shm.closed:
                 self.error = str(exc)

@@ -180,7 +180,10 @@ def wait_read_into(stream: Stream, out: torch.Tensor, timeout: float | None = No
     Level-triggered: if a newer publication already exists it returns at once,
     so a loop of ``wait_read_into`` sees every publication it can keep up with
     and never deadlocks a request/reply exchange. Raises RuntimeError after
-    ``timeout`` seconds (None: wait forever) or if the stream is closed.
+    ``timeout`` seconds (None: wait forever) or if the stream is closed;
+    ``torch_shmem.StreamUnlinkedError`` / ``StreamReplacedError`` (RuntimeError
+    subclasses) at once when the stream is unlinked or re-created and nothing
+    newer than ``last_count`` exists. Ctrl-C interrupts it (main thread).
     """
     torch.ops.shmem.wait_read_into(stream.token, out, -1.0 if timeout is None else float(timeout))
     return out

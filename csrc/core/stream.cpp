@@ -613,8 +613,10 @@ bool Stream::unlink_name(const std::string& name) {
         Header* h = static_cast<Header*>(base);
         if (h->magic.load(std::memory_order_acquire) == kMagic) {
           if (h->flags & kFlagSimDevice) shm_unlink(sim_device_name(name).c_str());
+          // Flag first, then bump and wake (the order wait_slice relies
+          // on): parked readers wake, see the flag and end their waits
+          // unless a publication they wait for is already there.
           h->unlinked.store(1, std::memory_order_release);
-          // Parked readers re-check their handles' state.
           h->epoch.fetch_add(1, std::memory_order_seq_cst);
           futex_wake(&h->epoch);
         }
@@ -624,6 +626,27 @@ bool Stream::unlink_name(const std::string& name) {
     ::close(fd);
   }
   return true;
+}
+
+Stream::NameState Stream::name_state(const std::string& name, const uint8_t instance_id[16]) {
+  const std::string os = os_name(name);
+  int fd = shm_open(os.c_str(), O_RDONLY | O_CLOEXEC, 0);
+  if (fd < 0) return errno == ENOENT ? NameState::kGone : NameState::kOther;
+  NameState state = NameState::kOther;  // e.g. a creator that has not sized it yet
+  struct stat st;
+  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+      static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
+    void* p = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
+    if (p != MAP_FAILED) {
+      const Header* h = static_cast<const Header*>(p);
+      if (h->magic.load(std::memory_order_acquire) == kMagic &&
+          std::memcmp(h->instance_id, instance_id, 16) == 0)
+        state = NameState::kSame;
+      munmap(p, kHeaderBytes);
+    }
+  }
+  ::close(fd);
+  return state;
 }
 
 Stream::~Stream() { unmap(); }
@@ -882,14 +905,30 @@ Snapshot Stream::read_locked(void* dst) const {
 //   futex_wait(epoch, e)   -- returns at once if a publication bumped epoch
 // Either the writer sees waiters > 0 and wakes, or the reader sees the new
 // seq/epoch; a wake can never be lost.
+//
+// Unlink (unlink_name) stores unlinked = 1 (release), then bumps epoch
+// (seq_cst) and wakes every parked reader unconditionally. A reader that
+// loaded e after that bump also sees the flag (acquire on epoch); one that
+// loaded e before it finds epoch != e in futex_wait or is woken, and
+// re-reads epoch (acquire) before looking at the flag again. So a reader
+// that checks the flag after loading e never sleeps through an unlink.
 // ---------------------------------------------------------------------------
 
-bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) const {
+bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds, bool* gone) const {
   // count (= seq / 2) moved past `after`
   auto newer = [&](std::memory_order mo = std::memory_order_acquire) {
     return (hdr_->seq.load(mo) >> 1) > after;
   };
+  // The generation was unlinked and nothing newer than `after` is there.
+  auto ended = [&] {
+    if (gone == nullptr || hdr_->unlinked.load(std::memory_order_acquire) == 0) return false;
+    if (newer()) return false;
+    *gone = true;
+    return true;
+  };
+  if (gone != nullptr) *gone = false;
   if (newer()) return true;
+  if (ended()) return false;
   if (spin_seconds > 0) {
     // Spin briefly for microsecond wake-ups. The first few microseconds
     // poll with pause only (a sched_yield costs ~0.7 us, which would be
@@ -912,9 +951,13 @@ bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) con
       sched_yield();
     } while (mono_now() < end);
   }
-  if (seconds <= 0) return false;
+  if (seconds <= 0) {
+    ended();
+    return false;
+  }
   uint32_t e = hdr_->epoch.load(std::memory_order_acquire);
   if (newer()) return true;
+  if (ended()) return false;  // after loading e: see the comment above
   auto* waiters = const_cast<std::atomic<uint32_t>*>(&hdr_->waiters);
   waiters->fetch_add(1, std::memory_order_seq_cst);
   if (newer(std::memory_order_seq_cst)) {  // Dekker pair with publish_locked
@@ -924,7 +967,9 @@ bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds) con
   futex_wait(&hdr_->epoch, e, seconds);
   waiters->fetch_sub(1, std::memory_order_seq_cst);
   (void)hdr_->epoch.load(std::memory_order_acquire);
-  return newer();
+  if (newer()) return true;
+  ended();
+  return false;
 }
 
 void Stream::wake_all() const {

@@ -247,8 +247,16 @@ class Stream {
   // Opens an existing stream; throws kNotFound, kPermission, kValue
   // (foreign, truncated or corrupted segment).
   static Stream* open(const std::string& name, bool readonly);
-  // Removes the name; returns false when it did not exist.
+  // Removes the name; returns false when it did not exist. Then flags the
+  // removed generation `unlinked` and wakes its parked readers (see
+  // wait_slice).
   static bool unlink_name(const std::string& name);
+  // What the name holds now, compared with the generation `instance_id`:
+  // nothing, that generation, or another one (also a file still being
+  // created, or one this process may not open). A few system calls, no
+  // validation: for error messages, not for opening.
+  enum class NameState { kGone, kSame, kOther };
+  static NameState name_state(const std::string& name, const uint8_t instance_id[16]);
   // Validates a user-visible name (throws kValue) and returns the OS name.
   static std::string os_name(const std::string& name);
 
@@ -310,7 +318,17 @@ class Stream {
   // Spins for up to spin_seconds, then parks on the futex for at most
   // `seconds`. Returns true when count > after. May return false early
   // (spurious wake, wake_all, signal); callers loop.
-  bool wait_slice(uint64_t after, double spin_seconds, double seconds) const;
+  //
+  // With `gone` given, an unlinked stream ends the wait: when the
+  // generation is flagged unlinked (before the slice or by the wake that
+  // unlink_name sends) and count <= after, it returns false at once with
+  // *gone = true instead of parking; no new opener can publish to a removed
+  // name, so such a wait would only end by its timeout. A publication that
+  // is already there (a handle that still writes after the unlink) is
+  // returned as usual. Without `gone` the flag is ignored.
+  bool wait_slice(uint64_t after, double spin_seconds, double seconds,
+                  bool* gone = nullptr) const;
+  bool unlinked() const { return hdr_->unlinked.load(std::memory_order_acquire) != 0; }
   void wake_all() const;
 
   uint64_t seq() const { return hdr_->seq.load(std::memory_order_acquire); }

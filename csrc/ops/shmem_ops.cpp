@@ -19,9 +19,12 @@
 // Control ops (create/open/close/unlink) are for eager code; the Python
 // wrappers keep them out of compiled regions.
 #include <Python.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -235,6 +238,70 @@ double now_s() {
       .count();
 }
 
+// Raises the Python exception that is set (the caller holds the GIL through
+// `gil`) out of the op: torch's Python binding of the dispatcher restores a
+// python_error as that very exception (KeyboardInterrupt from a signal
+// handler, StreamUnlinkedError...).
+[[noreturn]] void throw_python_error(PyGILState_STATE gil) {
+  python_error err;
+  err.persist();  // fetches and clears the error indicator
+  PyGILState_Release(gil);
+  throw err;
+}
+
+// Called between the slices of a blocking op. torch releases the GIL around
+// op calls, so Python cannot run its signal handlers while an op blocks;
+// here, in the main thread (the only one Python runs them in), take the GIL
+// briefly and run them. If one raises (KeyboardInterrupt on Ctrl-C) the op
+// ends with that exception. Callers hold no stream lock at this point.
+// Nothing happens without an interpreter (torch used from C++ only).
+void honour_signals() {
+  if (!Py_IsInitialized() || static_cast<pid_t>(syscall(SYS_gettid)) != getpid()) return;
+  PyGILState_STATE gil = PyGILState_Ensure();
+  if (PyErr_CheckSignals() != 0) throw_python_error(gil);
+  PyGILState_Release(gil);
+}
+
+// A wait for a publication newer than `after` ended because the stream was
+// unlinked (Stream::wait_slice): raises torch_shmem.StreamReplacedError when
+// the name now holds another generation, else StreamUnlinkedError (both
+// RuntimeError subclasses; a plain RuntimeError without an interpreter).
+[[noreturn]] void raise_gone(Entry& e, uint64_t after, const char* op) {
+  Stream::NameState state = Stream::NameState::kGone;
+  try {
+    state = Stream::name_state(e.name, e.stream->geometry()->instance_id);
+  } catch (const Error&) {
+  }
+  const bool replaced = state == Stream::NameState::kOther;
+  std::string msg = std::string("shmem::") + op + ": stream '" + e.name + "' " +
+                    (replaced ? "was unlinked and re-created: the name now holds a new "
+                                "generation, and this token still maps the old one"
+                              : "was unlinked (its producer removed it, or it was purged) and "
+                                "nothing has re-created the name yet") +
+                    "; a wait for a publication newer than count " + std::to_string(after) +
+                    " would never end; " +
+                    (replaced ? "open the new generation with torch_shmem.ops.open('" + e.name +
+                                    "')"
+                              : "torch_shmem.open('" + e.name +
+                                    "', wait=seconds) waits for a producer to create it again");
+  if (Py_IsInitialized()) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject* mod = PyImport_ImportModule("torch_shmem._core");
+    PyObject* cls = mod == nullptr ? nullptr
+                                   : PyObject_GetAttrString(
+                                         mod, replaced ? "StreamReplacedError" : "StreamUnlinkedError");
+    Py_XDECREF(mod);
+    if (cls != nullptr) {
+      PyErr_SetString(cls, msg.c_str());
+      Py_DECREF(cls);
+      throw_python_error(gil);
+    }
+    PyErr_Clear();
+    PyGILState_Release(gil);
+  }
+  TORCH_CHECK(false, msg);
+}
+
 // Takes the stream lock in bounded slices (torch releases the GIL around
 // op calls), giving up on close() or after `timeout` seconds (< 0: never).
 void lock_stream(Entry& e, const char* op, double timeout) {
@@ -245,6 +312,7 @@ void lock_stream(Entry& e, const char* op, double timeout) {
     if (e.stream->lock_for(slice)) return;
     TORCH_CHECK(!e.closing.load(), "shmem::", op, ": stream '", e.name,
                 "' was closed while waiting for its lock");
+    honour_signals();
     TORCH_CHECK(timeout < 0 || now_s() < deadline, "shmem::", op, ": stream '", e.name,
                 "': timed out after ", timeout, " s waiting for the write lock (held by pid ",
                 e.stream->header()->owner_pid.load(), ")");
@@ -252,18 +320,22 @@ void lock_stream(Entry& e, const char* op, double timeout) {
 }
 
 // Waits on the host until the stream's count exceeds `after` (spin, then
-// the futex, in slices that check close()), up to `timeout` seconds (< 0:
-// no limit). Never holds the stream lock.
+// the futex, in slices that check close() and signals), up to `timeout`
+// seconds (< 0: no limit); an unlink of the stream ends it (raise_gone).
+// Never holds the stream lock.
 void wait_count_after(Entry& e, uint64_t after, double timeout, const char* op) {
   const double deadline = timeout < 0 ? 1e300 : now_s() + timeout;
   double spin = 50e-6;
   for (;;) {
     double remaining = deadline - now_s();
     double slice = remaining < kSlice ? remaining : kSlice;
-    if (e.stream->wait_slice(after, spin, slice > 0 ? slice : 0)) return;
+    bool gone = false;
+    if (e.stream->wait_slice(after, spin, slice > 0 ? slice : 0, &gone)) return;
+    if (gone) raise_gone(e, after, op);
     spin = 0;
     TORCH_CHECK(!e.closing.load(), "shmem::", op, ": stream '", e.name,
                 "' was closed while waiting");
+    honour_signals();
     TORCH_CHECK(now_s() < deadline, "shmem::", op, ": stream '", e.name, "': timed out after ",
                 timeout, " s waiting for a publication newer than count ", after);
   }

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core/slots.h"
@@ -34,6 +35,11 @@ using torch_shmem::core::Stream;
 namespace {
 
 PyObject* InconsistentStreamError = nullptr;
+// StaleStreamError(RuntimeError) and its two subclasses: what happened to a
+// handle's stream (see raise_gone).
+PyObject* StaleStreamError = nullptr;
+PyObject* StreamUnlinkedError = nullptr;
+PyObject* StreamReplacedError = nullptr;
 
 // Copies at least this large run with the GIL released.
 constexpr uint64_t kReleaseGilBytes = 256 * 1024;
@@ -313,6 +319,34 @@ int exact_array(Handle* h, PyObject* obj) {
   return 1;
 }
 
+// A wait for a publication newer than `after` ended because the handle's
+// generation was unlinked: StreamReplacedError when the name now holds
+// another generation, else StreamUnlinkedError. The name is looked at now,
+// when the error is raised.
+bool raise_gone(Handle* h, uint64_t after) {
+  Stream::NameState state = Stream::NameState::kGone;
+  try {
+    state = Stream::name_state(h->s->name(), h->s->geometry()->instance_id);
+  } catch (const Error&) {
+  }
+  const auto n = static_cast<unsigned long long>(after);
+  if (state == Stream::NameState::kOther)
+    PyErr_Format(StreamReplacedError,
+                 "torch_shmem: stream %R was unlinked and re-created: the name now holds a new "
+                 "generation, and this handle still maps the old one, where a wait for a write "
+                 "newer than count %llu would never end; open the new generation with "
+                 "torch_shmem.open(%R)",
+                 h->name, n, h->name);
+  else
+    PyErr_Format(StreamUnlinkedError,
+                 "torch_shmem: stream %R was unlinked (its producer removed it, or it was "
+                 "purged) and nothing has re-created the name yet; a wait for a write newer "
+                 "than count %llu would never end; torch_shmem.open(%R, wait=seconds) waits "
+                 "for a producer to create it again",
+                 h->name, n, h->name);
+  return false;
+}
+
 bool wait_after(Handle* h, uint64_t after, double timeout, const char* what) {
   Stream* s = h->s;
   const double deadline = timeout < 0 ? INFINITY : mono_now() + timeout;
@@ -320,10 +354,11 @@ bool wait_after(Handle* h, uint64_t after, double timeout, const char* what) {
   for (;;) {
     double remaining = deadline - mono_now();
     double slice = remaining < kWaitSlice ? remaining : kWaitSlice;
-    bool ok = false;
+    bool ok = false, gone = false;
     if (slice < 0) slice = 0;
-    if (!run_core(h, true, [&] { ok = s->wait_slice(after, spin, slice); })) return false;
+    if (!run_core(h, true, [&] { ok = s->wait_slice(after, spin, slice, &gone); })) return false;
     if (ok) return true;
+    if (gone) return raise_gone(h, after);
     spin = 0;
     if (PyErr_CheckSignals() < 0) return false;
     if (h->closing) {
@@ -509,6 +544,30 @@ PyObject* mod_unlink(PyObject*, PyObject* arg) {
   } catch (const Error& e) {
     return raise_core_error(nullptr, e);
   }
+}
+
+// name_state(name, instance_id) -> "gone", "same" or "other": what the name
+// holds now compared with the generation instance_id (16 bytes).
+PyObject* mod_name_state(PyObject*, PyObject* args) {
+  PyObject* name;
+  const char* iid;
+  Py_ssize_t iid_len;
+  if (!PyArg_ParseTuple(args, "Uy#", &name, &iid, &iid_len)) return nullptr;
+  if (iid_len != 16) {
+    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
+    return nullptr;
+  }
+  std::string n;
+  if (!utf8_name(name, &n)) return nullptr;
+  Stream::NameState state;
+  try {
+    state = Stream::name_state(n, reinterpret_cast<const uint8_t*>(iid));
+  } catch (const Error& e) {
+    return raise_core_error(nullptr, e);
+  }
+  return PyUnicode_FromString(state == Stream::NameState::kGone   ? "gone"
+                              : state == Stream::NameState::kSame ? "same"
+                                                                  : "other");
 }
 
 PyObject* mod_os_name(PyObject*, PyObject* arg) {
@@ -1083,6 +1142,8 @@ PyMethodDef module_methods[] = {
     {"open", mod_open, METH_VARARGS, "open(name, readonly)"},
     {"unlink", mod_unlink, METH_O, "unlink(name) -> bool"},
     {"os_name", mod_os_name, METH_O, "os_name(name) -> str"},
+    {"name_state", mod_name_state, METH_VARARGS,
+     "name_state(name, instance_id) -> 'gone' | 'same' | 'other'"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_core",
@@ -1111,6 +1172,29 @@ PyMODINIT_FUNC PyInit__core(void) {
   if (InconsistentStreamError == nullptr) return nullptr;
   Py_INCREF(InconsistentStreamError);
   PyModule_AddObject(m, "InconsistentStreamError", InconsistentStreamError);
+  StaleStreamError = PyErr_NewExceptionWithDoc(
+      "torch_shmem.StaleStreamError",
+      "The handle's stream was unlinked (and maybe re-created under its name). Raised by "
+      "waits for a publication that can no longer come (StreamUnlinkedError, "
+      "StreamReplacedError) and by unlink() of a handle whose name holds a newer generation.",
+      PyExc_RuntimeError, nullptr);
+  if (StaleStreamError == nullptr) return nullptr;
+  StreamUnlinkedError = PyErr_NewExceptionWithDoc(
+      "torch_shmem.StreamUnlinkedError",
+      "A wait ended because its stream was unlinked and nothing holds the name now.",
+      StaleStreamError, nullptr);
+  if (StreamUnlinkedError == nullptr) return nullptr;
+  StreamReplacedError = PyErr_NewExceptionWithDoc(
+      "torch_shmem.StreamReplacedError",
+      "The handle's stream was unlinked and its name now holds a new generation.",
+      StaleStreamError, nullptr);
+  if (StreamReplacedError == nullptr) return nullptr;
+  for (auto [label, exc] : {std::pair<const char*, PyObject*>{"StaleStreamError", StaleStreamError},
+                            {"StreamUnlinkedError", StreamUnlinkedError},
+                            {"StreamReplacedError", StreamReplacedError}}) {
+    Py_INCREF(exc);
+    PyModule_AddObject(m, label, exc);
+  }
   Py_INCREF(&HandleType);
   PyModule_AddObject(m, "Handle", reinterpret_cast<PyObject*>(&HandleType));
   PyModule_AddIntConstant(m, "MAX_DIMS", torch_shmem::core::kMaxDims);

@@ -172,6 +172,47 @@ void test_basics() {
   CHECK(!Stream::unlink_name(name));
 }
 
+// A reader parked in wait_slice (with `gone`) is woken by unlink_name and
+// reports the stream gone; a publication newer than `after` still wins; the
+// name then reads as gone, and as another generation once re-created.
+void test_unlink_ends_waits() {
+  const std::string name = stream_name("unlinkwait");
+  Stream::unlink_name(name);
+  std::unique_ptr<Stream> w(Stream::create(name, geometry_u64(4)));
+  std::unique_ptr<Stream> r(Stream::open(name, true));
+  uint8_t iid[16];
+  std::memcpy(iid, r->geometry()->instance_id, 16);
+  CHECK(Stream::name_state(name, iid) == Stream::NameState::kSame);
+  std::atomic<int> result{-1};
+  std::atomic<double> waited{0};
+  std::thread waiter([&] {
+    // One slice of 10 s: only the wake sent by unlink_name ends it early.
+    bool gone = false;
+    const double t0 = torch_shmem::core::now_monotonic();
+    const bool newer = r->wait_slice(0, 0, 10.0, &gone);
+    waited = torch_shmem::core::now_monotonic() - t0;
+    result = !newer && gone ? 1 : 0;
+  });
+  while (r->header()->waiters.load() == 0) std::this_thread::yield();
+  CHECK(Stream::unlink_name(name));
+  waiter.join();
+  CHECK(result == 1 && r->unlinked());
+  CHECK(waited < 5.0);
+  bool gone = false;
+  CHECK(!r->wait_slice(0, 0, 5, &gone) && gone);  // at once, not after 5 s
+  CHECK(!r->wait_slice(0, 0, 0.001) && r->count() == 0);  // without `gone`: as before
+  CHECK(w->lock_for(1));
+  std::vector<uint64_t> f(4, 7);
+  CHECK(w->write_locked(f.data(), false, 0) == 1);  // an old handle still publishes
+  w->unlock();
+  gone = true;
+  CHECK(r->wait_slice(0, 0, 5, &gone) && !gone);
+  CHECK(Stream::name_state(name, iid) == Stream::NameState::kGone);
+  std::unique_ptr<Stream> again(Stream::create(name, geometry_u64(2)));
+  CHECK(Stream::name_state(name, iid) == Stream::NameState::kOther);
+  CHECK(Stream::unlink_name(name));
+}
+
 void test_header_fuzz(int iterations, std::mt19937_64& rng) {
   const std::string name = stream_name("fuzz");
   Stream::unlink_name(name);
@@ -385,6 +426,7 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(seed);
   g_prefix = "cpp-" + std::to_string(getpid()) + "-";
   test_basics();
+  test_unlink_ends_waits();
   test_header_fuzz(iterations, rng);
   test_crafted_headers();
   test_threads();

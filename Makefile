@@ -9,7 +9,7 @@ export CUDA_HOME ?= /usr/local/cuda
 
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: demo test bench gpu-wheels clean
+.PHONY: demo test compat bench gpu-wheels clean
 
 $(VENV)/.built: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(VENV)/bin/python -m pytest -m cpu -q
 
+# pyshmem 1.4.0's own test suite against torch_shmem (tests/pyshmem_suite.py):
+# the CPU part (also run by `make test`), then the GPU part (skips without CUDA).
+compat: $(VENV)/.built
+	$(VENV)/bin/python -m tests.pyshmem_suite
+	$(VENV)/bin/python -m tests.pyshmem_suite --gpu
+
 # The peers the benchmarks compare with, and matplotlib for the plots.
 $(VENV)/.bench: $(VENV)/.built
 	$(VENV)/bin/pip install -q "pyshmem==1.4.0" iceoryx2 matplotlib
@@ -33,9 +39,12 @@ bench: $(VENV)/.bench
 	$(VENV)/bin/python -m bench --quick --plots bench/results/plots
 
 # Wheels for .ci/gpu on a machine without a package registry (carried there
-# with the working tree; .ci/gpu installs them with --no-deps --no-index).
+# with the working tree; .ci/gpu installs them with --no-deps --no-index),
+# and pyshmem's hash-pinned sdist, whose tests `python -m tests.pyshmem_suite
+# --gpu` runs (found there; never installed).
 gpu-wheels: $(VENV)/.built
 	$(VENV)/bin/pip download -q --no-deps -d bench/wheels "pyshmem==1.4.0"
+	$(VENV)/bin/python -m tests.pyshmem_suite --fetch-only --dest bench/wheels
 
 clean:
 	rm -rf build $(VENV) torch_shmem/*.so *.egg-info

@@ -165,7 +165,7 @@ def test_close_refuses_and_stays_usable_while_another_thread_holds_the_lock(name
     t = threading.Thread(target=holder)
     t.start()
     assert taken.wait(10)
-    with pytest.raises(RuntimeError, match="another thread holds its lock"):
+    with pytest.raises(RuntimeError, match="another thread owns its lock"):
         s._h.close(0.1)
     assert not s.closed  # the refused close left the handle usable
     go.set()

@@ -31,11 +31,12 @@ __all__ = ["list_streams", "purge", "scan", "stat", "PREFIX"]
 
 PREFIX = "torch_shmem."
 
-# torch's cross-process ref-count files. CUDA IPC ref counters (and the
-# file_system sharing strategy) use /dev/shm/torch_<pid>_<random>_<n> in
-# torch 2.x; pyshmem 1.4 looked for cuda.shm.<id>.<pid hex>.<n>. Both encode
-# the producer's pid.
+# Cross-process ref-count files of CUDA IPC, both encoding the producer's pid.
+# torch 2.x names its ref counters (and the CPU storages of the file_system
+# sharing strategy) /dev/shm/torch_<pid>_<random>_<n>; the CUDA IPC
+# ref-count files pyshmem 1.4 sweeps are cuda.shm.<id>.<pid hex>.<n>.
 _TORCH_REFCOUNT = re.compile(r"^torch_(\d+)_\d+_\d+$")
+_CUDA_SHM = "cuda.shm."
 
 
 def _path(name: str) -> str:
@@ -237,12 +238,22 @@ def _unlink_generation(name: str, instance_id: str) -> bool:
 
 
 def cuda_orphans() -> list[str]:
-    """/dev/shm files of torch's cross-process ref counting left by dead producers.
+    """/dev/shm files of CUDA IPC ref counting left by dead producers.
 
-    A file qualifies when its name encodes a producer pid (``torch_<pid>_*``
-    in torch 2.x, ``cuda.shm.*.<pid hex>.*`` in pyshmem's description), that
-    process is dead, no live process maps the file, and it is ours with mode
-    0600 or every process's maps were readable. Returns base names, sorted.
+    A file qualifies when its name encodes a producer pid, that process is
+    dead (a live producer's files are never touched) and no live process
+    visibly maps the file:
+
+    - ``cuda.shm.<id>.<pid hex>.<n>`` (the files pyshmem 1.4 sweeps): a
+      ref counter counts users of its producer's device memory, which is
+      gone once the producer has exited, so the dead producer decides, as
+      in pyshmem, even where other users' maps cannot be read.
+    - ``torch_<pid>_<random>_<n>`` (torch 2.x): the same names back CPU
+      tensors of torch's file_system sharing strategy, which outlive their
+      producer, so these also need the map scan to be conclusive: every
+      process's maps were readable, or the file is ours with mode 0600.
+
+    Returns base names, sorted.
     """
     try:
         entries = os.listdir(_proc.SHM_DIR)
@@ -264,9 +275,12 @@ def cuda_orphans() -> list[str]:
     euid = os.geteuid()
     result = []
     for key, base in found.items():
+        if key in mapped:
+            continue
         st = found_meta[key]
-        known = complete or (st.st_uid == euid and not st.st_mode & 0o066)
-        if known and key not in mapped:
+        if base.startswith(_CUDA_SHM) or complete or (
+            st.st_uid == euid and not st.st_mode & 0o066
+        ):
             result.append(base)
     return sorted(result)
 
@@ -276,7 +290,7 @@ def _refcount_pid(base: str) -> int | None:
     if m:
         return int(m.group(1))
     parts = base.split(".")
-    if len(parts) >= 4 and parts[0] == "cuda" and parts[1] == "shm":
+    if len(parts) >= 4 and base.startswith(_CUDA_SHM):
         try:
             return int(parts[-2], 16)
         except ValueError:

@@ -182,8 +182,8 @@ class GpuSharedMemory(SharedMemory):
         if not safe:
             if self._h.held_depth() <= 0:
                 raise RuntimeError(
-                    f"torch_shmem: stream {self._name!r}: read(safe=False) requires the lock; "
-                    "use it inside 'with shm.locked():'"
+                    f"torch_shmem: stream {self._name!r}: read() with safe=False requires the "
+                    "lock; use it inside 'with shm.locked():'"
                 )
             return self._gpu.live_view()
         return self._gpu.read(out)

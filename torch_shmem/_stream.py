@@ -256,8 +256,8 @@ class SharedMemory:
     def _check_open(self) -> None:
         if self._h.closed:
             raise RuntimeError(
-                f"torch_shmem: stream {self._name!r} is closed on this handle; "
-                f"reopen it with torch_shmem.open({self._name!r})"
+                f"torch_shmem: stream {self._name!r} is closed on this handle (closed shared "
+                f"memory cannot be used); reopen it with torch_shmem.open({self._name!r})"
             )
 
     @property
@@ -557,8 +557,8 @@ class SharedMemory:
             )
         if self._h.held_depth() <= 0:
             raise RuntimeError(
-                f"torch_shmem: stream {self._name!r}: {what}(safe=False) requires the lock; "
-                "use it inside 'with shm.locked():'"
+                f"torch_shmem: stream {self._name!r}: {what}() with safe=False requires the "
+                "lock; use it inside 'with shm.locked():'"
             )
 
     def _live_view(self, out: Any, what: str = "read") -> np.ndarray:
@@ -834,8 +834,8 @@ class SharedMemory:
             except RuntimeError:
                 if h.closed:
                     raise RuntimeError(
-                        f"torch_shmem: stream {self._name!r} was closed on this handle while "
-                        f"{what} was waiting"
+                        f"torch_shmem: stream {self._name!r} was closed while a read was "
+                        f"waiting on this handle ({what})"
                     ) from None
                 raise
 
@@ -945,9 +945,12 @@ class SharedMemory:
     def describe(self) -> str:
         """A multi-line human summary of the stream and this handle.
 
-        Name, shape, dtype, size, count, write time and age, frame_id, the
-        creator and whether it is alive, the lock owner, this handle's role
-        (owner, read-only) and its read statistics. Reads metadata only.
+        First pyshmem 1.4's lines, in its order and layout (``label:`` padded
+        to 14 columns): name, shape, dtype, size, gpu_enabled, gpu_device,
+        cpu_mirror, count, write_time, write_seq, owner, readonly,
+        creator_pid, producer, age, notify. Then this library's: state, last
+        write (local time), frame_id, lock, waiters, instance_id and this
+        handle's read statistics. Reads metadata only.
         """
         self._check_open()
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = self._h.state()
@@ -965,23 +968,31 @@ class SharedMemory:
         alive = "alive" if self.producer_alive() else "dead"
         lock = "free" if not lock_pid else f"held by pid {lock_pid}"
         lines = [
-            f"name:          {self._name}",
-            f"shape:         {self._shape}",
-            f"dtype:         {self._dtype}",
-            f"size:          {self._size} bytes",
-            "device:        cpu",
-            f"count:         {seq >> 1}",
-            f"state:         {state}",
-            f"last write:    {written}",
-            f"frame_id:      {frame_id}",
-            f"creator_pid:   {self._creator_pid} ({alive})",
-            f"producer:      {alive}",
-            f"lock:          {lock}",
-            f"waiters:       {waiters}",
-            f"owner:         {self._owner} (this handle {'created' if self._owner else 'opened'} it)",
-            f"readonly:      {self._h.readonly}",
-            f"instance_id:   {self._instance_id.hex()}",
-            f"reads:         last count {last_read}, missed {missed}, total missed {total_missed}",
+            # pyshmem 1.4's fields, layout and order (programs parse them)
+            f"name:         {self._name}",
+            f"shape:        {self._shape}",
+            f"dtype:        {self._dtype}",
+            f"size:         {self._size} bytes",
+            f"gpu_enabled:  {self.gpu_enabled}",
+            f"gpu_device:   {self.gpu_device}",
+            f"cpu_mirror:   {self.cpu_mirror}",
+            f"count:        {seq >> 1}",
+            f"write_time:   {write_ns * 1e-9}",
+            f"write_seq:    {seq}",
+            f"owner:        {self._owner}",
+            f"readonly:     {self._h.readonly}",
+            f"creator_pid:  {self._creator_pid}",
+            f"producer:     {alive}",
+            f"age:          {age:.3f} s",
+            f"notify:       {self.notify}",
+            # torch_shmem's additions
+            f"state:        {state}",
+            f"last write:   {written}",
+            f"frame_id:     {frame_id}",
+            f"lock:         {lock}",
+            f"waiters:      {waiters}",
+            f"instance_id:  {self._instance_id.hex()}",
+            f"reads:        last count {last_read}, missed {missed}, total missed {total_missed}",
         ]
         return "\n".join(lines)
 
@@ -1057,7 +1068,7 @@ class SharedMemory:
         mine = self._held.get(ident, 0)
         if others:
             raise RuntimeError(
-                f"torch_shmem: cannot close stream {self._name!r}: another thread holds its "
+                f"torch_shmem: cannot close stream {self._name!r}: another thread owns its "
                 "lock through this handle"
             )
         for _ in range(mine):
@@ -1369,7 +1380,7 @@ class _LockedMany:
             if a.name == b.name:
                 raise ValueError(
                     f"torch_shmem: locked_many() got stream {a.name!r} twice; "
-                    "each stream may appear once"
+                    "each stream may appear once (the handles must name unique streams)"
                 )
         timeout = self._timeout
         if timeout is not None and not timeout >= 0:

@@ -735,7 +735,9 @@ bool Stream::lock_for(double seconds) {
 void Stream::unlock() {
   if (!held_by_this_thread())
     throw Error(ErrorKind::kState,
-                "cannot release the lock of stream '" + name_ + "': this thread does not hold it");
+                "cannot release the lock of stream '" + name_ +
+                    "': this thread does not hold it (the lock is unlocked for this thread; "
+                    "each release() must match an acquire())");
   if (hdr_->owner_depth.fetch_sub(1, std::memory_order_relaxed) > 1) return;
   check_lock_kind();  // glibc would assert on a damaged kind
   hdr_->owner_pid.store(0, std::memory_order_relaxed);

@@ -156,8 +156,8 @@ PyObject* raise_core_error(Handle* h, const Error& e) {
 
 PyObject* closed_error(Handle* h) {
   PyErr_Format(PyExc_RuntimeError,
-               "torch_shmem: stream %R is closed on this handle; reopen it with "
-               "torch_shmem.open(%R)",
+               "torch_shmem: stream %R is closed on this handle (closed shared memory "
+               "cannot be used); reopen it with torch_shmem.open(%R)",
                h->name, h->name);
   return nullptr;
 }
@@ -363,7 +363,8 @@ bool wait_after(Handle* h, uint64_t after, double timeout, const char* what) {
     if (PyErr_CheckSignals() < 0) return false;
     if (h->closing) {
       PyErr_Format(PyExc_RuntimeError,
-                   "torch_shmem: stream %R was closed on this handle while %s was waiting",
+                   "torch_shmem: stream %R was closed while a read was waiting on this "
+                   "handle (%s)",
                    h->name, what);
       return false;
     }
@@ -696,7 +697,7 @@ PyObject* H_read_after_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) 
   PyObject* result = read_target(h, out);
   if (result == nullptr) return nullptr;
   const double start = mono_now();
-  if (!wait_after(h, after, timeout, "a read")) {
+  if (!wait_after(h, after, timeout, "read_new/read_after")) {
     Py_DECREF(result);
     return nullptr;
   }
@@ -889,7 +890,7 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
                        h->name, h->inflight.load(), Seconds(timeout).text);
         else
           PyErr_Format(PyExc_RuntimeError,
-                       "torch_shmem: cannot close stream %R: another thread holds its lock "
+                       "torch_shmem: cannot close stream %R: another thread owns its lock "
                        "through this handle (not released within %s s)",
                        h->name, Seconds(timeout).text);
         return nullptr;

@@ -23,8 +23,11 @@ def availability() -> tuple[bool, str]:
     """(usable, reason): whether GPU streams can work in this process."""
     if not _C.WITH_CUDA:
         return False, "this build of torch_shmem has no CUDA support (no toolkit at build time)"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
     if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
+        return False, (f"torch sees no CUDA device (no NVIDIA driver, a driver too old for "
+                       f"CUDA {torch.version.cuda}, or CUDA_VISIBLE_DEVICES hides them)")
     return True, "ok"
 
 

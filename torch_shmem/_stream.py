@@ -1091,10 +1091,10 @@ class SharedMemory:
             written += f" ({age:.3f} s ago)"
         else:
             written = "never"
-        if seq & 1:
-            state = "inconsistent (a write was cut short)" if broken else "write in progress"
+        if seq & 1:  # the words of stat() and the CLI
+            state = "inconsistent (a write was cut short)" if broken else "writing"
         else:
-            state = "consistent"
+            state = "ok"
         alive = "alive" if self.producer_alive() else "dead"
         lock = "free" if not lock_pid else f"held by pid {lock_pid}"
         lines = [

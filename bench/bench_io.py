@@ -13,7 +13,10 @@ Metrics (``Hz`` = iterations per second, best of the interleaved repeats):
 
 CPU implementations, side by side in the same run:
 
-* ``memcpy``: ``np.copyto`` between two private arrays, twice (the copy limit).
+* ``np.copyto x2 (private)``: the same two copies between two private arrays, each a NumPy
+  call from Python: the copy-bandwidth limit for large frames. Not a limit for small ones:
+  there its two Python-level calls cost more than the copies, and torch_shmem's single C
+  call per write and per read can beat it.
 * ``raw``: ``multiprocessing.shared_memory`` + ``np.copyto`` in and out of a preallocated
   array, no synchronisation (the lower bound for ``read(out=)``).
 * ``raw_alloc``: the same, reading with ``view.copy()`` (the baseline for ``read()``).
@@ -78,7 +81,7 @@ BIG_SIZE = 10000
 SMOKE_SIZES = (16, 64)
 DTYPE = np.float32
 
-RAW, RAW_ALLOC, MEMCPY = "raw", "raw_alloc", "memcpy"
+RAW, RAW_ALLOC, MEMCPY = "raw", "raw_alloc", "np.copyto x2 (private)"
 TS_READ, TS_OUT = "torch_shmem read()", "torch_shmem read(out=)"
 PY_READ, PY_OUT = "pyshmem read()", "pyshmem read(out=)"
 IOX = "iceoryx2 loan+send, receive+copy"
@@ -112,7 +115,7 @@ MIRROR_ENV = "TORCH_SHMEM_MIRROR"
 # ---------------------------------------------------------------- CPU implementations
 @contextlib.contextmanager
 def memcpy_impl(frame: np.ndarray) -> Iterator[Step]:
-    """Two private copies per iteration: the memory-bandwidth ceiling."""
+    """Two private copies per iteration (NumPy calls): the bandwidth limit for large frames."""
     # frame sits at PRIVATE_OFFSET; mid at page offset 0, like a shared payload
     mid, out = private_empty(frame.shape, frame.dtype, 0), private_empty(frame.shape, frame.dtype)
 
@@ -492,7 +495,10 @@ def run(cfg: Config, progress: Progress) -> Section:
         "(bytes = 2 x payload: one copy in, one copy out). Ratios are Hz ratios to the "
         "like-for-like baseline: `read(out=)` vs `raw` / `pyshmem read(out=)`, `read()` vs "
         "`raw_alloc` / `pyshmem read()`. `raw` is unsafe (no lock, no seqlock, no checks); "
-        "`memcpy` is two private copies (the copy limit). iceoryx2 is a queue of loaned "
+        "`np.copyto x2 (private)` is the same two copies between private arrays, two NumPy "
+        "calls from Python: the copy-bandwidth limit for large frames, but not for small ones, "
+        "where the two Python-level calls cost more than the copies and torch_shmem's one C "
+        "call per operation can beat it. iceoryx2 is a queue of loaned "
         "samples, not a latest-value stream: one iteration loans a sample, copies the frame "
         "in, sends, receives, copies out and releases it."
     )

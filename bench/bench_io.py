@@ -26,6 +26,12 @@ CPU implementations, side by side in the same run:
   sample, copy the frame in, send; receive, copy out, release. A queue of loaned samples,
   not a latest-value stream, so it is compared as write-then-read.
 
+Writes of another dtype (CPU): ``write()`` of a value whose dtype is not the stream's, with
+the default ``casting="checked"`` (accepted only when no value changes) and with
+``casting="unsafe"`` (the same conversion without the check), next to a write of the stream's
+own dtype; writes per second, best of the interleaved repeats. ``checked vs unsafe`` is the
+cost of the value check.
+
 GPU part (when CUDA is present; untested until run on a GPU): device-resident writes (CUDA
 tensor source) and host-upload writes into GPU streams, read back into a CUDA tensor, next
 to ``torch`` copies (the copy limits) and pyshmem's GPU streams. Host uploads come from a
@@ -266,6 +272,57 @@ def bench_size(n: int, cfg: Config, pyshmem: Any, iox: Any, progress: Progress) 
     return _rows(n, frame.nbytes, rates, batches, "cpu")
 
 
+# ---------------------------------------------------------------- writes of another dtype
+CAST_SIZES = (100, 1000)
+SMOKE_CAST_SIZES = (16, 300)
+# (value dtype, stream dtype): the stream's own, a narrowing float cast, an integer cast that
+# NumPy calls unsafe (checked by range), a safe cast (never checked)
+CASTS = (("float32", "float32"), ("float64", "float32"), ("int64", "uint8"), ("int16", "float32"))
+
+
+def cast_rows(cfg: Config, progress: Progress) -> list[dict]:
+    """Writes per second of values in another dtype, checked and unchecked."""
+    sizes = SMOKE_CAST_SIZES if cfg.smoke else CAST_SIZES
+    rows: list[dict] = []
+    progress.start("io casts", len(sizes) * 7 * cfg.repeats)
+    for n in sizes:
+        with contextlib.ExitStack() as stack:
+            steps: dict[str, Step] = {}
+            labels: dict[str, tuple[str, str, str]] = {}
+            for src, dst in CASTS:
+                name = unique_name(f"cast{n}")
+                stream = ts.create(name, shape=(n, n), dtype=dst)
+                stack.callback(stream.unlink)
+                value = private_copy((np.arange(n * n) % 200).astype(src).reshape(n, n))
+                for casting in (("checked",) if src == dst else ("checked", "unsafe")):
+                    label = f"{src} -> {dst}, {casting}"
+                    steps[label] = (lambda s=stream, v=value, c=casting: s.write(v, casting=c))
+                    labels[label] = (src, dst, casting)
+            rates, _ = measure_interleaved(steps, cfg, progress, f"casts {n}x{n}")
+        for label, hz in rates.items():
+            src, dst, casting = labels[label]
+            rows.append({"n": n, "value_dtype": src, "stream_dtype": dst, "casting": casting,
+                         "hz": max(hz), "hz_all": hz})
+    progress.finish()
+    by = {(r["n"], r["value_dtype"], r["casting"]): r for r in rows}
+    for r in rows:
+        unsafe = by.get((r["n"], r["value_dtype"], "unsafe"))
+        if r["casting"] == "checked" and unsafe is not None:
+            r["checked_vs_unsafe"] = unsafe["hz"] / r["hz"]  # > 1: the check costs time
+    return rows
+
+
+def cast_table(rows: list[dict]) -> str:
+    lines = ["| frame | value -> stream | casting | writes/s | µs per write | time vs unsafe |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        ratio = r.get("checked_vs_unsafe")
+        lines.append(f"| {r['n']}x{r['n']} | {r['value_dtype']} -> {r['stream_dtype']} "
+                     f"| {r['casting']} | {fmt_hz(r['hz'])} | {1e6 / r['hz']:.1f} "
+                     f"| {'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- GPU (untested: no GPU yet)
 @contextlib.contextmanager
 def env_at_create(key: str, value: str, impl: Any) -> Iterator[Step]:
@@ -502,8 +559,18 @@ def run(cfg: Config, progress: Progress) -> Section:
         "samples, not a latest-value stream: one iteration loans a sample, copies the frame "
         "in, sends, receives, copies out and releases it."
     )
+    casts = cast_rows(cfg, progress) if cfg.gpu != "only" else []
     if rows:
         sec.tables.append("CPU streams:\n\n" + markdown_table(rows))
+    if casts:
+        sec.tables.append(
+            "Writes of another dtype (CPU streams; `write(value, casting=...)` alone, no read). "
+            "`checked` (the default) converts and accepts the value only when no value changes; "
+            "`unsafe` is the same conversion without the check; *time vs unsafe* = time per "
+            "checked write / time per unsafe write. From 64 KiB on, a value is cast straight "
+            "into the payload (checked first in cache-sized slices); below, through a "
+            "temporary:\n\n" + cast_table(casts))
+        sec.extra["write_casts"] = casts
     if gpu:
         sec.tables.append("GPU streams (device-resident writes: CUDA tensor source; host "
                           "writes: NumPy source uploaded by the write, through the driver's "

@@ -117,3 +117,35 @@ def test_write_casting_numpy_rules_and_bad_names(name):
         with pytest.raises(ValueError, match=rf"{name}.*casting must be one of 'checked', 'unsafe'"):
             s.write(value, casting="bogus")
     assert s.count == 3 and s.read().tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("dtype,value", [
+    (np.uint64, np.array([0, 2**63 - 1])),            # int64 into a wider-range unsigned
+    (np.uint8, np.array([0, 255])),
+    (np.int8, np.array([-128, 127])),                 # int64 into a narrower signed
+    (np.uint16, np.array([0, 65535], np.uint64)),
+    (np.int32, np.array([-2**31, 2**31 - 1])),
+    (np.int64, np.array([0, 2**63 - 1], np.uint64)),
+    (np.bool_, np.array([1, 0])),
+    (np.uint8, np.array([255.0, -0.0])),
+], ids=["int64-uint64", "int64-uint8", "int64-int8", "uint64-uint16", "int64-int32",
+        "uint64-int64", "int64-bool", "float64-uint8"])
+def test_integer_bounds_are_accepted(name, dtype, value):
+    s = torch_shmem.create(name, shape=(2,), dtype=dtype)
+    s.write(value)
+    assert s.read().tolist() == value.astype(dtype).tolist()
+    assert s.read().astype(object).tolist() == [int(v) for v in value.tolist()]
+
+
+@pytest.mark.parametrize("dtype,value,bad", [
+    (np.int8, np.array([0, -129]), "-129"),
+    (np.int8, np.array([128, 0]), "128"),
+    (np.uint16, np.array([0, 65536], np.uint64), "65536"),
+    (np.int32, np.array([2**31, 0], np.uint64), "2147483648"),
+    (np.uint8, np.array([0, -1], np.int8), "-1"),
+], ids=["below-int8", "above-int8", "above-uint16", "uint64-int32", "int8-uint8"])
+def test_integer_bounds_plus_one_are_refused(name, dtype, value, bad):
+    s = torch_shmem.create(name, shape=(2,), dtype=dtype)
+    with pytest.raises(ValueError, match=rf"would change them: {bad} at index"):
+        s.write(value)
+    assert s.count == 0

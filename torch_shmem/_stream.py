@@ -141,6 +141,7 @@ def _check_casting(casting: Any, name: str) -> str:
     return casting
 
 
+@functools.lru_cache(maxsize=None)
 def _int_bounds(dst: np.dtype) -> tuple[int, int]:
     if dst.kind == "b":
         return 0, 1
@@ -148,39 +149,55 @@ def _int_bounds(dst: np.dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def _first_changed(source: np.ndarray, dst: np.dtype, keep: bool) -> tuple[np.ndarray | None, int, str]:
-    """Cast 1-d real-or-complex ``source`` to ``dst`` under the "checked" rule.
+def _in_range(source: np.ndarray, dst: np.dtype) -> bool:
+    """Whether every integer of 1-d ``source`` fits integer (or bool) dtype ``dst``.
 
-    Returns ``(converted or None, index of the first value that would
-    change or -1, why)``. Each kind of cast is checked at the price of at
-    most one pass over ``source``: integers by their minimum and maximum,
-    floats into integers by the exact round trip of the cast, floats by the
-    overflow flag that the cast itself raises.
+    One reduction where it can: an unsigned source needs only its maximum;
+    a signed one into a narrower unsigned (or bool) dtype only the maximum
+    of its unsigned view (a negative value becomes larger than the bound),
+    into an unsigned dtype at least as wide only its minimum. Signed into
+    signed needs both.
     """
-    kind = source.dtype.kind
-    if dst.kind in "fc":  # rounding to nearest is accepted; overflow to inf is not
+    lo, hi = _int_bounds(dst)
+    if source.dtype.kind == "u":
+        return int(source.max()) <= hi
+    if source.dtype.kind == "b":
+        return hi >= 1
+    if lo == 0:
+        size = source.dtype.itemsize
+        if hi < 1 << (8 * size - 1):  # a negative value viewed as unsigned exceeds hi
+            return int(source.view(np.dtype(f"u{size}")).max()) <= hi
+        return int(source.min()) >= 0  # every non-negative value of the source fits
+    return lo <= int(source.min()) and int(source.max()) <= hi
+
+
+def _convert_into(source: np.ndarray, out: np.ndarray) -> tuple[int, str]:
+    """Convert 1-d ``source`` into ``out`` (another dtype) under the "checked" rule.
+
+    Returns (index of the first value the conversion changes, why), or (-1, "").
+    Floats into floats or complex: rounding is accepted and the overflow
+    flag of the cast itself tells an overflow to inf (no extra pass).
+    Floats into integers or bool: the exact round trip, compared in one
+    pass; both sides are promoted to float64, where a truncated, saturated
+    or NaN-derived integer never equals its source.
+    """
+    dst = out.dtype
+    if dst.kind in "fc":
         try:
             with np.errstate(over="raise", invalid="ignore"):
-                return source.astype(dst), -1, ""
+                np.copyto(out, source, casting="unsafe")
+            return -1, ""
         except FloatingPointError:
             with np.errstate(all="ignore"):
-                bad = np.isinf(source.astype(dst)) & np.isfinite(source)
-            return None, int(np.argmax(bad)), f"overflows {dst}"
-    if kind in "biu":  # integers into integers: a range check
-        lo, hi = _int_bounds(dst)
-        if source.size and (int(source.min()) < lo or int(source.max()) > hi):
-            bad = (source < lo) | (source > hi)
-            return None, int(np.argmax(bad)), f"is not representable in {dst}"
-        return (source.astype(dst) if keep else None), -1, ""
-    # floats into integers: the exact round trip. The comparison promotes both
-    # sides to float64, where a truncated, saturated or NaN-derived integer
-    # never equals its source.
+                np.copyto(out, source, casting="unsafe")
+            bad = np.isinf(out) & np.isfinite(source)
+            return int(np.argmax(bad)), f"overflows {dst}"
     with np.errstate(all="ignore"):
-        converted = source.astype(dst)
-    bad = converted != source
+        np.copyto(out, source, casting="unsafe")
+    bad = out != source
     if bad.any():
-        return None, int(np.argmax(bad)), f"is not representable in {dst}"
-    return converted, -1, ""
+        return int(np.argmax(bad)), f"is not representable in {dst}"
+    return -1, ""
 
 
 def _checked_cast(array: np.ndarray, dst: np.dtype, name: str, keep: bool) -> np.ndarray | None:
@@ -192,34 +209,47 @@ def _checked_cast(array: np.ndarray, dst: np.dtype, name: str, keep: bool) -> np
     one, but a finite value that would overflow to inf is refused; a
     complex value written into a real stream must have a zero imaginary
     part. Returns the converted array (C layout) when ``keep``; otherwise
-    checks ``array`` slice by slice (slices that stay in cache: one more
-    read of the value, nothing large allocated) and returns None, for a
+    only checks, at the price of one more read of ``array`` and nothing
+    large allocated (integers by their minimum and maximum, other casts
+    slice by slice into one cache-sized buffer), and returns None, for a
     caller that casts it into the payload afterwards.
     """
     flat = array.reshape(-1)  # C order: a view unless the layout needs a copy
-    n = flat.size
-    step = max(n, 1) if keep else _CHECK_SLICE
-    converted = np.empty(0, dst)
-    for start in range(0, n, step):
-        part = flat[start : start + step]
-        source = part
-        bad, why = -1, ""
-        if part.dtype.kind == "c" and dst.kind != "c":
-            imag = part.imag != 0
-            if imag.any():
-                bad, why = int(np.argmax(imag)), "has a nonzero imaginary part"
-            source = part.real
-        if bad < 0:
-            converted, bad, why = _first_changed(source, dst, keep)
+    source = flat
+
+    def refuse(index: int, why: str) -> None:
+        at = tuple(int(i) for i in np.unravel_index(index, array.shape))
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: writing {array.dtype} values into this {dst} "
+            f"stream would change them: {flat[index].item()!r} at index {at} {why}; "
+            "convert the value first, or pass casting='unsafe' for NumPy's unsafe cast "
+            "(wrap-around and truncation, as pyshmem did)"
+        )
+
+    if flat.dtype.kind == "c" and dst.kind != "c":
+        imag = flat.imag != 0
+        if imag.any():
+            refuse(int(np.argmax(imag)), "has a nonzero imaginary part")
+        source = flat.real
+    if source.dtype.kind in "biu" and dst.kind in "biu":  # integers: a range check
+        if source.size and not _in_range(source, dst):
+            lo, hi = _int_bounds(dst)
+            refuse(int(np.argmax((source < lo) | (source > hi))), f"is not representable in {dst}")
+        return source.astype(dst).reshape(array.shape) if keep else None
+    n = source.size
+    if keep:
+        out = np.empty(n, dst)
+        bad, why = _convert_into(source, out)
         if bad >= 0:
-            index = tuple(int(i) for i in np.unravel_index(start + bad, array.shape))
-            raise ValueError(
-                f"torch_shmem: stream {name!r}: writing {array.dtype} values into this {dst} "
-                f"stream would change them: {part[bad].item()!r} at index {index} {why}; "
-                "convert the value first, or pass casting='unsafe' for NumPy's unsafe cast "
-                "(wrap-around and truncation, as pyshmem did)"
-            )
-    return converted.reshape(array.shape) if keep else None
+            refuse(bad, why)
+        return out.reshape(array.shape)
+    buf = np.empty(min(n, _CHECK_SLICE), dst)
+    for start in range(0, n, _CHECK_SLICE):
+        part = source[start : start + _CHECK_SLICE]
+        bad, why = _convert_into(part, buf[: part.size])
+        if bad >= 0:
+            refuse(start + bad, why)
+    return None
 
 
 class _LockScope:

@@ -210,9 +210,9 @@ def _checked_cast(array: np.ndarray, dst: np.dtype, name: str, keep: bool) -> np
     complex value written into a real stream must have a zero imaginary
     part. Returns the converted array (C layout) when ``keep``; otherwise
     only checks, at the price of one more read of ``array`` and nothing
-    large allocated (integers by their minimum and maximum, other casts
-    slice by slice into one cache-sized buffer), and returns None, for a
-    caller that casts it into the payload afterwards.
+    large allocated (integers by a range check, other casts slice by slice
+    into one cache-sized buffer), and returns None, for a caller that casts
+    it into the payload afterwards.
     """
     flat = array.reshape(-1)  # C order: a view unless the layout needs a copy
     source = flat

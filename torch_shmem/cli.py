@@ -299,6 +299,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 age = time.time() - write_ns * 1e-9 if write_ns else math.inf
                 state = _watch_state(w, seq, broken, unlinked, lock_pid)
                 if args.json:
+                    word, _, tag = state.partition(",")
+                    if state.startswith("error: "):
+                        word, tag = "error", ""
                     print(json.dumps(_jsonable({
                         "time": time.time(), "name": w.name, "interval": dt,
                         "rate": pubs / dt, "count": seq >> 1, "publications": pubs,
@@ -306,7 +309,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         "latency_p50": lats[len(lats) // 2] if lats else None,
                         "latency_max": lats[-1] if lats else None,
                         "age": age, "frame_id": frame_id, "lock_owner": lock_pid or None,
-                        "state": state.split(",")[0], "orphan": state.endswith(",orphan"),
+                        "state": word, "orphan": tag == "orphan",
+                        **({"error": w.error} if word == "error" else {}),
                     }), ensure_ascii=False))
                     continue
                 p50 = _fmt_latency(lats[len(lats) // 2]) if lats else "-"

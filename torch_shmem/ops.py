@@ -96,9 +96,9 @@ _disable_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disa
 def _eager_only(fn: _F) -> _F:
     """``torch.compiler.disable`` for a control function, without importing torch._dynamo.
 
-    ``torch.compiler.disable`` imports torch._dynamo (about a second) when it
-    decorates; this module is imported by every torch user of torch_shmem, most
-    of whom never compile. An eager call runs ``fn`` directly; a call that
+    ``torch.compiler.disable`` imports torch._dynamo, the compiler, when it
+    decorates (most of a second on top of ``import torch``; bench section 6);
+    this module is imported by torch users of torch_shmem who may never compile. An eager call runs ``fn`` directly; a call that
     torch.compile traces goes through ``torch._disable_dynamo``, which the
     compiler skips: a graph break, or an error under ``fullgraph=True``.
     """

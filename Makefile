@@ -36,7 +36,8 @@ $(VENV)/.bench: $(VENV)/.built
 	touch $@
 
 bench: $(VENV)/.bench
-	$(VENV)/bin/python -m bench --quick --plots bench/results/plots
+	$(VENV)/bin/python -m bench --quick --plots bench/results/plots \
+		--report bench/results/report.md --json bench/results/results.json
 
 # Wheels for .ci/gpu on a machine without a package registry (carried there
 # with the working tree; .ci/gpu installs them with --no-deps --no-index),

@@ -42,6 +42,7 @@ from .common import (
     Section,
     cpu_times,
     cuda_present,
+    iceoryx2_cleanup,
     load_average,
     machine_info,
     md_table,
@@ -159,15 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(enabled=not args.no_progress)
     t0 = time.monotonic()
     sections: list[Section] = []
-    for key in keys:
-        s0, l0, c0 = time.monotonic(), os.getloadavg()[0], cpu_times()
-        sec = SECTIONS[key].run(cfg, progress)
-        c1 = cpu_times()
-        sec.seconds = time.monotonic() - s0
-        sec.load = (l0, os.getloadavg()[0])
-        sec.foreign_cpu = max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1]))
-        sec.steal = c1[2] - c0[2]
-        sections.append(sec)
+    try:
+        for key in keys:
+            s0, l0, c0 = time.monotonic(), os.getloadavg()[0], cpu_times()
+            sec = SECTIONS[key].run(cfg, progress)
+            c1 = cpu_times()
+            sec.seconds = time.monotonic() - s0
+            sec.load = (l0, os.getloadavg()[0])
+            sec.foreign_cpu = max(0.0, (c1[0] - c0[0]) - (c1[1] - c0[1]))
+            sec.steal = c1[2] - c0[2]
+            sections.append(sec)
+    finally:
+        iceoryx2_cleanup()  # the files iceoryx2 leaves behind (this run's only)
     seconds = time.monotonic() - t0
     info = machine_info()
     loads = (load_start, load_average())
@@ -178,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         for note in plots.write_plots(sections, args.plots):
             print(f"[bench] {note}", file=sys.stderr)
     print(report)
+    for path in (args.report, args.json):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
     if args.report:
         with open(args.report, "w") as f:
             f.write(report)

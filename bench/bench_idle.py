@@ -32,6 +32,7 @@ from .common import (
     Section,
     Target,
     join_all,
+    iox_node,
     load_iceoryx2,
     load_pyshmem,
     md_table,
@@ -54,7 +55,7 @@ def _block(impl: str, name: str, seconds: float) -> None:
     if impl == IOX:
         import iceoryx2 as iox
 
-        node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
+        node = iox_node(iox)
         listener = (node.service_builder(iox.ServiceName.new(name)).event().open()
                     .listener_builder().create())
         _Window.begin()
@@ -129,7 +130,7 @@ def run(cfg: Config, progress: Progress) -> Section:
     iox_keep = None
     if iox is not None:
         names[IOX] = unique_name("idle")
-        node = iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
+        node = iox_node(iox)
         iox_keep = (node, node.service_builder(iox.ServiceName.new(names[IOX])).event().create())
     progress.start("idle", 1)
     ctx = spawn_context()

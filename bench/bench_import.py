@@ -12,6 +12,16 @@ alternated so that drift hits them alike:
 The same for pyshmem and iceoryx2 when installed. A last child checks that
 ``import torch_shmem`` leaves ``torch`` out of ``sys.modules``.
 
+What installing torch_shmem costs a program that imports torch and never uses it (when torch
+is installed and torch_shmem's ``torch.backends`` autoload entry point is registered): torch
+runs that entry point (``torch_shmem_autoload.autoload``, which loads ``torch.ops.shmem``)
+during every ``import torch``.
+
+* **process**: wall time of ``python -c "import torch"`` vs the same with
+  ``TORCH_DEVICE_BACKEND_AUTOLOAD=0`` (torch then runs no backend entry point at all);
+* **in process**: ``import torch`` with ``TORCH_DEVICE_BACKEND_AUTOLOAD=0``, then time the
+  entry point alone, ``torch_shmem_autoload.autoload()``, with ``time.perf_counter``.
+
 Children run with Python's bytecode cache allowed (``PYTHONDONTWRITEBYTECODE`` removed from
 their environment) after one warm-up import that writes it, as in any normal install: pip
 compiles installed packages, but an editable install run under
@@ -32,20 +42,88 @@ import time
 
 from .common import Config, Progress, Section, Target, has_module, md_table
 
-TITLE = "6. Import time (NumPy-only process)"
+TITLE = "6. Import time (NumPy-only process; import torch with torch_shmem installed)"
 BASE = "numpy"
 TIMED = ("import numpy, time; t = time.perf_counter(); import {mod}; "
          "print(time.perf_counter() - t)")
+AUTOLOAD_ENV = "TORCH_DEVICE_BACKEND_AUTOLOAD"
+TIMED_AUTOLOAD = ("import sys, time, torch; t = time.perf_counter(); "
+                  "import torch_shmem_autoload; torch_shmem_autoload.autoload(); "
+                  "d = time.perf_counter() - t; assert hasattr(torch.ops.shmem, 'publish'); "
+                  "print(d, 'torch._dynamo' in sys.modules)")
 
 
 # the children may use (and write) the bytecode cache
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def _wall(code: str) -> float:
+def _wall(code: str, env: dict | None = None) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=ENV)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   env=ENV if env is None else env)
     return time.perf_counter() - t
+
+
+def _autoload_registered() -> bool:
+    """Whether torch will run torch_shmem's entry point on ``import torch`` (installed package)."""
+    import importlib.metadata
+
+    return any(e.value.startswith("torch_shmem_autoload")
+               for e in importlib.metadata.entry_points(group="torch.backends"))
+
+
+def torch_rows(cfg: Config, sec: Section, progress: Progress) -> None:
+    """``import torch`` with and without torch_shmem's autoload entry point."""
+    if not has_module("torch"):
+        sec.notes.append("import torch: skipped (torch is not installed)")
+        return
+    if not _autoload_registered():
+        sec.notes.append("import torch: skipped (torch_shmem's torch.backends entry point is not "
+                         "installed: pip install --no-build-isolation -e .)")
+        return
+    reps = cfg.pick(10, 5, 1)
+    off = dict(ENV, **{AUTOLOAD_ENV: "0"})
+    on = {k: v for k, v in ENV.items() if k != AUTOLOAD_ENV}
+    progress.start("import torch", reps)
+    _wall("import torch", on)  # warm the page cache and the bytecode cache
+    walls: dict[str, list[float]] = {"on": [], "off": []}
+    inproc: list[float] = []
+    dynamo = False
+    for _ in range(reps):
+        walls["off"].append(_wall("import torch", off))
+        walls["on"].append(_wall("import torch", on))
+        done = subprocess.run([sys.executable, "-c", TIMED_AUTOLOAD], check=True,
+                              capture_output=True, text=True, env=off)
+        seconds, imported = done.stdout.split()
+        inproc.append(float(seconds))
+        dynamo = dynamo or imported == "True"
+        progress.step()
+    progress.finish()
+    off_ms = 1e3 * statistics.median(walls["off"])
+    on_ms = 1e3 * statistics.median(walls["on"])
+    auto_ms = 1e3 * statistics.median(inproc)
+    sec.rows.append({"module": "torch", "autoload": False, "process_ms": off_ms,
+                     "process_ms_all": [1e3 * v for v in walls["off"]]})
+    sec.rows.append({"module": "torch", "autoload": True, "process_ms": on_ms,
+                     "added_ms": on_ms - off_ms, "in_process_ms": auto_ms,
+                     "in_process_ms_all": [1e3 * v for v in inproc], "imports_dynamo": dynamo})
+    sec.tables.append(
+        f"`import torch` in a fresh interpreter, {reps} alternated repetitions, medians. "
+        f"**added ms = median wall time of `python -c 'import torch'` - the same with "
+        f"`{AUTOLOAD_ENV}=0`**; *in process* = torch_shmem's entry point "
+        "(`torch_shmem_autoload.autoload()`: loads `torch.ops.shmem`) timed alone after "
+        f"`import torch` with `{AUTOLOAD_ENV}=0`.\n\n"
+        + md_table(("process", "wall ms (median)", "added ms", "autoload alone, ms"),
+                   [(f"import torch, {AUTOLOAD_ENV}=0", f"{off_ms:.1f}", "", ""),
+                    ("import torch (torch_shmem installed)", f"{on_ms:.1f}",
+                     f"{on_ms - off_ms:+.1f}", f"{auto_ms:.1f}")],
+                   right=(1, 2, 3)))
+    sec.notes.append(f"torch_shmem's autoload imports torch._dynamo: {dynamo}")
+    sec.targets.append(Target("import torch with torch_shmem installed", "adds at most a few ms "
+                              "(autoload < 10 ms); no torch._dynamo",
+                              f"autoload {auto_ms:.1f} ms in process; {on_ms - off_ms:+.1f} ms "
+                              f"process (noisier); torch._dynamo imported: {dynamo}",
+                              auto_ms < 10 and not dynamo))
 
 
 def _in_process(mod: str) -> float:
@@ -103,6 +181,7 @@ def run(cfg: Config, progress: Progress) -> Section:
                               f"+{ts_row['added_ms']:.1f} ms process, {ts_row['in_process_ms']:.1f} ms "
                               f"in process; torch imported: {torch_loaded}",
                               ts_row["in_process_ms"] < 50 and not torch_loaded))
+    torch_rows(cfg, sec, progress)
     return sec
 
 

@@ -13,7 +13,10 @@ Metrics (``Hz`` = iterations per second, best of the interleaved repeats):
 
 CPU implementations, side by side in the same run:
 
-* ``memcpy``: ``np.copyto`` between two private arrays, twice (the copy limit).
+* ``np.copyto x2 (private)``: the same two copies between two private arrays, each a NumPy
+  call from Python: the copy-bandwidth limit for large frames. Not a limit for small ones:
+  there its two Python-level calls cost more than the copies, and torch_shmem's single C
+  call per write and per read can beat it.
 * ``raw``: ``multiprocessing.shared_memory`` + ``np.copyto`` in and out of a preallocated
   array, no synchronisation (the lower bound for ``read(out=)``).
 * ``raw_alloc``: the same, reading with ``view.copy()`` (the baseline for ``read()``).
@@ -22,6 +25,12 @@ CPU implementations, side by side in the same run:
 * ``iceoryx2 loan+send, receive+copy``: iceoryx2 publish-subscribe of a byte slice: loan a
   sample, copy the frame in, send; receive, copy out, release. A queue of loaned samples,
   not a latest-value stream, so it is compared as write-then-read.
+
+Writes of another dtype (CPU): ``write()`` of a value whose dtype is not the stream's, with
+the default ``casting="checked"`` (accepted only when no value changes) and with
+``casting="unsafe"`` (the same conversion without the check), next to a write of the stream's
+own dtype; writes per second, best of the interleaved repeats. ``checked vs unsafe`` is the
+cost of the value check.
 
 GPU part (when CUDA is present; untested until run on a GPU): device-resident writes (CUDA
 tensor source) and host-upload writes into GPU streams, read back into a CUDA tensor, next
@@ -78,7 +87,7 @@ BIG_SIZE = 10000
 SMOKE_SIZES = (16, 64)
 DTYPE = np.float32
 
-RAW, RAW_ALLOC, MEMCPY = "raw", "raw_alloc", "memcpy"
+RAW, RAW_ALLOC, MEMCPY = "raw", "raw_alloc", "np.copyto x2 (private)"
 TS_READ, TS_OUT = "torch_shmem read()", "torch_shmem read(out=)"
 PY_READ, PY_OUT = "pyshmem read()", "pyshmem read(out=)"
 IOX = "iceoryx2 loan+send, receive+copy"
@@ -112,7 +121,7 @@ MIRROR_ENV = "TORCH_SHMEM_MIRROR"
 # ---------------------------------------------------------------- CPU implementations
 @contextlib.contextmanager
 def memcpy_impl(frame: np.ndarray) -> Iterator[Step]:
-    """Two private copies per iteration: the memory-bandwidth ceiling."""
+    """Two private copies per iteration (NumPy calls): the bandwidth limit for large frames."""
     # frame sits at PRIVATE_OFFSET; mid at page offset 0, like a shared payload
     mid, out = private_empty(frame.shape, frame.dtype, 0), private_empty(frame.shape, frame.dtype)
 
@@ -261,6 +270,57 @@ def bench_size(n: int, cfg: Config, pyshmem: Any, iox: Any, progress: Progress) 
                 raise AssertionError(f"{label}: round trip returned wrong data at {n}x{n}")
         rates, batches = measure_interleaved(steps, cfg, progress, f"{n}x{n}")
     return _rows(n, frame.nbytes, rates, batches, "cpu")
+
+
+# ---------------------------------------------------------------- writes of another dtype
+CAST_SIZES = (100, 1000)
+SMOKE_CAST_SIZES = (16, 300)
+# (value dtype, stream dtype): the stream's own, a narrowing float cast, an integer cast that
+# NumPy calls unsafe (checked by range), a safe cast (never checked)
+CASTS = (("float32", "float32"), ("float64", "float32"), ("int64", "uint8"), ("int16", "float32"))
+
+
+def cast_rows(cfg: Config, progress: Progress) -> list[dict]:
+    """Writes per second of values in another dtype, checked and unchecked."""
+    sizes = SMOKE_CAST_SIZES if cfg.smoke else CAST_SIZES
+    rows: list[dict] = []
+    progress.start("io casts", len(sizes) * 7 * cfg.repeats)
+    for n in sizes:
+        with contextlib.ExitStack() as stack:
+            steps: dict[str, Step] = {}
+            labels: dict[str, tuple[str, str, str]] = {}
+            for src, dst in CASTS:
+                name = unique_name(f"cast{n}")
+                stream = ts.create(name, shape=(n, n), dtype=dst)
+                stack.callback(stream.unlink)
+                value = private_copy((np.arange(n * n) % 200).astype(src).reshape(n, n))
+                for casting in (("checked",) if src == dst else ("checked", "unsafe")):
+                    label = f"{src} -> {dst}, {casting}"
+                    steps[label] = (lambda s=stream, v=value, c=casting: s.write(v, casting=c))
+                    labels[label] = (src, dst, casting)
+            rates, _ = measure_interleaved(steps, cfg, progress, f"casts {n}x{n}")
+        for label, hz in rates.items():
+            src, dst, casting = labels[label]
+            rows.append({"n": n, "value_dtype": src, "stream_dtype": dst, "casting": casting,
+                         "hz": max(hz), "hz_all": hz})
+    progress.finish()
+    by = {(r["n"], r["value_dtype"], r["casting"]): r for r in rows}
+    for r in rows:
+        unsafe = by.get((r["n"], r["value_dtype"], "unsafe"))
+        if r["casting"] == "checked" and unsafe is not None:
+            r["checked_vs_unsafe"] = unsafe["hz"] / r["hz"]  # > 1: the check costs time
+    return rows
+
+
+def cast_table(rows: list[dict]) -> str:
+    lines = ["| frame | value -> stream | casting | writes/s | µs per write | time vs unsafe |",
+             "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        ratio = r.get("checked_vs_unsafe")
+        lines.append(f"| {r['n']}x{r['n']} | {r['value_dtype']} -> {r['stream_dtype']} "
+                     f"| {r['casting']} | {fmt_hz(r['hz'])} | {1e6 / r['hz']:.1f} "
+                     f"| {'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- GPU (untested: no GPU yet)
@@ -492,12 +552,25 @@ def run(cfg: Config, progress: Progress) -> Section:
         "(bytes = 2 x payload: one copy in, one copy out). Ratios are Hz ratios to the "
         "like-for-like baseline: `read(out=)` vs `raw` / `pyshmem read(out=)`, `read()` vs "
         "`raw_alloc` / `pyshmem read()`. `raw` is unsafe (no lock, no seqlock, no checks); "
-        "`memcpy` is two private copies (the copy limit). iceoryx2 is a queue of loaned "
+        "`np.copyto x2 (private)` is the same two copies between private arrays, two NumPy "
+        "calls from Python: the copy-bandwidth limit for large frames, but not for small ones, "
+        "where the two Python-level calls cost more than the copies and torch_shmem's one C "
+        "call per operation can beat it. iceoryx2 is a queue of loaned "
         "samples, not a latest-value stream: one iteration loans a sample, copies the frame "
         "in, sends, receives, copies out and releases it."
     )
+    casts = cast_rows(cfg, progress) if cfg.gpu != "only" else []
     if rows:
         sec.tables.append("CPU streams:\n\n" + markdown_table(rows))
+    if casts:
+        sec.tables.append(
+            "Writes of another dtype (CPU streams; `write(value, casting=...)` alone, no read). "
+            "`checked` (the default) converts and accepts the value only when no value changes; "
+            "`unsafe` is the same conversion without the check; *time vs unsafe* = time per "
+            "checked write / time per unsafe write. From 64 KiB on, a value is cast straight "
+            "into the payload (checked first in cache-sized slices); below, through a "
+            "temporary:\n\n" + cast_table(casts))
+        sec.extra["write_casts"] = casts
     if gpu:
         sec.tables.append("GPU streams (device-resident writes: CUDA tensor source; host "
                           "writes: NumPy source uploaded by the write, through the driver's "

@@ -284,10 +284,67 @@ def load_iceoryx2(cfg: Config) -> tuple[Any, str]:
     return iceoryx2, f"iceoryx2 {_dist_version('iceoryx2')}"
 
 
+# iceoryx2 keeps its files under a root directory (/tmp/iceoryx2/ by default)
+# and in /dev/shm as iox2_*, and some of them (a node's global management
+# segment, the root directories) outlive the nodes. The benchmarks give
+# iceoryx2 a prefix and a root of their own, passed to child processes
+# through this variable, so that iceoryx2_cleanup() removes exactly what the
+# run created.
+IOX_ENV = "TORCH_SHMEM_BENCH_IOX2"
+
+
+def _iox_tag() -> str:
+    tag = os.environ.get(IOX_ENV)
+    if not tag:
+        tag = f"{os.getpid()}{uuid.uuid4().hex[:4]}"
+        os.environ[IOX_ENV] = tag  # inherited by the spawned children
+    return tag
+
+
+def _iox_paths() -> tuple[str, str]:
+    """(file prefix in /dev/shm, root directory) of this run's iceoryx2 files.
+
+    Short: iceoryx2's event listeners are UNIX sockets named root + prefix + a
+    40-digit hash + suffix, within the 107 characters a socket path may have.
+    """
+    tag = _iox_tag()
+    if len(tag) > 14 or not tag.isalnum():
+        raise ValueError(f"{IOX_ENV}={tag!r}: expected at most 14 letters or digits")
+    return f"iox2b{tag}_", f"/tmp/iox2b{tag}"
+
+
 def iox_node(iox: Any) -> Any:
-    """A fresh iceoryx2 IPC node for this process."""
+    """A fresh iceoryx2 IPC node for this process, on this run's own prefix and root.
+
+    The log level is set first (errors only; ``IOX2_LOG_LEVEL`` overrides) and the
+    configuration is given explicitly, so iceoryx2 neither looks for a config file nor
+    prints that it found none.
+    """
     iox.set_log_level_from_env_or(iox.LogLevel.Error)
-    return iox.NodeBuilder.new().create(iox.ServiceType.Ipc)
+    prefix, root = _iox_paths()
+    config = iox.config.default()
+    config.global_cfg.prefix = iox.FileName.new(prefix)
+    config.global_cfg.root_path = iox.Path.new(root + "/")
+    return iox.NodeBuilder.new().config(config).create(iox.ServiceType.Ipc)
+
+
+def iceoryx2_cleanup() -> list[str]:
+    """Remove the iceoryx2 files of this run (its prefix in /dev/shm, its root); return them."""
+    tag = os.environ.get(IOX_ENV)
+    if not tag:
+        return []
+    prefix, root = _iox_paths()
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/dev/shm"):
+            if entry.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join("/dev/shm", entry))
+                    removed.append(os.path.join("/dev/shm", entry))
+    if os.path.isdir(root):
+        shutil.rmtree(root, ignore_errors=True)
+        removed.append(root)
+    return removed
 
 
 PAGE = 4096

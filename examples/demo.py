@@ -191,6 +191,12 @@ def report(name, shape, prod, cons) -> bool:
     print(f"  missed       {cons['total_missed']:>9} frames  "
           f"(total_missed_writes; sequence gaps: {gaps})")
     print(f"  unread       {unread:>9} frames  (published after the last read)")
+    if cons["total_missed"]:
+        print("               missed frames are normal here: a stream holds the latest value"
+              " only, and a")
+        print("               reader slower than the writer skips to the newest frame; every"
+              " skipped frame")
+        print("               is counted (missed_writes), never read torn or twice")
     lat = cons["latency_us"]
     if lat:
         print(f"  latency us   p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  "

@@ -47,10 +47,13 @@ exactly. The producer's float32 input and the server's float32 model output
 therefore cross the wire bit for bit; the model itself runs in float32.
 
 ``--device cuda:N`` puts the model on that GPU. The streams are CPU streams
-on every device (GPU streams were not implemented when this example was
-written), so they stay in host memory: the server reads the request into a
-CPU tensor, moves it to the GPU inside the compiled step, and copies the
-reply back to a CPU tensor to publish it.
+on every device, so that the example runs (and is tested) on any machine:
+they stay in host memory, the server reads the request into a CPU tensor,
+moves it to the GPU inside the compiled step, and copies the reply back to a
+CPU tensor to publish it. GPU streams (``O.create_gpu``) would keep both on
+the device; they are implemented and tested on the CPU with simulated
+device memory, but have not yet run on a GPU (docs/gpu.md; ``.ci/gpu``
+checks them on a machine with one).
 
 The main process prints a summary table and exits 0 only if every reply was
 received in order, every one matched the reference, and at least one reply of
@@ -278,9 +281,8 @@ def server(names, batch, features, device, parent_pid, attached, stop, results):
         model = build_model(features).to(dev)
         req = O.open(names.req)
         resp = O.open(names.resp)
-        # The streams are CPU streams (GPU streams were not implemented when
-        # this was written): the request buffer is a CPU tensor even when the
-        # model runs on a GPU.
+        # The streams are CPU streams (see the module docstring): the request
+        # buffer is a CPU tensor even when the model runs on a GPU.
         req_buf = torch.zeros((batch + 1, features), dtype=torch.float64)
         attached.set()  # req.last_count is 0 now: the first request will wake the step
 

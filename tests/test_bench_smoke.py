@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -18,14 +19,21 @@ SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "import")
 
 @pytest.mark.cpu
 def test_bench_smoke(tmp_path):
-    out = tmp_path / "smoke.json"
-    report = tmp_path / "smoke.md"
+    out = tmp_path / "results" / "smoke.json"  # directories are created as needed
+    report = tmp_path / "results" / "smoke.md"
+    tag = f"t{os.getpid()}{uuid.uuid4().hex[:4]}"  # this run's iceoryx2 prefix and root
+    env = dict(os.environ, TORCH_SHMEM_BENCH_IOX2=tag)
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--smoke", "--no-gpu", "--no-progress",
          "--json", str(out), "--report", str(report)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == 0, f"python -m bench --smoke failed:\n{done.stdout}\n{done.stderr}"
+    # iceoryx2 (when installed) leaves nothing behind and prints no stray lines
+    left = [e for e in os.listdir("/dev/shm") if e.startswith(f"iox2b{tag}_")]
+    assert left == [], left
+    assert not os.path.exists(f"/tmp/iox2b{tag}")
+    assert "No config file" not in done.stdout + done.stderr, done.stderr
     data = json.loads(out.read_text())
     assert set(data["sections"]) == set(SECTIONS)
     for key in SECTIONS:

@@ -43,6 +43,21 @@ def start(target, *args):
     return p
 
 
+def popen_interruptible(args, **kwargs):
+    """Popen whose child takes SIGINT as Ctrl-C even when this run ignores SIGINT.
+
+    A process started with SIGINT ignored (``nohup``, ``&`` in a script, some CI
+    runners) passes the ignored disposition on through exec, and Python then
+    installs no KeyboardInterrupt handler. A Python-level handler in the parent
+    becomes the default disposition in the child.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(args, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def orphan(name):
     """A stream whose creator has exited (and nobody maps it)."""
     p = start(_workers.create_and_exit, name)
@@ -61,6 +76,8 @@ def test_entry_points_and_usage():
     assert out.returncode == 2 and "usage: torch-shmem" in out.stderr
     out = cli("watch")
     assert out.returncode == 2 and "NAME" in out.stderr
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"torch-shmem {torch_shmem.__version__}"
 
 
 def test_list_table(name):
@@ -116,7 +133,8 @@ def test_stat_text_and_json(name):
     assert info["holders"] == [os.getpid()] and info["state"] == "ok"
     out = cli("stat", name + "-missing")
     assert out.returncode == 1
-    assert f"torch_shmem: stream '{name}-missing' does not exist" in out.stderr
+    assert out.stderr.strip() == (f"torch_shmem: stream '{name}-missing' does not exist "
+                                  "(`torch-shmem list` shows the streams that do)")
 
 
 def test_unlink(name):
@@ -183,8 +201,8 @@ def test_watch_reports_rate_missed_latency_and_stops_on_ctrl_c(name):
 
     t = threading.Thread(target=writer)
     t.start()
-    proc = subprocess.Popen([str(SCRIPT), "watch", name, "--interval", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_interruptible([str(SCRIPT), "watch", name, "--interval", "0.2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killer = threading.Timer(60, proc.kill)  # never hang the suite
     killer.start()
     try:
@@ -215,6 +233,62 @@ def test_watch_reports_rate_missed_latency_and_stops_on_ctrl_c(name):
             proc.wait(10)
         stop.set()
         t.join(10)
+
+
+def test_watch_json_lines_and_orphans(name):
+    live, dead = name + "-live", name + "-dead"
+    s = torch_shmem.create(live, shape=(2,), dtype=np.int16)
+    s.write(np.array([1, 2], np.int16), frame_id=9)
+    dead_pid = orphan(dead)
+    try:
+        out = cli("watch", live, dead, "--interval", "0.05", "--count", "2", "--json")
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(line) for line in out.stdout.splitlines()]  # one object per line
+        assert [e["name"] for e in lines] == [live, dead, live, dead]
+        for e in lines:
+            assert set(e) == {"time", "name", "interval", "rate", "count", "publications",
+                              "missed", "latency_p50", "latency_max", "age", "frame_id",
+                              "lock_owner", "state", "orphan"}
+            assert e["state"] == "ok" and e["lock_owner"] is None and e["missed"] == 0
+        assert lines[0]["count"] == 1 and lines[0]["frame_id"] == 9 and not lines[0]["orphan"]
+        assert lines[1]["orphan"] and lines[1]["count"] == 1 and lines[1]["age"] > 0
+        assert lines[1]["latency_p50"] is None and lines[1]["rate"] == 0  # no publication
+        # the table shows the orphan as `list` does, although the watcher maps it
+        out = cli("watch", live, dead, "--interval", "0.05", "--count", "1")
+        assert row(out.stdout, dead)[9] == "ok,orphan"
+        assert row(out.stdout, live)[9] == "ok"
+        assert row(cli("list").stdout, dead)[8:] == [f"{dead_pid} dead", "ok,orphan"]
+    finally:
+        torch_shmem.unlink(dead)
+
+
+def test_cli_errors_hint_at_commands(name):
+    junk = name + "-junk"
+    path = f"/dev/shm/torch_shmem.{junk}"
+    with open(path, "wb") as f:
+        f.write(b"\x02" * 4096)  # not a stream: bad magic
+    try:
+        out = cli("stat", junk)
+        assert out.returncode == 1
+        assert out.stderr.strip().endswith(f"; remove it with torch-shmem unlink {junk}"), out.stderr
+        listed = row(cli("list").stdout, junk)
+        assert listed[-1].startswith("error: ") and f"torch-shmem unlink {junk}" in listed[-1]
+        for text in (out.stderr, listed[-1]):
+            assert "torch_shmem.unlink(" not in text and "torch_shmem.create(" not in text
+    finally:
+        os.unlink(path)
+    out = cli("unlink", junk)
+    assert out.returncode == 1 and "`torch-shmem list`" in out.stderr
+    out = cli("watch", junk)
+    assert out.returncode == 1 and "torch_shmem.create(" not in out.stderr
+    assert "`torch-shmem list`" in out.stderr
+
+
+def test_describe_uses_the_state_words_of_stat_and_the_cli(name):
+    s = torch_shmem.create(name, shape=(1,))
+    s.write(np.ones(1))
+    line = re.search(r"^state:\s+(.*)$", s.describe(), re.M)
+    assert line is None or line.group(1) == torch_shmem.stat(name)["state"] == "ok"
 
 
 def test_watch_count_and_missing(name):

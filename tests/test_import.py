@@ -1,12 +1,18 @@
-"""The NumPy path never imports torch."""
+"""The NumPy path never imports torch; the module surface pyshmem programs rely on."""
 
+import dataclasses
+import importlib.metadata
+import re
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import _workers
+import torch_shmem
 
 pytestmark = pytest.mark.cpu
 
@@ -34,3 +40,22 @@ def test_checksum_helper_detects_a_mixed_frame():
     assert _workers.frame_seq(a) == 3 and _workers.frame_seq(b) == 4
     mixed = np.concatenate([a[:32], b[32:]])
     assert _workers.frame_seq(mixed) == -1
+
+
+def test_version_like_pyshmem():
+    # pyshmem 1.4 exports importlib.metadata.version (and PackageNotFoundError)
+    assert torch_shmem.version() == torch_shmem.version("torch_shmem") == torch_shmem.__version__
+    assert torch_shmem.version("numpy") == importlib.metadata.version("numpy")
+    assert torch_shmem.version(distribution_name="numpy") == importlib.metadata.version("numpy")
+    assert torch_shmem.PackageNotFoundError is importlib.metadata.PackageNotFoundError
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        torch_shmem.version("no-such-distribution-" + uuid.uuid4().hex)
+    assert "version" in torch_shmem.__all__
+
+
+def test_readme_names_the_publication_fields():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    fields = [f.name for f in dataclasses.fields(torch_shmem.Publication)]
+    listed = re.search(r"read_after_publication`\s*\(([^)]*)\)", readme)
+    assert listed, "README no longer lists the Publication fields"
+    assert re.findall(r"`(\w+)`", listed.group(1)) == fields

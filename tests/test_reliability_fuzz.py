@@ -811,23 +811,47 @@ values = st.one_of(array_values(None), junk, st.integers(-2**70, 2**70), st.floa
                    st.builds(memoryview, st.binary(max_size=12)))
 
 
+def _kept(x, dt) -> bool:
+    """Whether Python number ``x`` survives write()'s default "checked" cast into ``dt``
+    (docs/api.md, "Writing another dtype"), decided here with Python arithmetic."""
+    if isinstance(x, complex) and dt.kind != "c":
+        if x.imag != 0:
+            return False
+        x = x.real
+    if dt.kind in "biu":
+        if isinstance(x, float) and not (math.isfinite(x) and x.is_integer()):
+            return False
+        lo, hi = (0, 1) if dt.kind == "b" else (np.iinfo(dt).min, np.iinfo(dt).max)
+        return lo <= int(x) <= hi
+    # float or complex stream: rounding is fine, a finite value becoming inf is not
+    parts = (x.real, x.imag) if isinstance(x, complex) else (x,)
+    component = np.finfo(dt).dtype  # float32 for complex64
+    with np.errstate(all="ignore"):
+        return all(not math.isfinite(p) or math.isfinite(float(component.type(p)))
+                   for p in map(float, parts))
+
+
 def expected_payload(s, value):
     """What write(value) must store, per the documented conversion rules, or None."""
     dt = s.dtype
     try:
-        if hasattr(value, "dtype") or hasattr(value, "__array_interface__"):
-            a = np.asarray(value)
-            if a.dtype != dt and not np.can_cast(a.dtype, dt, casting="same_kind"):
-                return None
-            a = a.astype(dt)
-        else:
+        a = np.asarray(value)
+        if a.dtype.kind not in "biufc":
+            if hasattr(value, "dtype") or hasattr(value, "__array_interface__"):
+                return None  # arrays of strings, objects: refused
             with np.errstate(all="ignore"):
-                a = np.asarray(value, dtype=dt)
+                a = np.asarray(value, dtype=dt)  # sequences of non-numbers: NumPy converts
     except Exception:  # noqa: BLE001
         return None
     if a.shape != s.shape:
         return None
-    return np.ascontiguousarray(a)
+    if a.dtype != dt and not np.can_cast(a.dtype, dt, casting="safe"):
+        if not all(_kept(x, dt) for x in a.ravel().tolist()):
+            return None
+    if a.dtype.kind == "c" and dt.kind != "c":
+        a = a.real  # accepted only with zero imaginary parts (checked above)
+    with np.errstate(all="ignore"):
+        return np.ascontiguousarray(a.astype(dt))
 
 
 @FUZZ

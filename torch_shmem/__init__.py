@@ -24,6 +24,24 @@ from ._stream import (
 
 __version__ = "0.1.0"
 
+
+def version(distribution_name: str | None = None) -> str:
+    """The version of an installed distribution; torch_shmem's own without an argument.
+
+    pyshmem 1.4 exports ``importlib.metadata.version`` under this name
+    (``pyshmem.version("pyshmem")``); this is the same lookup, except that
+    ``version()`` and ``version("torch_shmem")`` return :data:`__version__`
+    (the code imported, installed or not). Raises
+    ``importlib.metadata.PackageNotFoundError`` for a distribution that is
+    not installed.
+    """
+    if distribution_name is None or distribution_name.replace("-", "_").lower() == "torch_shmem":
+        return __version__
+    from importlib.metadata import version as _version
+
+    return _version(distribution_name)
+
+
 import sys as _sys
 
 if "torch" in _sys.modules:  # torch users get torch.ops.shmem at once
@@ -52,6 +70,7 @@ __all__ = [
     "stream",
     "unlink",
     "unlink_quiet",
+    "version",
 ]
 # GPU_SUPPORTED_DTYPES is left out of __all__ so that a star import does not
 # import torch.
@@ -63,4 +82,8 @@ def __getattr__(name: str):
         from ._stream import gpu_supported_dtypes
 
         return gpu_supported_dtypes()
+    if name == "PackageNotFoundError":  # pyshmem 1.4 exports it beside version()
+        from importlib.metadata import PackageNotFoundError
+
+        return PackageNotFoundError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -205,14 +205,32 @@ def stat_with_holders(name: str) -> dict[str, Any]:
     return info
 
 
-def _add_holders(entries: list[dict[str, Any]]) -> None:
+def is_orphan(name: str, instance_id: str, *, ignore_pids: frozenset | set = frozenset()) -> bool:
+    """Whether generation ``instance_id`` of ``name`` is an orphan as :func:`scan` says.
+
+    Mappings by ``ignore_pids`` do not count (``torch-shmem watch`` maps what
+    it watches). False when the name is gone, holds another generation, or
+    cannot be read. Scans the processes' maps only when the creator is dead
+    and no live process holds the lock.
+    """
+    try:
+        info = _read_stat(name)
+    except (OSError, ValueError, TypeError):
+        return False
+    if info["instance_id"] != instance_id or info["creator_alive"] or info["lock_owner_alive"]:
+        return False
+    _add_holders([info], ignore_pids=ignore_pids)
+    return info["orphan"]
+
+
+def _add_holders(entries: list[dict[str, Any]], *, ignore_pids: frozenset | set = frozenset()) -> None:
     files = {e["_file"] for e in entries if "_file" in e}
     mapped, complete = _proc.scan_mappings(files)
     euid = os.geteuid()
     for e in entries:
         if "error" in e:
             continue
-        pids = sorted(mapped.get(e["_file"], ()))
+        pids = sorted(set(mapped.get(e["_file"], ())) - set(ignore_pids))
         e["holders"] = pids
         # Without every process's maps, only a stream no other user can
         # open (ours, mode 0600) can be known to be unmapped.

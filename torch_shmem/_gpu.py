@@ -23,8 +23,11 @@ def availability() -> tuple[bool, str]:
     """(usable, reason): whether GPU streams can work in this process."""
     if not _C.WITH_CUDA:
         return False, "this build of torch_shmem has no CUDA support (no toolkit at build time)"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
     if not torch.cuda.is_available():
-        return False, "torch sees no CUDA device"
+        return False, (f"torch sees no CUDA device (no NVIDIA driver, a driver too old for "
+                       f"CUDA {torch.version.cuda}, or CUDA_VISIBLE_DEVICES hides them)")
     return True, "ok"
 
 
@@ -147,30 +150,39 @@ class GpuSharedMemory(SharedMemory):
         self._check_open()
         raise RuntimeError(f"torch_shmem: stream {self._name!r} is a GPU stream: {what} is not supported")
 
-    def _source(self, value: Any):
+    def _source(self, value: Any, casting: str = "checked"):
         if isinstance(value, torch.Tensor):
             return value
-        return self._coerce(value)  # the CPU streams' casting policy, then an upload
+        return self._coerce(value, casting)  # the CPU streams' casting policy, then an upload
 
-    def write(self, value: Any, *, frame_id: int | None = None, timeout: float | None = None) -> None:
+    def write(
+        self,
+        value: Any,
+        *,
+        frame_id: int | None = None,
+        timeout: float | None = None,
+        casting: str = "checked",
+    ) -> None:
         """Publish a CUDA tensor (device to device) or a host value (uploaded).
 
         Takes the write lock (``timeout`` bounds the wait), copies into the
         next slot on the current CUDA stream, waits for that copy only, then
-        publishes. Raises ValueError for a wrong shape, dtype or device.
+        publishes. A host value of another dtype is converted under
+        ``casting`` as for CPU streams; a tensor must have the stream's
+        dtype. Raises ValueError for a wrong shape, dtype or device.
         """
-        src = self._source(value)
+        src = self._source(value, casting)
         self.acquire(timeout=timeout)
         try:
             self._gpu.write(src, frame_id)
         finally:
             self.release()
 
-    def write_locked(self, value: Any, *, frame_id: int | None = None) -> None:
+    def write_locked(self, value: Any, *, frame_id: int | None = None, casting: str = "checked") -> None:
         self._check_open()
         if self._h.held_depth() <= 0:
             raise RuntimeError(f"torch_shmem: stream {self._name!r}: write_locked() requires the lock")
-        self._gpu.write(self._source(value), frame_id)
+        self._gpu.write(self._source(value, casting), frame_id)
 
     def read(self, *, safe: bool = True, poll_interval: float = 1e-6, out=None, timeout: float | None = None):
         """A CUDA tensor holding exactly one completed write (or fill ``out``).

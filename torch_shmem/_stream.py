@@ -56,6 +56,15 @@ _get_ident = threading.get_ident
 # through a temporary (one pass over the data instead of two).
 _DIRECT_CAST_BYTES = 64 * 1024
 
+# write(casting=...): "checked" (the default rule, see _checked_cast), NumPy's
+# "unsafe" (pyshmem's conversion: wrap-around, truncation), and NumPy's
+# stricter table-based names.
+_CASTINGS = ("checked", "unsafe", "same_kind", "safe", "equiv", "no")
+# Elements per slice of the value check of a large value that is then cast
+# straight into the payload: the slice and its converted copy stay in cache,
+# so the check reads the value once more and allocates nothing large.
+_CHECK_SLICE = 1 << 15
+
 
 def gpu_available() -> bool:
     """Return whether GPU streams (``gpu_device="cuda:N"``) can work in this process.
@@ -126,6 +135,126 @@ def _normalize_shape(shape: Any, name: str) -> tuple[int, ...]:
             f"the limit is {_core.MAX_DIMS}"
         )
     return dims
+
+
+def _check_casting(casting: Any, name: str) -> str:
+    if casting not in _CASTINGS:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: casting must be one of "
+            f"{', '.join(map(repr, _CASTINGS))}, got {casting!r}"
+        )
+    return casting
+
+
+@functools.lru_cache(maxsize=None)
+def _int_bounds(dst: np.dtype) -> tuple[int, int]:
+    if dst.kind == "b":
+        return 0, 1
+    info = np.iinfo(dst)
+    return int(info.min), int(info.max)
+
+
+def _in_range(source: np.ndarray, dst: np.dtype) -> bool:
+    """Whether every integer of 1-d ``source`` fits integer (or bool) dtype ``dst``.
+
+    One reduction where it can: an unsigned source needs only its maximum;
+    a signed one into a narrower unsigned (or bool) dtype only the maximum
+    of its unsigned view (a negative value becomes larger than the bound),
+    into an unsigned dtype at least as wide only its minimum. Signed into
+    signed needs both.
+    """
+    lo, hi = _int_bounds(dst)
+    if source.dtype.kind == "u":
+        return int(source.max()) <= hi
+    if source.dtype.kind == "b":
+        return hi >= 1
+    if lo == 0:
+        size = source.dtype.itemsize
+        if hi < 1 << (8 * size - 1):  # a negative value viewed as unsigned exceeds hi
+            return int(source.view(np.dtype(f"u{size}")).max()) <= hi
+        return int(source.min()) >= 0  # every non-negative value of the source fits
+    return lo <= int(source.min()) and int(source.max()) <= hi
+
+
+def _convert_into(source: np.ndarray, out: np.ndarray) -> tuple[int, str]:
+    """Convert 1-d ``source`` into ``out`` (another dtype) under the "checked" rule.
+
+    Returns (index of the first value the conversion changes, why), or (-1, "").
+    Floats into floats or complex: rounding is accepted and the overflow
+    flag of the cast itself tells an overflow to inf (no extra pass).
+    Floats into integers or bool: the exact round trip, compared in one
+    pass; both sides are promoted to float64, where a truncated, saturated
+    or NaN-derived integer never equals its source.
+    """
+    dst = out.dtype
+    if dst.kind in "fc":
+        try:
+            with np.errstate(over="raise", invalid="ignore"):
+                np.copyto(out, source, casting="unsafe")
+            return -1, ""
+        except FloatingPointError:
+            with np.errstate(all="ignore"):
+                np.copyto(out, source, casting="unsafe")
+            bad = np.isinf(out) & np.isfinite(source)
+            return int(np.argmax(bad)), f"overflows {dst}"
+    with np.errstate(all="ignore"):
+        np.copyto(out, source, casting="unsafe")
+    bad = out != source
+    if bad.any():
+        return int(np.argmax(bad)), f"is not representable in {dst}"
+    return -1, ""
+
+
+def _checked_cast(array: np.ndarray, dst: np.dtype, name: str, keep: bool) -> np.ndarray | None:
+    """Convert ``array`` to ``dst`` under the "checked" rule, or raise ValueError.
+
+    The rule (docs/api.md, "Writing another dtype"): to a bool or integer
+    stream every value must convert exactly (it converts back to itself);
+    to a float or complex stream values round to the nearest representable
+    one, but a finite value that would overflow to inf is refused; a
+    complex value written into a real stream must have a zero imaginary
+    part. Returns the converted array (C layout) when ``keep``; otherwise
+    only checks, at the price of one more read of ``array`` and nothing
+    large allocated (integers by a range check, other casts slice by slice
+    into one cache-sized buffer), and returns None, for a caller that casts
+    it into the payload afterwards.
+    """
+    flat = array.reshape(-1)  # C order: a view unless the layout needs a copy
+    source = flat
+
+    def refuse(index: int, why: str) -> None:
+        at = tuple(int(i) for i in np.unravel_index(index, array.shape))
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: writing {array.dtype} values into this {dst} "
+            f"stream would change them: {flat[index].item()!r} at index {at} {why}; "
+            "convert the value first, or pass casting='unsafe' for NumPy's unsafe cast "
+            "(wrap-around and truncation, as pyshmem did)"
+        )
+
+    if flat.dtype.kind == "c" and dst.kind != "c":
+        imag = flat.imag != 0
+        if imag.any():
+            refuse(int(np.argmax(imag)), "has a nonzero imaginary part")
+        source = flat.real
+    if source.dtype.kind in "biu" and dst.kind in "biu":  # integers: a range check
+        if source.size and not _in_range(source, dst):
+            lo, hi = _int_bounds(dst)
+            refuse(int(np.argmax((source < lo) | (source > hi))), f"is not representable in {dst}")
+        return source.astype(dst).reshape(array.shape) if keep else None
+    n = source.size
+    if keep:
+        out = np.empty(n, dst)
+        bad, why = _convert_into(source, out)
+        if bad >= 0:
+            refuse(bad, why)
+        return out.reshape(array.shape)
+    buf = np.empty(min(n, _CHECK_SLICE), dst)
+    for start in range(0, n, _CHECK_SLICE):
+        part = source[start : start + _CHECK_SLICE]
+        bad, why = _convert_into(part, buf[: part.size])
+        if bad >= 0:
+            refuse(start + bad, why)
+    return None
 
 
 class _LockScope:
@@ -457,30 +586,25 @@ class SharedMemory:
         return _LockScope(self, timeout)
 
     # ------------------------------------------------------------------ IO
-    def _coerce(self, value: Any) -> np.ndarray:
-        """Slow path of write(): validate ``value`` and convert it to the payload layout."""
-        # np.asarray(order="C") keeps 0-d arrays 0-d (ascontiguousarray does not)
-        return np.asarray(self._validated(value), dtype=self._dtype, order="C")
+    def _coerce(self, value: Any, casting: str = "checked") -> np.ndarray:
+        """Slow path of write(): ``value`` in the stream's dtype, shape and C layout."""
+        return self._cast(self._validated(value), _check_casting(casting, self._name), keep=True)
 
     def _validated(self, value: Any) -> np.ndarray:
-        """``value`` as an array of the stream's shape and a castable dtype (no copy if possible)."""
-        if hasattr(value, "dtype") or hasattr(value, "__array_interface__"):
+        """``value`` as an array of the stream's shape, in its own dtype (no copy if possible)."""
+        try:
             array = np.asarray(value)
-            if array.dtype != self._dtype and not np.can_cast(
-                array.dtype, self._dtype, casting="same_kind"
+            if array.dtype.kind not in "biufc" and not (
+                hasattr(value, "dtype") or hasattr(value, "__array_interface__")
             ):
-                raise ValueError(
-                    f"torch_shmem: stream {self._name!r}: expected dtype {self._dtype}, "
-                    f"got {array.dtype} (no same-kind cast)"
-                )
-        else:
-            try:
+                # not numbers (strings, objects such as ints beyond 64 bits):
+                # NumPy's own conversion to the stream's dtype decides
                 array = np.asarray(value, dtype=self._dtype)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise ValueError(
-                    f"torch_shmem: stream {self._name!r}: cannot convert "
-                    f"{type(value).__name__} to {self._dtype} of shape {self._shape}: {exc}"
-                ) from exc
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: cannot convert "
+                f"{type(value).__name__} to {self._dtype} of shape {self._shape}: {exc}"
+            ) from exc
         if array.shape != self._shape:
             raise ValueError(
                 f"torch_shmem: stream {self._name!r}: expected shape {self._shape}, "
@@ -488,20 +612,64 @@ class SharedMemory:
             )
         return array
 
-    def write(self, value: Any, *, frame_id: int | None = None, timeout: float | None = None) -> None:
-        """Publish ``value`` (copied in; the stream's shape, a castable dtype).
+    def _cast(self, array: np.ndarray, casting: str, *, keep: bool) -> np.ndarray | None:
+        """Apply the ``casting`` rule to ``array`` (ValueError when refused).
+
+        Returns it in the stream's dtype and C layout when ``keep``; None
+        otherwise (the caller casts it into the payload, where no value can
+        be refused any more).
+        """
+        dst = self._dtype
+        if array.dtype != dst:
+            if casting == "checked":
+                if not np.can_cast(array.dtype, dst, "safe"):  # safe casts keep every value
+                    if array.dtype.kind not in "biufc":
+                        raise ValueError(
+                            f"torch_shmem: stream {self._name!r}: expected dtype {dst}, got "
+                            f"{array.dtype} (not numbers; casting='unsafe' lets NumPy convert them)"
+                        )
+                    return _checked_cast(array, dst, self._name, keep)
+            elif casting != "unsafe" and not np.can_cast(array.dtype, dst, casting):
+                raise ValueError(
+                    f"torch_shmem: stream {self._name!r}: expected dtype {dst}, got "
+                    f"{array.dtype} (not a {casting!r} cast)"
+                )
+        if not keep:
+            return None
+        return np.asarray(array, dtype=dst, order="C")
+
+    def write(
+        self,
+        value: Any,
+        *,
+        frame_id: int | None = None,
+        timeout: float | None = None,
+        casting: str = "checked",
+    ) -> None:
+        """Publish ``value`` (copied in; the stream's shape, any numeric dtype).
 
         Takes the write lock for the copy (re-entrant if the calling thread
         holds it). ``frame_id`` stamps a 64-bit token read back by
-        :attr:`frame_id`. Raises ValueError for a wrong shape or dtype,
-        TimeoutError if the lock is not free within ``timeout``.
+        :attr:`frame_id`. A value of another dtype is converted under
+        ``casting``: ``"checked"`` (default) accepts it when no value changes
+        (7 and 3 as int64 into a uint8 stream; float streams round to
+        nearest) and raises ValueError naming the first value that would
+        (300 or 2.5 into uint8, an overflow to inf); ``"unsafe"`` is NumPy's
+        unsafe cast (wrap-around and truncation, as pyshmem did); ``"no"``,
+        ``"equiv"``, ``"safe"`` and ``"same_kind"`` are NumPy's rules.
+        Raises ValueError for a wrong shape or a refused dtype, TimeoutError
+        if the lock is not free within ``timeout``.
         """
+        if casting != "checked":
+            _check_casting(casting, self._name)
         if self._h.write(value, frame_id, timeout) is NotImplemented:
             self._check_open()
             array = self._validated(value)
-            if array.nbytes >= _DIRECT_CAST_BYTES and not self._h.readonly:
+            direct = array.nbytes >= _DIRECT_CAST_BYTES and not self._h.readonly
+            converted = self._cast(array, casting, keep=not direct)
+            if converted is None:
                 self._write_cast(array, _check_frame_id(frame_id, self._name), timeout)
-            elif self._h.write(np.asarray(array, dtype=self._dtype, order="C"), frame_id, timeout) is NotImplemented:
+            elif self._h.write(converted, frame_id, timeout) is NotImplemented:
                 raise AssertionError("torch_shmem: internal error: coerced value rejected")
 
     def _write_cast(self, array: np.ndarray, frame_id: int | None, timeout: float | None) -> None:
@@ -510,7 +678,7 @@ class SharedMemory:
         try:
             self._h.begin_write()
             try:
-                # castability was checked by _validated: the copy cannot fail midway
+                # the casting rule was applied by _cast: the copy cannot fail midway
                 np.copyto(self._payload_view(), array, casting="unsafe")
             except BaseException:
                 self._h.abort_write()
@@ -719,7 +887,7 @@ class SharedMemory:
         self._h.clear(timeout)
 
     # ----------------------------------------------------------- in place
-    def write_locked(self, value: Any, *, frame_id: int | None = None) -> None:
+    def write_locked(self, value: Any, *, frame_id: int | None = None, casting: str = "checked") -> None:
         """:meth:`write` for a caller that already holds the lock.
 
         Raises RuntimeError when the calling thread does not hold the lock
@@ -734,7 +902,7 @@ class SharedMemory:
                 f"torch_shmem: stream {self._name!r}: write_locked() requires the lock; "
                 "use it inside 'with shm.locked():' or use write()"
             )
-        self.write(value, frame_id=frame_id)
+        self.write(value, frame_id=frame_id, casting=casting)
 
     def write_view_locked(self, *, frame_id: int | None = None) -> _WriteView:
         """In-place publication for a caller that already holds the lock.
@@ -961,10 +1129,10 @@ class SharedMemory:
             written += f" ({age:.3f} s ago)"
         else:
             written = "never"
-        if seq & 1:
-            state = "inconsistent (a write was cut short)" if broken else "write in progress"
+        if seq & 1:  # the words of stat() and the CLI
+            state = "inconsistent (a write was cut short)" if broken else "writing"
         else:
-            state = "consistent"
+            state = "ok"
         alive = "alive" if self.producer_alive() else "dead"
         lock = "free" if not lock_pid else f"held by pid {lock_pid}"
         lines = [

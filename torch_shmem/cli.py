@@ -13,12 +13,13 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
 from typing import Any, Sequence
 
-from . import _admin, _core, _proc
+from . import __version__, _admin, _core, _proc
 from ._doctor import fmt_bytes
 
 __all__ = ["main"]
@@ -68,6 +69,27 @@ def _state(e: dict) -> str:
     return ",".join(tags)
 
 
+# The library's messages suggest Python calls; on the command line the
+# equivalent command is the useful hint.
+_PY_HINTS = (
+    (re.compile(r"torch_shmem\.unlink\('([^']*)'\)"), r"torch-shmem unlink \1"),
+    (re.compile(r"torch_shmem\.purge\(dead_only=True\)"), "torch-shmem purge --dead-only"),
+)
+
+
+def _error(exc: BaseException, name: str | None = None) -> str:
+    """The message of ``exc`` for the command line (CLI hints instead of Python calls)."""
+    if isinstance(exc, FileNotFoundError) and name is not None:
+        return (f"torch_shmem: stream {name!r} does not exist "
+                "(`torch-shmem list` shows the streams that do)")
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    for pattern, hint in _PY_HINTS:
+        text = pattern.sub(hint, text)
+    if name is not None and "is not a torch_shmem stream" in text and "torch-shmem unlink" not in text:
+        text += f"; remove it with torch-shmem unlink {name}"
+    return text
+
+
 # ----------------------------------------------------------------- commands
 def cmd_list(args: argparse.Namespace) -> int:
     entries = _admin.scan(holders=True)
@@ -80,7 +102,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for e in entries:
         if "error" in e:
-            rows.append([e["name"], "?", "?", "?", "?", "?", "?", "?", "?", "error: " + e["error"]])
+            rows.append([e["name"], "?", "?", "?", "?", "?", "?", "?", "?",
+                         "error: " + _error(ValueError(e["error"]), e["name"])])
             continue
         lock = "-"
         if e["lock_owner"] is not None:
@@ -101,7 +124,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     try:
         info = _admin.stat_with_holders(args.name)
     except (FileNotFoundError, PermissionError, ValueError, TypeError) as exc:
-        print(exc, file=sys.stderr)
+        print(_error(exc, args.name), file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(_jsonable(info), indent=2, ensure_ascii=False))
@@ -129,13 +152,13 @@ def cmd_unlink(args: argparse.Namespace) -> int:
         try:
             removed = _core.unlink(name)
         except (ValueError, TypeError, PermissionError, OSError) as exc:
-            print(exc, file=sys.stderr)
+            print(_error(exc), file=sys.stderr)
             status = 1
             continue
         if removed:
             print(f"unlinked {name!r}")
         else:
-            print(f"torch_shmem: stream {name!r} does not exist", file=sys.stderr)
+            print(_error(FileNotFoundError(), name), file=sys.stderr)
             status = 1
     return status
 
@@ -160,7 +183,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     for base in report["cuda_removed"]:
         print(f"removed {_core_path(base)}")
     for name, why in report["skipped"]:
-        print(f"skipped {name!r}: {why}", file=sys.stderr)
+        print(f"skipped {name!r}: {_error(ValueError(why), name)}", file=sys.stderr)
     what = "orphan stream(s)" if args.dead_only else "stream(s)"
     print(f"removed {len(report['removed'])} {what}"
           + (f" and {len(report['cuda_removed'])} CUDA orphan file(s)" if args.include_cuda_orphans else ""))
@@ -226,6 +249,24 @@ def _fmt_latency(seconds: float) -> str:
     return f"{seconds:.2f}s"
 
 
+def _watch_state(w: _Watched, seq: int, broken: int, unlinked: int, lock_pid: int) -> str:
+    """STATE as ``list`` shows it (ok, writing, inconsistent, orphan), plus ``unlinked``."""
+    if w.error:
+        return "error: " + w.error
+    if unlinked:
+        return "unlinked"
+    if not seq & 1:
+        state = "ok"
+    elif not broken and lock_pid and _proc.pid_alive(lock_pid):
+        state = "writing"
+    else:
+        state = "inconsistent"
+    # The watcher maps the stream itself: it does not count as a holder.
+    if _admin.is_orphan(w.name, w.shm.instance_id, ignore_pids={os.getpid()}):
+        state += ",orphan"
+    return state
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     from . import _stream
 
@@ -234,14 +275,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
         try:
             shm = _stream.open(name, readonly=True)
         except (FileNotFoundError, PermissionError, ValueError, TypeError) as exc:
-            print(exc, file=sys.stderr)
+            print(_error(exc, name), file=sys.stderr)
             for w in watched:
                 w.shm.close()
             return 1
         watched.append(_Watched(name, shm))
     for w in watched:
         threading.Thread(target=w.run, name=f"watch-{w.name}", daemon=True).start()
-    tty = sys.stdout.isatty()
+    tty = sys.stdout.isatty() and not args.json
     header = ["NAME", "RATE", "COUNT", "MISSED", "LATENCY p50", "LATENCY max", "LAST WRITE",
               "FRAME_ID", "LOCK", "STATE"]
     printed_lines = 0
@@ -257,19 +298,31 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 pubs, missed, _seen, lats = w.take()
                 seq, write_ns, frame_id, broken, unlinked, lock_pid = w.shm._h.state()[:6]
                 lats.sort()
+                age = time.time() - write_ns * 1e-9 if write_ns else math.inf
+                state = _watch_state(w, seq, broken, unlinked, lock_pid)
+                if args.json:
+                    word, _, tag = state.partition(",")
+                    if state.startswith("error: "):
+                        word, tag = "error", ""
+                    print(json.dumps(_jsonable({
+                        "time": time.time(), "name": w.name, "interval": dt,
+                        "rate": pubs / dt, "count": seq >> 1, "publications": pubs,
+                        "missed": missed,
+                        "latency_p50": lats[len(lats) // 2] if lats else None,
+                        "latency_max": lats[-1] if lats else None,
+                        "age": age, "frame_id": frame_id, "lock_owner": lock_pid or None,
+                        "state": word, "orphan": tag == "orphan",
+                        **({"error": w.error} if word == "error" else {}),
+                    }), ensure_ascii=False))
+                    continue
                 p50 = _fmt_latency(lats[len(lats) // 2]) if lats else "-"
                 worst = _fmt_latency(lats[-1]) if lats else "-"
-                age = time.time() - write_ns * 1e-9 if write_ns else math.inf
-                if w.error:
-                    state = "error: " + w.error
-                elif unlinked:
-                    state = "unlinked"
-                elif seq & 1:
-                    state = "inconsistent" if broken else "writing"
-                else:
-                    state = "ok"
                 rows.append([w.name, f"{pubs / dt:.1f}/s", str(seq >> 1), str(missed), p50, worst,
                              _fmt_age(age), str(frame_id), str(lock_pid or "-"), state])
+            refreshes += 1
+            if args.json:
+                sys.stdout.flush()
+                continue
             block = _table(header, rows)
             if tty and printed_lines:
                 sys.stdout.write(f"\x1b[{printed_lines}F\x1b[J")  # back up and clear
@@ -278,7 +331,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 sys.stdout.write("\n")
             sys.stdout.flush()
             printed_lines = block.count("\n") + 1
-            refreshes += 1
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
     finally:
@@ -322,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="torch-shmem",
         description="Inspect and manage torch_shmem shared-memory streams (/dev/shm/torch_shmem.*).",
     )
+    p.add_argument("--version", action="version", version=f"torch-shmem {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     sp = sub.add_parser("list", help="table of all streams (shape, dtype, count, age, lock, creator, orphans)")
@@ -349,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("names", nargs="+", metavar="NAME")
     sp.add_argument("--interval", type=_positive, default=1.0, help="refresh period in s (1.0)")
     sp.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON object per stream and refresh, one per line")
     sp.set_defaults(func=cmd_watch)
 
     sp = sub.add_parser("doctor", help="check /dev/shm, permissions, orphans and CUDA; say what to do")

@@ -6,7 +6,8 @@ mutated, so ``torch.compile`` keeps every publish and read, in order) and the
 stream's geometry (so allocating reads have a fake kernel).
 
 Control functions (:func:`create`, :func:`open`, :func:`close`,
-:func:`unlink`) run eagerly only (``torch.compiler.disable``); data functions
+:func:`unlink`) run eagerly only (a graph break under ``torch.compile``, without
+importing the compiler for eager use); data functions
 (:func:`publish`, :func:`read`, :func:`read_into`, :func:`wait_read_into`,
 :func:`count`) trace into ``torch.compile(fullgraph=True)`` graphs without a
 break. Streams are the same ones the NumPy API uses: a tensor published here
@@ -17,12 +18,17 @@ See docs/ops.md.
 from __future__ import annotations
 
 import builtins
+import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+import torch_shmem_autoload as _loader
+
 from . import _C  # noqa: F401  (registers torch.ops.shmem)
+
+_loader.load()  # the Python kernels: fake kernels, shmem::mirror_copy (idempotent)
 
 __all__ = [
     "Stream",
@@ -81,6 +87,44 @@ class Stream:
 
 _DTYPES[15] = torch.bfloat16  # GPU streams only
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+# torch's own lazy form of torch.compiler.disable: a function of a module that
+# torch.compile skips, which imports torch._dynamo on its first call.
+_disable_dynamo = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+def _eager_only(fn: _F) -> _F:
+    """``torch.compiler.disable`` for a control function, without importing torch._dynamo.
+
+    ``torch.compiler.disable`` imports torch._dynamo, the compiler, when it
+    decorates (most of a second on top of ``import torch``; bench section 6);
+    this module is imported by torch users of torch_shmem who may never compile. An eager call runs ``fn`` directly; a call that
+    torch.compile traces goes through ``torch._disable_dynamo``, which the
+    compiler skips: a graph break, or an error under ``fullgraph=True``.
+    """
+    skipped = _disable_dynamo(fn)
+
+    @functools.wraps(fn)
+    def eager_only(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return skipped(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return eager_only  # type: ignore[return-value]
+
+
+def _gpu_unavailable(name: str, exc: BaseException | None = None) -> None:
+    """Raise the NumPy API's clear RuntimeError when GPU streams cannot work in this process."""
+    from ._gpu import require  # the one check of both APIs (imports this module: not at top)
+
+    if exc is None:
+        require(name)
+        return
+    try:
+        require(name)
+    except RuntimeError as clear:
+        raise clear from exc
+
 
 def _wrap(token: torch.Tensor) -> Stream:
     name, shape, code, device = torch.ops.shmem.info(token)
@@ -88,13 +132,13 @@ def _wrap(token: torch.Tensor) -> Stream:
     return Stream(token, name, tuple(shape), _DTYPES[code], dev)
 
 
-@torch.compiler.disable
+@_eager_only
 def create(name: str, shape: Sequence[int], dtype: torch.dtype = torch.float32, *, mode: int = 0o600) -> Stream:
     """Create a CPU stream (same semantics as ``torch_shmem.create``)."""
     return _wrap(torch.ops.shmem.create(name, list(shape), dtype, mode))
 
 
-@torch.compiler.disable
+@_eager_only
 def create_gpu(
     name: str,
     shape: Sequence[int],
@@ -108,7 +152,11 @@ def create_gpu(
     """Create a GPU stream: ``nslots`` payload slots in one CUDA IPC allocation.
 
     See docs/gpu.md for the slot protocol and the guarantees of each mode.
+    Raises RuntimeError naming the stream and the reason when GPU streams
+    cannot work in this process (no usable CUDA device, no CUDA half built),
+    as ``torch_shmem.create(..., gpu_device=...)`` does.
     """
+    _gpu_unavailable(name)
     index = torch.device(device if not isinstance(device, int) else f"cuda:{device}").index or 0
     stream = _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode))
     if cpu_mirror:
@@ -116,26 +164,33 @@ def create_gpu(
     return stream
 
 
-@torch.compiler.disable
+@_eager_only
 def open(name: str, *, readonly: bool = False, device: int | None = None) -> Stream:  # noqa: A001
     """Attach to an existing stream (created by either API).
 
     A GPU stream is mapped on ``device`` (default: the device it was created
-    on, matched by uuid).
+    on, matched by uuid). Opening a GPU stream where GPU streams cannot
+    work raises the same RuntimeError as :func:`create_gpu`.
     """
-    stream = _wrap(torch.ops.shmem.open(name, readonly, -1 if device is None else int(device)))
+    try:
+        token = torch.ops.shmem.open(name, readonly, -1 if device is None else int(device))
+    except RuntimeError as exc:
+        if isinstance(name, str) and _is_device_stream(name):
+            _gpu_unavailable(name, exc)
+        raise
+    stream = _wrap(token)
     if stream.device.type == "cuda" and not readonly and _is_mirrored(name):
         _warm_up_mirror(stream)
     return stream
 
 
-@torch.compiler.disable
+@_eager_only
 def close(stream: Stream) -> None:
     """Forget the stream in this process; blocked waits on it raise. Idempotent."""
     torch.ops.shmem.close(stream.token)
 
 
-@torch.compiler.disable
+@_eager_only
 def unlink(name: str) -> bool:
     """Destroy the named stream; False if it did not exist."""
     return torch.ops.shmem.unlink(name)
@@ -189,7 +244,7 @@ def wait_read_into(stream: Stream, out: torch.Tensor, timeout: float | None = No
     return out
 
 
-@torch.compiler.disable
+@_eager_only
 def wait_device(stream: Stream, count: int) -> None:
     """Make the current CUDA stream wait, on the device, for publication ``count`` (GPU streams).
 
@@ -214,7 +269,7 @@ def wait_device(stream: Stream, count: int) -> None:
     torch.ops.shmem.wait_device(stream.token, int(count))
 
 
-@torch.compiler.disable
+@_eager_only
 def slot_view(stream: Stream, count: int) -> torch.Tensor:
     """The device slot that publication ``count`` of a GPU stream goes to (a view, eager only).
 
@@ -233,23 +288,28 @@ def count(stream: Stream) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- CPU-mirror copy
-# shmem::mirror_copy is declared in C++ and implemented here, so the write path of
-# mirrored GPU streams (C++, csrc/cuda/gpu_stream.cu) reaches the Triton kernel through
-# the dispatcher. The import of torch_shmem.kernels (triton) waits for the first call.
-_IMPL = torch.library.Library("shmem", "IMPL")
-mirror_copy_calls = 0  # calls of the implementation in this process (for tests and bench)
+# shmem::mirror_copy and the fake kernels of the data ops are registered by
+# torch_shmem_autoload (loaded with torch itself, so they exist for a program
+# that only imported torch).
+def __getattr__(name: str) -> Any:
+    if name == "mirror_copy_calls":  # calls of the mirror_copy implementation (tests, bench)
+        return _loader.mirror_copy_calls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _mirror_copy_impl(src: torch.Tensor, dst: torch.Tensor) -> None:
-    global mirror_copy_calls
-    from .kernels import mirror_copy
+def _is_device_stream(name: str) -> bool:
+    """Whether ``name`` is a GPU stream on real device memory (False when it cannot be told)."""
+    from . import _core
 
-    mirror_copy_calls += 1
-    mirror_copy(src, dst)
-
-
-for _key in ("CPU", "CUDA"):
-    _IMPL.impl("mirror_copy", _mirror_copy_impl, _key)
+    try:
+        h = _core.open(name, True)
+    except Exception:  # missing, foreign, not ours: the op's own error stands
+        return False
+    try:
+        flags = h.info()[3]
+    finally:
+        h.close(1.0)
+    return bool(flags & _core.FLAG_GPU) and not flags & _core.FLAG_SIM_DEVICE
 
 
 def _is_mirrored(name: str) -> bool:
@@ -274,39 +334,3 @@ def _warm_up_mirror(stream: Stream) -> None:
     for d in stream.shape:
         nbytes *= d
     mirror.warm_up(nbytes, stream.device)
-
-
-# ---------------------------------------------------------------- fake kernels
-@torch.library.register_fake("shmem::publish")
-def _publish_fake(stream, src, frame_id=None):
-    return None
-
-
-@torch.library.register_fake("shmem::read_into")
-def _read_into_fake(stream, out):
-    return None
-
-
-@torch.library.register_fake("shmem::read")
-def _read_fake(stream, shape, dtype, device="cpu"):
-    return torch.empty(shape, dtype=dtype, device=torch.device(device))
-
-
-@torch.library.register_fake("shmem::wait_read_into")
-def _wait_read_into_fake(stream, out, timeout=-1.0):
-    return None
-
-
-@torch.library.register_fake("shmem::wait_device")
-def _wait_device_fake(stream, count):
-    return None
-
-
-@torch.library.register_fake("shmem::count")
-def _count_fake(stream):
-    return torch.empty((), dtype=torch.int64)
-
-
-@torch.library.register_fake("shmem::mirror_copy")
-def _mirror_copy_fake(src, dst):
-    return None

@@ -14,7 +14,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 $(VENV)/.built: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch numpy ninja pytest setuptools wheel triton hypothesis
+	$(VENV)/bin/pip install -q torch numpy ninja pytest setuptools wheel triton hypothesis pyzmq
 	$(VENV)/bin/pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -35,7 +35,7 @@ bench: $(VENV)/.bench
 # Wheels for .ci/gpu on a machine without a package registry (carried there
 # with the working tree; .ci/gpu installs them with --no-deps --no-index).
 gpu-wheels: $(VENV)/.built
-	$(VENV)/bin/pip download -q --no-deps -d bench/wheels "pyshmem==1.4.0"
+	$(VENV)/bin/pip download -q --no-deps -d bench/wheels "pyshmem==1.4.0" pyzmq
 
 clean:
 	rm -rf build $(VENV) torch_shmem/*.so *.egg-info

@@ -127,7 +127,7 @@ LINK_STATES = ("stopped", "connecting", "up", "stale", "down", "auth_failed", "m
 
 _POLL_SLICE = 0.05  # s: how often loops look at stop requests and subscriptions
 _POLLIN = 1  # zmq.POLLIN, as a plain int (the enum's operators cost microseconds)
-_MAX_SUPERSEDE = 8
+_SUPERSEDE_FOR = 0.01  # s
 
 
 def _zmq():
@@ -1358,13 +1358,12 @@ class BridgeAttachment(_Component):
                 self._on_monitor()
             if self._sock in events:
                 frame = self._recv_waiting()
-                chain = 0
+                until = time.monotonic() + _SUPERSEDE_FOR
                 while frame is not None:
-                    # a publication is dropped for a newer one already waiting, up to
-                    # _MAX_SUPERSEDE times in a row (then one is written: progress
-                    # against a source that outpaces this side)
-                    frame = self._on_message(frame, chain < _MAX_SUPERSEDE)
-                    chain += 1
+                    # a publication is dropped for a newer one already waiting, for
+                    # _SUPERSEDE_FOR at most (then one is written: progress against
+                    # a source that outpaces this side)
+                    frame = self._on_message(frame, time.monotonic() < until)
             now = time.monotonic()
             self._check_local(now)
             self._write_sidecar()

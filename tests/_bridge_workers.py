@@ -6,8 +6,6 @@ it is killed; everything it opens is closed on the way out.
 
 import time
 
-import numpy as np
-
 import torch_shmem
 from torch_shmem import bridge
 from _workers import frame_seq

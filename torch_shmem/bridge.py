@@ -407,10 +407,11 @@ class _CpuSource:
 class _GpuSource:
     """Reads of a GPU stream without a CPU mirror, staged through pinned host memory.
 
-    Under the stream's lock (so that the metadata belongs to the snapshot) a
-    device-to-device copy takes the latest slot into a private device
-    buffer; after the lock is released that buffer is copied to the pinned
-    message buffer (device to host, synchronous). Not exercised without a GPU.
+    A safe read copies the latest slot into a private device buffer (device
+    to device); the stream's sequence, loaded before and after, says that
+    the metadata belongs to that snapshot (under the lock when a writer keeps
+    publishing). That buffer is then copied into the pinned message buffer
+    (device to host, synchronous). Not exercised without a GPU.
     """
 
     gpu = True

@@ -14,7 +14,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 $(VENV)/.built: $(SOURCES)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch numpy ninja pytest setuptools wheel triton hypothesis
+	$(VENV)/bin/pip install -q torch numpy ninja pytest setuptools wheel triton hypothesis pyzmq
 	$(VENV)/bin/pip install -q --no-build-isolation -e .
 	touch $@
 

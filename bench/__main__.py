@@ -8,6 +8,8 @@ Sections (``--only`` / ``--skip`` take these keys):
   fanout    one writer, N readers: per-reader rate and missed frames
   idle      CPU time burnt by a reader blocked in read_new
   import    added import time of torch_shmem for a NumPy-only process
+  bridge    a stream over ZeroMQ on loopback vs plain pyzmq PUB/SUB: MB/s, p50/p99 latency
+            (needs pyzmq; skipped with a note without it)
 
 Modes: default (full, about 5 minutes on 2 cores), ``--quick`` (about a minute),
 ``--smoke`` (seconds; checks the suite runs, numbers meaningless), ``--big`` (adds
@@ -28,7 +30,7 @@ import os
 import sys
 import time
 
-from . import bench_fanout, bench_idle, bench_import, bench_io, bench_mvm, bench_pingpong
+from . import bench_bridge, bench_fanout, bench_idle, bench_import, bench_io, bench_mvm, bench_pingpong
 from .common import (
     DURATION,
     GPU_DRY_RUN,
@@ -55,6 +57,7 @@ SECTIONS = {
     "fanout": bench_fanout,
     "idle": bench_idle,
     "import": bench_import,
+    "bridge": bench_bridge,
 }
 GPU_SECTIONS = ("io", "mvm", "pingpong")
 

@@ -5,6 +5,7 @@ meaningless and nothing here asserts on them. Performance is measured by ``pytho
 (docs/benchmarks.md), never in timed unit tests.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ import uuid
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "import")
+SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "import", "bridge")
+HAVE_ZMQ = importlib.util.find_spec("zmq") is not None
 
 
 @pytest.mark.cpu
@@ -37,6 +39,9 @@ def test_bench_smoke(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["sections"]) == set(SECTIONS)
     for key in SECTIONS:
+        if key == "bridge" and not HAVE_ZMQ:  # skipped with a note without pyzmq
+            assert any("pyzmq" in n for n in data["sections"][key]["notes"])
+            continue
         assert data["sections"][key]["rows"], f"section {key} produced no rows"
     assert data["machine"]["torch_imported"] is False, "the CPU benchmarks imported torch"
     text = report.read_text()

@@ -1,7 +1,7 @@
 """``torch-shmem``: inspect and manage torch_shmem streams from the shell.
 
 Also runnable as ``python -m torch_shmem``. Subcommands: list, stat, unlink,
-purge, watch, doctor (docs/cli.md). Exit status: 0 on success, 1 when
+purge, watch, doctor, bridge (docs/cli.md; bridge: docs/bridge.md). Exit status: 0 on success, 1 when
 something was not found or doctor found a problem, 2 for usage errors.
 Importing this module does not import torch; only ``doctor`` may (for its
 CUDA checks, unless ``--no-cuda``).
@@ -410,7 +410,57 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-cuda", action="store_true", help="skip the checks that import torch")
     sp.add_argument("--json", action="store_true", help="print the findings as JSON")
     sp.set_defaults(func=cmd_doctor)
+
+    _add_bridge_parser(sub)
     return p
+
+
+# ------------------------------------------------------------------- bridge
+# Argument parsing only; torch_shmem/bridge.py does the work (and imports
+# pyzmq only when a subcommand runs).
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from . import bridge
+
+    return bridge.cli_main(args)
+
+
+def _add_bridge_parser(sub: Any) -> None:
+    sp = sub.add_parser("bridge", help="carry a stream to other hosts over ZeroMQ (needs pyzmq)")
+    sp.set_defaults(func=cmd_bridge)
+    bsub = sp.add_subparsers(dest="bridge_command", metavar="BRIDGE_COMMAND")
+
+    b = bsub.add_parser("serve", help="publish stream NAME on a ZeroMQ endpoint until Ctrl-C")
+    b.add_argument("name", metavar="NAME")
+    b.add_argument("--bind", default="tcp://127.0.0.1:0",
+                   help="ZeroMQ endpoint (default tcp://127.0.0.1:0: loopback, a free port)")
+    b.add_argument("--allow-remote", action="store_true",
+                   help="allow binding a non-loopback address (use CURVE keys)")
+    b.add_argument("--curve-secret-key", metavar="FILE", help="server certificate with its secret key")
+    b.add_argument("--curve-authorized-keys", metavar="DIR",
+                   help="directory of client public keys allowed in (default: any client with the server key)")
+    b.add_argument("--gpu-device", metavar="cuda:N", help="serve a GPU stream without a CPU mirror")
+    b.add_argument("--heartbeat", type=_positive, default=0.5, help="heartbeat interval in s (0.5)")
+    b.add_argument("--stats", type=_positive, metavar="S", help="print stat() as JSON every S seconds")
+
+    b = bsub.add_parser("attach", help="republish a served stream into a local stream until Ctrl-C")
+    b.add_argument("endpoint", metavar="ENDPOINT")
+    b.add_argument("--local-name", metavar="NAME", help="local stream name (default: the source's name)")
+    b.add_argument("--curve-server-key", metavar="FILE", help="the server's public certificate")
+    b.add_argument("--curve-secret-key", metavar="FILE", help="this client's certificate with its secret key")
+    b.add_argument("--gpu-device", metavar="cuda:N", help="make the local stream a GPU stream on this device")
+    b.add_argument("--frame-id", choices=("source", "count"), default="source",
+                   help="local frame_id: the source's frame_id (default) or the source's count")
+    b.add_argument("--timeout", type=_positive, default=10.0, help="s to wait for the server (10)")
+    b.add_argument("--unlink-on-exit", action="store_true", help="unlink the local stream on exit")
+    b.add_argument("--stats", type=_positive, metavar="S", help="print stat() as JSON every S seconds")
+
+    b = bsub.add_parser("status", help="link state of the attachment feeding local stream NAME")
+    b.add_argument("name", metavar="NAME")
+    b.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    b = bsub.add_parser("keygen", help="make a CURVE key pair (DIR/KEY.key, DIR/KEY.key_secret)")
+    b.add_argument("directory", metavar="DIR")
+    b.add_argument("key_name", metavar="KEY", nargs="?", default="bridge")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

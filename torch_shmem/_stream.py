@@ -107,6 +107,32 @@ def _wants_gpu(gpu_device: Any) -> bool:
     return gpu_device is not None and gpu_device is not False
 
 
+def _gpu_module(name: str):
+    """torch_shmem._gpu (it imports torch) for a GPU stream named ``name``.
+
+    RuntimeError naming the stream, instead of an import error, when torch
+    is not installed or this build of torch_shmem has no torch ops.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            f"torch_shmem: stream {name!r}: GPU streams are unavailable: GPU streams need "
+            "torch with CUDA, and torch is not installed (the NumPy-only install serves CPU streams)"
+        )
+    try:
+        from . import _gpu
+    except ImportError as exc:
+        if exc.name != f"{__package__}._C":
+            raise
+        raise RuntimeError(
+            f"torch_shmem: stream {name!r}: GPU streams are unavailable: torch_shmem was built "
+            "without torch (no torch_shmem._C); rebuild it with torch installed: "
+            "pip install --no-build-isolation ."
+        ) from None
+    return _gpu
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str):
         raise TypeError(f"torch_shmem: stream name must be a str, got {type(name).__name__}")
@@ -1365,9 +1391,7 @@ def create(
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
         if _wants_gpu(gpu_device):
-            from . import _gpu  # imports torch: only for GPU streams
-
-            shm = _gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
+            shm = _gpu_module(name).create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         handle = _core.create(name, dtype_code(dt), dims, mode, _core.FLAG_NOTIFY if notify else 0)
@@ -1412,11 +1436,10 @@ def open(  # noqa: A001
     """
     _check_name(name)
     wait = _check_wait(wait, name)
-    handle = _open_handle(name, bool(readonly), wait)
     if _wants_gpu(gpu_device):
-        from . import _gpu  # imports torch: only for GPU attachments
-
-        return _gpu.open_handle(handle, name, gpu_device, bool(readonly))
+        gpu = _gpu_module(name)  # imports torch: only for GPU attachments
+        return gpu.open_handle(_open_handle(name, bool(readonly), wait), name, gpu_device, bool(readonly))
+    handle = _open_handle(name, bool(readonly), wait)
     return SharedMemory(handle, owner=False)
 
 

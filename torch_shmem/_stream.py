@@ -1064,11 +1064,7 @@ class SharedMemory:
         The wait and the copy run in a worker thread; a task cancelled
         before the wait completes reads nothing and leaves ``out`` untouched.
         """
-        after = self._after(after)
-        self._check_async(safe)
-        return await self._wait_async(
-            after, timeout, "read_after_async", lambda _, rem: self._h.read(out, rem)
-        )
+        return await self._read_async(self._after(after), safe, timeout, out, "read_after_async", False)
 
     async def read_new_async(
         self,
@@ -1087,11 +1083,7 @@ class SharedMemory:
         50 ms. :meth:`close` wakes it with RuntimeError; TimeoutError after
         ``timeout``.
         """
-        self._check_async(safe)
-        after = self._h.count()
-        return await self._wait_async(
-            after, timeout, "read_new_async", lambda _, rem: self._h.read(out, rem)
-        )
+        return await self._read_async(None, safe, timeout, out, "read_new_async", False)
 
     async def read_new_publication_async(
         self,
@@ -1102,12 +1094,7 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """Awaitable :meth:`read_new_publication`; see :meth:`read_new_async`."""
-        self._check_async(safe)
-        after = self._h.count()
-        return await self._wait_async(
-            after, timeout, "read_new_publication_async",
-            lambda _, rem: self.read_publication(out=out, timeout=rem),
-        )
+        return await self._read_async(None, safe, timeout, out, "read_new_publication_async", True)
 
     async def read_after_publication_async(
         self,
@@ -1119,12 +1106,30 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """Awaitable :meth:`read_after_publication`; see :meth:`read_after_async`."""
-        after = self._after(after)
-        self._check_async(safe)
-        return await self._wait_async(
-            after, timeout, "read_after_publication_async",
-            lambda _, rem: self.read_publication(out=out, timeout=rem),
+        return await self._read_async(
+            self._after(after), safe, timeout, out, "read_after_publication_async", True
         )
+
+    async def _read_async(
+        self, after: int | None, safe: bool, timeout: float | None, out: Any, what: str, publication: bool
+    ) -> Any:
+        """The async reads: wait until ``count > after`` (None: the count now), then
+        read what the synchronous form of the same read returns."""
+        self._check_async(safe)
+        if publication:
+            self._check_publications(what)
+
+            def finish(_: int, rem: float | None) -> Any:
+                return self.read_publication(out=out, timeout=rem)
+        else:
+            def finish(_: int, rem: float | None) -> Any:
+                return self.read(out=out, timeout=rem)
+        if after is None:
+            after = self._h.count()
+        return await self._wait_async(after, timeout, what, finish)
+
+    def _check_publications(self, what: str) -> None:
+        """Raise when this handle cannot return a :class:`Publication` (GPU handles)."""
 
     def _check_async(self, safe: bool) -> None:
         self._check_open()
@@ -1201,8 +1206,8 @@ class SharedMemory:
             "name": self._name,
             "shape": list(self._shape),
             "dtype": str(self._dtype),
-            "gpu_device": None,
-            "cpu_mirror": True,
+            "gpu_device": self.gpu_device,
+            "cpu_mirror": self.cpu_mirror,
             "notify": self.notify,
         }
 
@@ -1226,7 +1231,8 @@ class SharedMemory:
 
     # ----------------------------------------------------------------- DLPack
     def __dlpack_device__(self) -> tuple[int, int]:
-        """``(1, 0)``: kDLCPU. CPU streams live in host memory."""
+        """``(1, 0)``: kDLCPU. CPU streams live in host memory (a GPU handle
+        names its device: ``(2, index)``, kDLCUDA)."""
         self._check_open()
         return (1, 0)
 

@@ -736,7 +736,7 @@ class SharedMemory:
         """
         if safe:
             return self._h.read(out, timeout)
-        return self._live_view(out)
+        return self._read(None, False, out, timeout, "read", False)
 
     def _check_live(self, out: Any, what: str) -> None:
         """Preconditions of a live-payload read: open, writable, no out, lock held."""
@@ -755,14 +755,27 @@ class SharedMemory:
                 "lock; use it inside 'with shm.locked():'"
             )
 
-    def _live_view(self, out: Any, what: str = "read") -> np.ndarray:
+    def _read(
+        self, after: int | None, safe: bool, out: Any, timeout: float | None, what: str, publication: bool
+    ) -> Any:
+        """Every synchronous read: wait until ``count > after`` (None: no wait;
+        -1: a write newer than the call), then a snapshot (``safe``) or the
+        live payload (lock held), as an array or a :class:`Publication`."""
+        h = self._h
+        if safe:
+            if not publication:
+                return h.read(out, timeout) if after is None else h.read_after(after, out, timeout)
+            if after is None:
+                payload, count, write_time_ns, frame_id, missed = h.read_pub(out, timeout)
+            else:
+                payload, count, write_time_ns, frame_id, missed = h.read_after_pub(after, out, timeout)
+            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
         self._check_live(out, what)
-        self._h.note_read()
-        return self._payload_view()
-
-    def _live_publication(self, out: Any, what: str) -> Publication:
-        self._check_live(out, what)
-        count, write_time_ns, frame_id, missed = self._h.note_read()
+        if after is not None:
+            h.wait_for_count(after, timeout)
+        count, write_time_ns, frame_id, missed = h.note_read()
+        if not publication:
+            return self._payload_view()
         return Publication(self._payload_view(), count, frame_id, write_time_ns * 1e-9, missed)
 
     def _payload_view(self) -> np.ndarray:
@@ -801,10 +814,7 @@ class SharedMemory:
         as :meth:`read`. With ``safe=False`` (lock held) the payload is the
         live view and the metadata is the stream's current publication.
         """
-        if safe:
-            payload, count, write_time_ns, frame_id, missed = self._h.read_pub(out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-        return self._live_publication(out, "read_publication")
+        return self._read(None, safe, out, timeout, "read_publication", True)
 
     def read_new(
         self,
@@ -829,9 +839,7 @@ class SharedMemory:
         """
         if safe:
             return self._h.read_after(-1, out, timeout)
-        self._check_live(out, "read_new")
-        self._h.wait_for_count(-1, timeout)
-        return self._live_view(out, "read_new")
+        return self._read(-1, False, out, timeout, "read_new", False)
 
     def read_new_publication(
         self,
@@ -842,12 +850,7 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """:meth:`read_new` returning a :class:`Publication` (see :meth:`read_publication`)."""
-        if safe:
-            payload, count, write_time_ns, frame_id, missed = self._h.read_after_pub(-1, out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-        self._check_live(out, "read_new_publication")
-        self._h.wait_for_count(-1, timeout)
-        return self._live_publication(out, "read_new_publication")
+        return self._read(-1, safe, out, timeout, "read_new_publication", True)
 
     def read_after(
         self,
@@ -869,12 +872,7 @@ class SharedMemory:
         Raises ValueError for a negative ``after``; RuntimeError if the
         handle is closed meanwhile.
         """
-        after = self._after(after)
-        if safe:
-            return self._h.read_after(after, out, timeout)
-        self._check_live(out, "read_after")
-        self._h.wait_for_count(after, timeout)
-        return self._live_view(out, "read_after")
+        return self._read(self._after(after), safe, out, timeout, "read_after", False)
 
     def read_after_publication(
         self,
@@ -886,13 +884,7 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """:meth:`read_after` returning a :class:`Publication` (see :meth:`read_publication`)."""
-        after = self._after(after)
-        if safe:
-            payload, count, write_time_ns, frame_id, missed = self._h.read_after_pub(after, out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-        self._check_live(out, "read_after_publication")
-        self._h.wait_for_count(after, timeout)
-        return self._live_publication(out, "read_after_publication")
+        return self._read(self._after(after), safe, out, timeout, "read_after_publication", True)
 
     def wait_for_count(
         self, *, after: int, timeout: float | None = None, poll_interval: float = 1e-5

@@ -14,11 +14,12 @@ import operator
 import sys
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _cleanup, _core, _proc
+from ._labels import state_label
 from ._dtypes import SUPPORTED_DTYPES, code_dtype, dtype_code, normalize_dtype
 from ._publication import Publication
 
@@ -281,6 +282,19 @@ def _checked_cast(array: np.ndarray, dst: np.dtype, name: str, keep: bool) -> np
         if bad >= 0:
             refuse(start + bad, why)
     return None
+
+
+class StreamHeader(NamedTuple):
+    """A stream's publication state, read from its header in one step
+    (:meth:`SharedMemory.header`)."""
+
+    count: int  # completed publications
+    write_time: float  # of the latest, seconds since the epoch (0.0: never written)
+    frame_id: int  # stamped by the latest write that passed one (0 before)
+    state: str  # "ok", "writing" or "inconsistent", as stat() says it
+    unlinked: bool  # the stream was unlinked (it lives on for the handles open on it)
+    lock_owner: int | None  # pid holding the write lock
+    waiters: int  # threads parked on the stream's futex
 
 
 class _LockScope:
@@ -556,6 +570,16 @@ class SharedMemory:
                 f"torch_shmem: stream {self._name!r}: max_age must be positive, got {max_age!r}"
             )
         return self.age > float(max_age)
+
+    def header(self) -> StreamHeader:
+        """The stream's publication state (count, write time, frame_id, state
+        label, unlinked, lock owner, waiters) from one read of its header:
+        the fields agree with each other, unlike separate property reads.
+        Reads metadata only (no read is recorded)."""
+        self._check_open()
+        seq, write_ns, frame_id, broken, unlinked, lock_pid, _tid, waiters = self._h.state()
+        return StreamHeader(seq >> 1, write_ns * 1e-9, frame_id, state_label(seq, broken, lock_pid),
+                            bool(unlinked), lock_pid or None, waiters)
 
     def producer_alive(self) -> bool:
         """Whether the process that created the stream is still running.
@@ -1146,16 +1170,15 @@ class SharedMemory:
         self._check_open()
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = self._h.state()
         last_read, missed, total_missed = self._h.read_stats()[:3]
+        state = state_label(seq, broken, lock_pid)  # the words of stat() and the CLI
+        if state == "inconsistent":
+            state = "inconsistent (a write was cut short)"
         age = self.age
         if write_ns:
             written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(write_ns * 1e-9))
             written += f" ({age:.3f} s ago)"
         else:
             written = "never"
-        if seq & 1:  # the words of stat() and the CLI
-            state = "inconsistent (a write was cut short)" if broken else "writing"
-        else:
-            state = "ok"
         alive = "alive" if self.producer_alive() else "dead"
         lock = "free" if not lock_pid else f"held by pid {lock_pid}"
         lines = [

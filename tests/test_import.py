@@ -18,6 +18,13 @@ import torch_shmem
 pytestmark = pytest.mark.cpu
 
 
+def _run_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter, which must print ``ok`` and exit 0."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_numpy_path_does_not_import_torch(name):
     code = (
         "import sys, numpy as np, torch_shmem\n"
@@ -30,9 +37,7 @@ def test_numpy_path_does_not_import_torch(name):
         "assert not any(m.startswith('torch.') for m in sys.modules)\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _run_ok(code)
 
 
 def test_checksum_helper_detects_a_mixed_frame():
@@ -89,6 +94,4 @@ def test_gpu_stream_without_torch_is_a_clear_runtime_error(name, hidden, why):
         "assert torch_shmem.gpu_available() is False\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _run_ok(code)

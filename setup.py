@@ -7,15 +7,18 @@ Two native modules:
   torch_shmem`` stays cheap and never loads libtorch.
 * ``torch_shmem._C``: the ``torch.ops.shmem`` library (csrc/ops, plus
   csrc/cuda when a CUDA toolkit matching torch is present), built with
-  torch.utils.cpp_extension. It is only built when csrc/ops has sources.
+  torch.utils.cpp_extension. It is only built when csrc/ops has sources and
+  torch is installed; without torch only ``_core`` is built (plain setuptools)
+  and the build says so in one line: the NumPy-only install.
 
 CUDA is chosen by toolkit, never by the presence of a GPU: set
 ``TORCH_SHMEM_USE_CUDA=0`` to skip it, ``=1`` to require it; by default it is
 built when torch is a CUDA build and ``CUDA_HOME`` names a toolkit. Set
 ``DEBUG=1`` for an unoptimized build with assertions.
 
-Build with ``pip install --no-build-isolation -e .`` (the extension builds
-against the torch already installed).
+Build with ``pip install --no-build-isolation -e .`` (the torch ops build
+against the torch already installed; torch is not a build requirement, so an
+isolated build is NumPy-only).
 """
 
 import glob
@@ -27,11 +30,8 @@ from setuptools import Extension, setup
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-except ImportError as exc:  # pragma: no cover - build-time guard
-    raise SystemExit(
-        "torch_shmem builds against an installed torch: pip install torch numpy ninja, "
-        "then pip install --no-build-isolation -e ."
-    ) from exc
+except ImportError:  # the NumPy-only install: _core alone
+    torch = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
@@ -84,7 +84,10 @@ core = Extension(
 ext_modules = [core]
 
 ops_sources = rel("csrc/ops/*.cpp")
-if ops_sources:
+if ops_sources and torch is None:
+    print("torch_shmem: torch is not installed, skipping torch.ops.shmem (torch_shmem._C); "
+          "building the NumPy module torch_shmem._core only")
+elif ops_sources:
     use_cuda, reason = cuda_decision()
     cuda_sources = rel("csrc/cuda/*.cu") if use_cuda else []
     if use_cuda and not cuda_sources:
@@ -108,5 +111,5 @@ if ops_sources:
 
 setup(
     ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={} if torch is None else {"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 import torch_shmem as ts
+from torch_shmem._labels import fmt_bytes  # binary sizes: 64 KiB, 1 MiB, 100 B
 
 BATCH_SECONDS = 0.01
 WARMUP_SECONDS = 0.1
@@ -603,15 +604,6 @@ def fmt_ratio(value: float | None, base: str | None = None) -> str:
         return ""
     text = f"{value:.2f}x"
     return f"{text} ({base})" if base else text
-
-
-def fmt_bytes(n: int) -> str:
-    """Binary size: 64 KiB, 1 MiB, 100 B."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale and n % (scale // 16 or 1) == 0:
-            v = n / scale
-            return f"{v:g} {unit}"
-    return f"{n} B"
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: Sequence[int] = ()) -> str:

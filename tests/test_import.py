@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import re
 import subprocess
 import sys
@@ -17,6 +18,13 @@ import torch_shmem
 pytestmark = pytest.mark.cpu
 
 
+def _run_ok(code: str) -> None:
+    """Run ``code`` in a fresh interpreter, which must print ``ok`` and exit 0."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_numpy_path_does_not_import_torch(name):
     code = (
         "import sys, numpy as np, torch_shmem\n"
@@ -29,9 +37,7 @@ def test_numpy_path_does_not_import_torch(name):
         "assert not any(m.startswith('torch.') for m in sys.modules)\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _run_ok(code)
 
 
 def test_checksum_helper_detects_a_mixed_frame():
@@ -59,3 +65,33 @@ def test_readme_names_the_publication_fields():
     listed = re.search(r"read_after_publication`\s*\(([^)]*)\)", readme)
     assert listed, "README no longer lists the Publication fields"
     assert re.findall(r"`(\w+)`", listed.group(1)) == fields
+
+
+@pytest.mark.parametrize(
+    "hidden, why",
+    [("torch", "torch is not installed"), ("torch_shmem._C", "built without torch")],
+)
+def test_gpu_stream_without_torch_is_a_clear_runtime_error(name, hidden, why):
+    # None in sys.modules makes the module absent to find_spec and import: the
+    # NumPy-only install (no torch) and a build made without torch (no _C).
+    if hidden != "torch" and importlib.util.find_spec("torch") is None:
+        pytest.skip("a build without torch_shmem._C beside an installed torch needs torch")
+    code = (
+        "import sys, re\n"
+        f"sys.modules[{hidden!r}] = None\n"
+        "import torch_shmem\n"
+        f"name = {name!r}\n"
+        "for call in (lambda: torch_shmem.create(name, shape=(2,), gpu_device='cuda:0'),\n"
+        "             lambda: torch_shmem.open(name, gpu_device='cuda:0')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as exc:\n"
+        "        msg = str(exc)\n"
+        "        assert 'GPU streams' in msg and repr(name) in msg, msg\n"
+        f"        assert {why!r} in msg, msg\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
+        "assert torch_shmem.gpu_available() is False\n"
+        "print('ok')\n"
+    )
+    _run_ok(code)

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from . import _core, _proc
+from ._labels import state_label
 from ._dtypes import code_dtype
 from ._stream import _check_name
 
@@ -86,14 +87,7 @@ def _read_stat(name: str) -> dict[str, Any]:
     creator_alive = _proc.pid_alive(creator_pid, created_at=ctime)
     lock_owner = lock_pid or None
     lock_alive = lock_owner is not None and _proc.pid_alive(lock_owner)
-    if not seq & 1:
-        state = "ok"
-    elif not broken and lock_alive:
-        state = "writing"
-    else:
-        # torn: aborted, or the writer died mid-write (detected by the next
-        # lock acquirer, which sets `broken`; reported here already)
-        state = "inconsistent"
+    state = state_label(seq, broken, lock_pid)
     write_time = write_ns * 1e-9
     gpu = bool(flags & _core.FLAG_GPU)
     return {

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _admin, _proc
+from ._labels import fmt_bytes
 
 __all__ = ["Finding", "run_checks"]
 
@@ -30,14 +31,6 @@ class Finding:
     title: str
     detail: str = ""
     fix: str = ""
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _fs_type(path: str) -> str | None:

@@ -213,6 +213,14 @@ class GpuSharedMemory(SharedMemory):
     def clear(self) -> None:
         self.write(torch.zeros(self._shape, dtype=self._gpu.dtype, device=self._gpu.device))
 
+    def _check_publications(self, what: str) -> None:
+        self._unsupported(f"{what}()")
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        self._check_open()
+        device = self._gpu.device
+        return (2, device.index or 0) if device.type == "cuda" else (1, 0)
+
     def read_publication(self, *args: Any, **kwargs: Any):
         self._unsupported("read_publication()")
 

@@ -14,11 +14,12 @@ import operator
 import sys
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from . import _cleanup, _core, _proc
+from ._labels import state_label
 from ._dtypes import SUPPORTED_DTYPES, code_dtype, dtype_code, normalize_dtype
 from ._publication import Publication
 
@@ -105,6 +106,32 @@ def gpu_supported_dtypes() -> frozenset:
 
 def _wants_gpu(gpu_device: Any) -> bool:
     return gpu_device is not None and gpu_device is not False
+
+
+def _gpu_module(name: str):
+    """torch_shmem._gpu (it imports torch) for a GPU stream named ``name``.
+
+    RuntimeError naming the stream, instead of an import error, when torch
+    is not installed or this build of torch_shmem has no torch ops.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            f"torch_shmem: stream {name!r}: GPU streams are unavailable: GPU streams need "
+            "torch with CUDA, and torch is not installed (the NumPy-only install serves CPU streams)"
+        )
+    try:
+        from . import _gpu
+    except ImportError as exc:
+        if exc.name != f"{__package__}._C":
+            raise
+        raise RuntimeError(
+            f"torch_shmem: stream {name!r}: GPU streams are unavailable: torch_shmem was built "
+            "without torch (no torch_shmem._C); rebuild it with torch installed: "
+            "pip install --no-build-isolation ."
+        ) from None
+    return _gpu
 
 
 def _check_name(name: Any) -> str:
@@ -255,6 +282,19 @@ def _checked_cast(array: np.ndarray, dst: np.dtype, name: str, keep: bool) -> np
         if bad >= 0:
             refuse(start + bad, why)
     return None
+
+
+class StreamHeader(NamedTuple):
+    """A stream's publication state, read from its header in one step
+    (:meth:`SharedMemory.header`)."""
+
+    count: int  # completed publications
+    write_time: float  # of the latest, seconds since the epoch (0.0: never written)
+    frame_id: int  # stamped by the latest write that passed one (0 before)
+    state: str  # "ok", "writing" or "inconsistent", as stat() says it
+    unlinked: bool  # the stream was unlinked (it lives on for the handles open on it)
+    lock_owner: int | None  # pid holding the write lock
+    waiters: int  # threads parked on the stream's futex
 
 
 class _LockScope:
@@ -531,6 +571,16 @@ class SharedMemory:
             )
         return self.age > float(max_age)
 
+    def header(self) -> StreamHeader:
+        """The stream's publication state (count, write time, frame_id, state
+        label, unlinked, lock owner, waiters) from one read of its header:
+        the fields agree with each other, unlike separate property reads.
+        Reads metadata only (no read is recorded)."""
+        self._check_open()
+        seq, write_ns, frame_id, broken, unlinked, lock_pid, _tid, waiters = self._h.state()
+        return StreamHeader(seq >> 1, write_ns * 1e-9, frame_id, state_label(seq, broken, lock_pid),
+                            bool(unlinked), lock_pid or None, waiters)
+
     def producer_alive(self) -> bool:
         """Whether the process that created the stream is still running.
 
@@ -710,7 +760,7 @@ class SharedMemory:
         """
         if safe:
             return self._h.read(out, timeout)
-        return self._live_view(out)
+        return self._read(None, False, out, timeout, "read", False)
 
     def _check_live(self, out: Any, what: str) -> None:
         """Preconditions of a live-payload read: open, writable, no out, lock held."""
@@ -729,14 +779,27 @@ class SharedMemory:
                 "lock; use it inside 'with shm.locked():'"
             )
 
-    def _live_view(self, out: Any, what: str = "read") -> np.ndarray:
+    def _read(
+        self, after: int | None, safe: bool, out: Any, timeout: float | None, what: str, publication: bool
+    ) -> Any:
+        """Every synchronous read: wait until ``count > after`` (None: no wait;
+        -1: a write newer than the call), then a snapshot (``safe``) or the
+        live payload (lock held), as an array or a :class:`Publication`."""
+        h = self._h
+        if safe:
+            if not publication:
+                return h.read(out, timeout) if after is None else h.read_after(after, out, timeout)
+            if after is None:
+                payload, count, write_time_ns, frame_id, missed = h.read_pub(out, timeout)
+            else:
+                payload, count, write_time_ns, frame_id, missed = h.read_after_pub(after, out, timeout)
+            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
         self._check_live(out, what)
-        self._h.note_read()
-        return self._payload_view()
-
-    def _live_publication(self, out: Any, what: str) -> Publication:
-        self._check_live(out, what)
-        count, write_time_ns, frame_id, missed = self._h.note_read()
+        if after is not None:
+            h.wait_for_count(after, timeout)
+        count, write_time_ns, frame_id, missed = h.note_read()
+        if not publication:
+            return self._payload_view()
         return Publication(self._payload_view(), count, frame_id, write_time_ns * 1e-9, missed)
 
     def _payload_view(self) -> np.ndarray:
@@ -775,10 +838,7 @@ class SharedMemory:
         as :meth:`read`. With ``safe=False`` (lock held) the payload is the
         live view and the metadata is the stream's current publication.
         """
-        if safe:
-            payload, count, write_time_ns, frame_id, missed = self._h.read_pub(out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-        return self._live_publication(out, "read_publication")
+        return self._read(None, safe, out, timeout, "read_publication", True)
 
     def read_new(
         self,
@@ -803,9 +863,7 @@ class SharedMemory:
         """
         if safe:
             return self._h.read_after(-1, out, timeout)
-        self._check_live(out, "read_new")
-        self._h.wait_for_count(-1, timeout)
-        return self._live_view(out, "read_new")
+        return self._read(-1, False, out, timeout, "read_new", False)
 
     def read_new_publication(
         self,
@@ -816,12 +874,7 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """:meth:`read_new` returning a :class:`Publication` (see :meth:`read_publication`)."""
-        if safe:
-            payload, count, write_time_ns, frame_id, missed = self._h.read_after_pub(-1, out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-        self._check_live(out, "read_new_publication")
-        self._h.wait_for_count(-1, timeout)
-        return self._live_publication(out, "read_new_publication")
+        return self._read(-1, safe, out, timeout, "read_new_publication", True)
 
     def read_after(
         self,
@@ -843,12 +896,7 @@ class SharedMemory:
         Raises ValueError for a negative ``after``; RuntimeError if the
         handle is closed meanwhile.
         """
-        after = self._after(after)
-        if safe:
-            return self._h.read_after(after, out, timeout)
-        self._check_live(out, "read_after")
-        self._h.wait_for_count(after, timeout)
-        return self._live_view(out, "read_after")
+        return self._read(self._after(after), safe, out, timeout, "read_after", False)
 
     def read_after_publication(
         self,
@@ -860,13 +908,7 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """:meth:`read_after` returning a :class:`Publication` (see :meth:`read_publication`)."""
-        after = self._after(after)
-        if safe:
-            payload, count, write_time_ns, frame_id, missed = self._h.read_after_pub(after, out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-        self._check_live(out, "read_after_publication")
-        self._h.wait_for_count(after, timeout)
-        return self._live_publication(out, "read_after_publication")
+        return self._read(self._after(after), safe, out, timeout, "read_after_publication", True)
 
     def wait_for_count(
         self, *, after: int, timeout: float | None = None, poll_interval: float = 1e-5
@@ -1038,11 +1080,7 @@ class SharedMemory:
         The wait and the copy run in a worker thread; a task cancelled
         before the wait completes reads nothing and leaves ``out`` untouched.
         """
-        after = self._after(after)
-        self._check_async(safe)
-        return await self._wait_async(
-            after, timeout, "read_after_async", lambda _, rem: self._h.read(out, rem)
-        )
+        return await self._read_async(self._after(after), safe, timeout, out, "read_after_async", False)
 
     async def read_new_async(
         self,
@@ -1061,11 +1099,7 @@ class SharedMemory:
         50 ms. :meth:`close` wakes it with RuntimeError; TimeoutError after
         ``timeout``.
         """
-        self._check_async(safe)
-        after = self._h.count()
-        return await self._wait_async(
-            after, timeout, "read_new_async", lambda _, rem: self._h.read(out, rem)
-        )
+        return await self._read_async(None, safe, timeout, out, "read_new_async", False)
 
     async def read_new_publication_async(
         self,
@@ -1076,12 +1110,7 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """Awaitable :meth:`read_new_publication`; see :meth:`read_new_async`."""
-        self._check_async(safe)
-        after = self._h.count()
-        return await self._wait_async(
-            after, timeout, "read_new_publication_async",
-            lambda _, rem: self.read_publication(out=out, timeout=rem),
-        )
+        return await self._read_async(None, safe, timeout, out, "read_new_publication_async", True)
 
     async def read_after_publication_async(
         self,
@@ -1093,12 +1122,30 @@ class SharedMemory:
         out: np.ndarray | None = None,
     ) -> Publication:
         """Awaitable :meth:`read_after_publication`; see :meth:`read_after_async`."""
-        after = self._after(after)
-        self._check_async(safe)
-        return await self._wait_async(
-            after, timeout, "read_after_publication_async",
-            lambda _, rem: self.read_publication(out=out, timeout=rem),
+        return await self._read_async(
+            self._after(after), safe, timeout, out, "read_after_publication_async", True
         )
+
+    async def _read_async(
+        self, after: int | None, safe: bool, timeout: float | None, out: Any, what: str, publication: bool
+    ) -> Any:
+        """The async reads: wait until ``count > after`` (None: the count now), then
+        read what the synchronous form of the same read returns."""
+        self._check_async(safe)
+        if publication:
+            self._check_publications(what)
+
+            def finish(_: int, rem: float | None) -> Any:
+                return self.read_publication(out=out, timeout=rem)
+        else:
+            def finish(_: int, rem: float | None) -> Any:
+                return self.read(out=out, timeout=rem)
+        if after is None:
+            after = self._h.count()
+        return await self._wait_async(after, timeout, what, finish)
+
+    def _check_publications(self, what: str) -> None:
+        """Raise when this handle cannot return a :class:`Publication` (GPU handles)."""
 
     def _check_async(self, safe: bool) -> None:
         self._check_open()
@@ -1123,16 +1170,15 @@ class SharedMemory:
         self._check_open()
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = self._h.state()
         last_read, missed, total_missed = self._h.read_stats()[:3]
+        state = state_label(seq, broken, lock_pid)  # the words of stat() and the CLI
+        if state == "inconsistent":
+            state = "inconsistent (a write was cut short)"
         age = self.age
         if write_ns:
             written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(write_ns * 1e-9))
             written += f" ({age:.3f} s ago)"
         else:
             written = "never"
-        if seq & 1:  # the words of stat() and the CLI
-            state = "inconsistent (a write was cut short)" if broken else "writing"
-        else:
-            state = "ok"
         alive = "alive" if self.producer_alive() else "dead"
         lock = "free" if not lock_pid else f"held by pid {lock_pid}"
         lines = [
@@ -1175,8 +1221,8 @@ class SharedMemory:
             "name": self._name,
             "shape": list(self._shape),
             "dtype": str(self._dtype),
-            "gpu_device": None,
-            "cpu_mirror": True,
+            "gpu_device": self.gpu_device,
+            "cpu_mirror": self.cpu_mirror,
             "notify": self.notify,
         }
 
@@ -1200,7 +1246,8 @@ class SharedMemory:
 
     # ----------------------------------------------------------------- DLPack
     def __dlpack_device__(self) -> tuple[int, int]:
-        """``(1, 0)``: kDLCPU. CPU streams live in host memory."""
+        """``(1, 0)``: kDLCPU. CPU streams live in host memory (a GPU handle
+        names its device: ``(2, index)``, kDLCUDA)."""
         self._check_open()
         return (1, 0)
 
@@ -1365,9 +1412,7 @@ def create(
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
         if _wants_gpu(gpu_device):
-            from . import _gpu  # imports torch: only for GPU streams
-
-            shm = _gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
+            shm = _gpu_module(name).create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         handle = _core.create(name, dtype_code(dt), dims, mode, _core.FLAG_NOTIFY if notify else 0)
@@ -1412,11 +1457,10 @@ def open(  # noqa: A001
     """
     _check_name(name)
     wait = _check_wait(wait, name)
-    handle = _open_handle(name, bool(readonly), wait)
     if _wants_gpu(gpu_device):
-        from . import _gpu  # imports torch: only for GPU attachments
-
-        return _gpu.open_handle(handle, name, gpu_device, bool(readonly))
+        gpu = _gpu_module(name)  # imports torch: only for GPU attachments
+        return gpu.open_handle(_open_handle(name, bool(readonly), wait), name, gpu_device, bool(readonly))
+    handle = _open_handle(name, bool(readonly), wait)
     return SharedMemory(handle, owner=False)
 
 

@@ -20,7 +20,7 @@ import time
 from typing import Any, Sequence
 
 from . import __version__, _admin, _core, _proc
-from ._doctor import fmt_bytes
+from ._labels import fmt_bytes
 
 __all__ = ["main"]
 
@@ -210,22 +210,22 @@ class _Watched:
         self.error: str | None = None
 
     def run(self) -> None:
-        h = self.shm._h
+        shm = self.shm
         try:
             while True:
                 try:
-                    h.wait_for_count(self.last, 0.25)
+                    shm.wait_for_count(after=self.last, timeout=0.25)
                 except TimeoutError:
                     continue
                 now = time.time()
-                seq, write_ns = h.state()[:2]
-                count = seq >> 1
+                head = shm.header()
+                count = head.count
                 with self.mutex:
                     self.pubs += count - self.last
                     self.missed += max(0, count - self.last - 1)
                     self.seen += 1
-                    if write_ns:
-                        self.latencies.append(max(0.0, now - write_ns * 1e-9))
+                    if head.write_time:
+                        self.latencies.append(max(0.0, now - head.write_time))
                     self.last = count
         except _core.StaleStreamError:
             pass  # unlinked: nothing new can come; STATE shows "unlinked" from the header
@@ -249,18 +249,13 @@ def _fmt_latency(seconds: float) -> str:
     return f"{seconds:.2f}s"
 
 
-def _watch_state(w: _Watched, seq: int, broken: int, unlinked: int, lock_pid: int) -> str:
+def _watch_state(w: _Watched, head: Any) -> str:
     """STATE as ``list`` shows it (ok, writing, inconsistent, orphan), plus ``unlinked``."""
     if w.error:
         return "error: " + w.error
-    if unlinked:
+    if head.unlinked:
         return "unlinked"
-    if not seq & 1:
-        state = "ok"
-    elif not broken and lock_pid and _proc.pid_alive(lock_pid):
-        state = "writing"
-    else:
-        state = "inconsistent"
+    state = head.state
     # The watcher maps the stream itself: it does not count as a holder.
     if _admin.is_orphan(w.name, w.shm.instance_id, ignore_pids={os.getpid()}):
         state += ",orphan"
@@ -296,29 +291,29 @@ def cmd_watch(args: argparse.Namespace) -> int:
             rows = []
             for w in watched:
                 pubs, missed, _seen, lats = w.take()
-                seq, write_ns, frame_id, broken, unlinked, lock_pid = w.shm._h.state()[:6]
+                head = w.shm.header()
                 lats.sort()
-                age = time.time() - write_ns * 1e-9 if write_ns else math.inf
-                state = _watch_state(w, seq, broken, unlinked, lock_pid)
+                age = time.time() - head.write_time if head.write_time else math.inf
+                state = _watch_state(w, head)
                 if args.json:
                     word, _, tag = state.partition(",")
                     if state.startswith("error: "):
                         word, tag = "error", ""
                     print(json.dumps(_jsonable({
                         "time": time.time(), "name": w.name, "interval": dt,
-                        "rate": pubs / dt, "count": seq >> 1, "publications": pubs,
+                        "rate": pubs / dt, "count": head.count, "publications": pubs,
                         "missed": missed,
                         "latency_p50": lats[len(lats) // 2] if lats else None,
                         "latency_max": lats[-1] if lats else None,
-                        "age": age, "frame_id": frame_id, "lock_owner": lock_pid or None,
+                        "age": age, "frame_id": head.frame_id, "lock_owner": head.lock_owner,
                         "state": word, "orphan": tag == "orphan",
                         **({"error": w.error} if word == "error" else {}),
                     }), ensure_ascii=False))
                     continue
                 p50 = _fmt_latency(lats[len(lats) // 2]) if lats else "-"
                 worst = _fmt_latency(lats[-1]) if lats else "-"
-                rows.append([w.name, f"{pubs / dt:.1f}/s", str(seq >> 1), str(missed), p50, worst,
-                             _fmt_age(age), str(frame_id), str(lock_pid or "-"), state])
+                rows.append([w.name, f"{pubs / dt:.1f}/s", str(head.count), str(missed), p50, worst,
+                             _fmt_age(age), str(head.frame_id), str(head.lock_owner or "-"), state])
             refreshes += 1
             if args.json:
                 sys.stdout.flush()

@@ -833,6 +833,12 @@ class BridgeServer(_Component):
             self._last_error = str(exc)
             self._stop.wait(timeout)
             return False
+        except _api.StaleStreamError:
+            # The source was unlinked (its waits end at once from now on): follow the
+            # name to a new generation when there is one, else look again shortly.
+            self._check_generation()
+            self._stop.wait(min(timeout, 0.05))
+            return False
         if got is None:
             return False
         count, frame_id, write_ns = got

@@ -2,6 +2,8 @@
 // docs/design.md for the state machines.
 #include "stream.h"
 
+#include "os_handles.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -41,7 +43,6 @@ std::string errno_text(int err) {
   return std::string(s);
 }
 
-double mono_now() { return now_monotonic(); }
 
 // Length of the pause-only phase at the start of a spinning wait.
 constexpr double kPureSpinSeconds = 5e-6;
@@ -160,33 +161,6 @@ uint64_t geometry_checksum(const Header* h) {
   return x;
 }
 
-uint32_t dtype_itemsize(uint32_t code) {
-  switch (code) {
-    case kBool:
-    case kInt8:
-    case kUInt8:
-      return 1;
-    case kInt16:
-    case kUInt16:
-    case kFloat16:
-    case kBFloat16:
-      return 2;
-    case kInt32:
-    case kUInt32:
-    case kFloat32:
-      return 4;
-    case kInt64:
-    case kUInt64:
-    case kFloat64:
-    case kComplex64:
-      return 8;
-    case kComplex128:
-      return 16;
-    default:
-      return 0;
-  }
-}
-
 void throw_os(const std::string& what, int err) {
   ErrorKind kind = ErrorKind::kOS;
   if (err == ENOENT) kind = ErrorKind::kNotFound;
@@ -194,6 +168,13 @@ void throw_os(const std::string& what, int err) {
   if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
   if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
   throw Error(kind, what + ": " + errno_text(err), err);
+}
+
+void throw_torn(const std::string& name) {
+  throw Error(ErrorKind::kInconsistent,
+              "stream '" + name +
+                  "' holds an incomplete write (its writer died or aborted mid-write); "
+                  "the next completed write repairs it");
 }
 
 double now_monotonic() {
@@ -216,29 +197,26 @@ std::unique_ptr<HeaderPin> HeaderPin::open(const std::string& name, const uint8_
                                            int* why) {
   int unused = 0;
   if (why == nullptr) why = &unused;
-  int fd = shm_open(Stream::os_name(name).c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) {
+  Fd fd(shm_open(Stream::os_name(name).c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd.ok()) {
     *why = errno;
     return nullptr;
   }
   struct stat st;
-  void* p = MAP_FAILED;
+  Mapping map;
   *why = ESTALE;
-  if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-    p = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) *why = errno;
+  if (fstat(fd.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
+    map = Mapping(kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+    if (!map.ok()) *why = errno;
   }
-  ::close(fd);
-  if (p == MAP_FAILED) return nullptr;
-  auto* h = static_cast<Header*>(p);
-  if (std::memcmp(h->instance_id, instance_id, 16) != 0) {  // unlinked and re-created
-    munmap(p, kHeaderBytes);
-    *why = ESTALE;
+  if (!map.ok()) return nullptr;
+  if (std::memcmp(map.as<Header>()->instance_id, instance_id, 16) != 0) {
+    *why = ESTALE;  // unlinked and re-created
     return nullptr;
   }
   *why = 0;
   std::unique_ptr<HeaderPin> pin(new HeaderPin());
-  pin->h_ = h;
+  pin->h_ = static_cast<Header*>(map.release());
   return pin;
 }
 
@@ -320,7 +298,7 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
     if (mul_overflows(nbytes, static_cast<uint64_t>(g.shape[i]), &nbytes))
       throw Error(ErrorKind::kValue, "shape is too large");
   }
-  if (nbytes > (uint64_t(1) << 46)) throw Error(ErrorKind::kValue, "payload is too large");
+  if (nbytes > kMaxPayloadBytes) throw Error(ErrorKind::kValue, "payload is too large");
   if (g.flags & ~kKnownFlags) throw Error(ErrorKind::kValue, "unknown flags");
   const bool slotted = (g.flags & kFlagGpu) != 0;
   if (slotted != (g.nslots != 0) ||
@@ -330,26 +308,23 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
   const bool cpu_payload = has_cpu_payload(g.flags);
   const uint64_t total = kHeaderBytes + (cpu_payload ? round_up(nbytes, 4096) : 0);
 
-  int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) throw_os("cannot create shared memory '" + os + "'", errno);
-  auto fail = [&](const std::string& what, int err) {
-    ::close(fd);
-    shm_unlink(os.c_str());
-    throw_os(what, err);
-  };
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd.ok()) throw_os("cannot create shared memory '" + os + "'", errno);
+  CreatedName created(os);  // removed again if anything below throws
+  auto fail = [&](const std::string& what, int err) { throw_os(what, err); };
   // Apply the exact mode regardless of the umask (0600 unless asked).
-  if (fchmod(fd, g.mode & 0777) != 0) fail("fchmod", errno);
+  if (fchmod(fd.get(), g.mode & 0777) != 0) fail("fchmod", errno);
   // EFBIG here is RLIMIT_FSIZE (ulimit -f): name the stream and the size.
-  if (ftruncate(fd, static_cast<off_t>(total)) != 0)
+  if (ftruncate(fd.get(), static_cast<off_t>(total)) != 0)
     fail("cannot size shared memory '" + os + "' to " + std::to_string(total) + " bytes", errno);
   // Reserve every page now: on tmpfs a later first touch of an unreserved
   // page beyond the free space would be a SIGBUS in whichever process
   // touched it.
-  int err = posix_fallocate(fd, 0, static_cast<off_t>(total));
+  int err = posix_fallocate(fd.get(), 0, static_cast<off_t>(total));
   if (err != 0) {
     struct statvfs vfs;
     std::string detail;
-    if (fstatvfs(fd, &vfs) == 0) {
+    if (fstatvfs(fd.get(), &vfs) == 0) {
       detail = " (stream needs " + std::to_string(total) + " bytes, /dev/shm has " +
                std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize) + " free)";
     }
@@ -357,9 +332,10 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
              detail,
          err);
   }
-  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-  if (base == MAP_FAILED) fail("mmap", errno);
-  ::close(fd);
+  Mapping map(total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get());
+  if (!map.ok()) fail("mmap", errno);
+  fd.reset();
+  void* base = map.get();
 
   // The pages come from fallocate zero-filled; fill in the header and
   // publish `magic` last so an opener never trusts a half-initialized one.
@@ -389,29 +365,19 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
     h->nslots = g.nslots;
     h->slot_stride = round_up(nbytes == 0 ? 1 : nbytes, kSlotAlign);
     h->device_bytes = kDeviceCountersBytes + h->slot_stride * g.nslots;
-    if (g.init_device) {
-      try {
-        g.init_device(h);
-      } catch (...) {
-        munmap(base, total);
-        shm_unlink(os.c_str());
-        throw;
-      }
-    }
+    if (g.init_device) g.init_device(h);
   }
 
   int rc = init_stream_mutex(&h->mutex);
-  if (rc != 0) {
-    munmap(base, total);
-    shm_unlink(os.c_str());
-    throw_os("pthread_mutex_init", rc);
-  }
+  if (rc != 0) throw_os("pthread_mutex_init", rc);
   h->seq.store(0, std::memory_order_relaxed);
   // Last geometry store (init_device above may fill the device fields).
   h->geometry_checksum = geometry_checksum(h);
   h->magic.store(kMagic, std::memory_order_release);
 
   Stream* s = new Stream();
+  map.release();
+  created.keep();
   s->name_ = name;
   s->hdr_ = h;
   std::memcpy(s->geo_, base, kGeometryBytes);
@@ -457,7 +423,7 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   if (h->flags & kFlagGpu) {
     if (h->nslots < kMinSlots || h->nslots > kMaxSlots) bad("invalid slot count");
     if (h->slot_stride < h->payload_bytes || h->slot_stride % kSlotAlign != 0 ||
-        h->slot_stride > (uint64_t(1) << 46))
+        h->slot_stride > kMaxPayloadBytes)
       bad("invalid slot stride");
     if (h->device_bytes != kDeviceCountersBytes + h->slot_stride * h->nslots)
       bad("invalid device allocation size");
@@ -468,8 +434,8 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
 
 Stream* Stream::open(const std::string& name, bool readonly) {
   const std::string os = os_name(name);
-  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) {
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd.ok()) {
     int e = errno;
     // A symbolic link (shm_open never follows one) or a directory (glibc
     // reports EISDIR as EINVAL; the name itself was validated above) holds
@@ -483,7 +449,7 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   struct stat st;
   // A creator between shm_open and the publication of `magic` is given a
   // moment; anything still incomplete after that is reported as corrupted.
-  const double deadline = mono_now() + 1.0;
+  const double deadline = now_monotonic() + 1.0;
   uint64_t file_bytes = 0;
   // The immutable part of the header is copied out once and only the copy
   // is validated and used (see geometry()). Only the header page is mapped
@@ -491,30 +457,22 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   // address space we map (a 1 PiB sparse file made mmap fail with ENOMEM).
   alignas(Header) unsigned char geo[sizeof(Header)] = {};
   for (;;) {
-    if (fstat(fd, &st) != 0) {
-      int e = errno;
-      ::close(fd);
-      throw_os("fstat", e);
-    }
+    if (fstat(fd.get(), &st) != 0) throw_os("fstat", errno);
     if (!S_ISREG(st.st_mode)) {  // a FIFO, socket or device node under the name
-      ::close(fd);
       throw Error(ErrorKind::kValue,
                   "shared memory '" + os + "' is not a torch_shmem stream (not a regular file)");
     }
     file_bytes = static_cast<uint64_t>(st.st_size);
     if (file_bytes >= kHeaderBytes) {
-      void* head = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
-      if (head == MAP_FAILED) {
-        int e = errno;
-        ::close(fd);
-        throw_os("mmap", e);
+      uint64_t magic;
+      {
+        Mapping head(kHeaderBytes, PROT_READ, MAP_SHARED, fd.get());
+        if (!head.ok()) throw_os("mmap", errno);
+        magic = head.as<Header>()->magic.load(std::memory_order_acquire);
+        if (magic == kMagic) std::memcpy(geo, head.get(), kGeometryBytes);
       }
-      uint64_t magic = static_cast<Header*>(head)->magic.load(std::memory_order_acquire);
-      if (magic == kMagic) std::memcpy(geo, head, kGeometryBytes);
-      munmap(head, kHeaderBytes);
       if (magic == kMagic) break;
       if (magic != 0) {
-        ::close(fd);
         throw Error(ErrorKind::kValue, "shared memory '" + os +
                                            "' is not a torch_shmem stream (bad magic)");
       }
@@ -527,8 +485,7 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     clock_gettime(CLOCK_REALTIME, &now);
     const double age = static_cast<double>(now.tv_sec - st.st_ctim.tv_sec) +
                        (now.tv_nsec - st.st_ctim.tv_nsec) * 1e-9;
-    if (mono_now() > deadline || age > 2.0) {
-      ::close(fd);
+    if (now_monotonic() > deadline || age > 2.0) {
       throw Error(ErrorKind::kValue,
                   "shared memory '" + os + "' is not a torch_shmem stream (" +
                       (file_bytes < kHeaderBytes
@@ -539,29 +496,22 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     usleep(1000);
   }
   const Header* g = reinterpret_cast<const Header*>(geo);
-  try {
-    validate(g, file_bytes, name);  // file_bytes is now bounded by the payload limit
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  void* base = mmap(nullptr, file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  int map_err = errno;
-  ::close(fd);
-  if (base == MAP_FAILED) throw_os("mmap", map_err);
+  validate(g, file_bytes, name);  // file_bytes is now bounded by the payload limit
+  Mapping map(file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+  if (!map.ok()) throw_os("mmap", errno);
+  fd.reset();
+  void* base = map.get();
   Header* h = static_cast<Header*>(base);
   const bool cpu_payload = has_cpu_payload(g->flags);
   if (readonly && cpu_payload && g->payload_bytes > 0) {
     // The header stays writable (waiters and the lock fallback need it);
     // the payload pages are mapped read-only for this handle.
     if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(g->payload_bytes, 4096),
-                 PROT_READ) != 0) {
-      int e = errno;
-      munmap(base, file_bytes);
-      throw_os("mprotect", e);
-    }
+                 PROT_READ) != 0)
+      throw_os("mprotect", errno);
   }
   Stream* s = new Stream();
+  map.release();
   s->name_ = name;
   s->hdr_ = h;
   std::memcpy(s->geo_, geo, kGeometryBytes);
@@ -598,19 +548,18 @@ bool Stream::unlink_name(const std::string& name) {
   // first marked a stream unlinked even when the removal then failed (a
   // user granted write access by mode= but not allowed to remove the file
   // from the sticky /dev/shm).
-  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
   if (shm_unlink(os.c_str()) != 0) {
     int e = errno;
-    if (fd >= 0) ::close(fd);
     if (e == ENOENT) return false;
     throw_os("cannot unlink shared memory '" + os + "'", e);
   }
-  if (fd >= 0) {
+  if (fd.ok()) {
     struct stat st;
-    if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-      void* base = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      if (base != MAP_FAILED) {
-        Header* h = static_cast<Header*>(base);
+    if (fstat(fd.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
+      Mapping map(kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+      if (map.ok()) {
+        Header* h = map.as<Header>();
         if (h->magic.load(std::memory_order_acquire) == kMagic) {
           if (h->flags & kFlagSimDevice) shm_unlink(sim_device_name(name).c_str());
           // Flag first, then bump and wake (the order wait_slice relies
@@ -620,32 +569,28 @@ bool Stream::unlink_name(const std::string& name) {
           h->epoch.fetch_add(1, std::memory_order_seq_cst);
           futex_wake(&h->epoch);
         }
-        munmap(base, kHeaderBytes);
       }
     }
-    ::close(fd);
   }
   return true;
 }
 
 Stream::NameState Stream::name_state(const std::string& name, const uint8_t instance_id[16]) {
   const std::string os = os_name(name);
-  int fd = shm_open(os.c_str(), O_RDONLY | O_CLOEXEC, 0);
-  if (fd < 0) return errno == ENOENT ? NameState::kGone : NameState::kOther;
+  Fd fd(shm_open(os.c_str(), O_RDONLY | O_CLOEXEC, 0));
+  if (!fd.ok()) return errno == ENOENT ? NameState::kGone : NameState::kOther;
   NameState state = NameState::kOther;  // e.g. a creator that has not sized it yet
   struct stat st;
-  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+  if (fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode) &&
       static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-    void* p = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
-    if (p != MAP_FAILED) {
-      const Header* h = static_cast<const Header*>(p);
+    Mapping map(kHeaderBytes, PROT_READ, MAP_SHARED, fd.get());
+    if (map.ok()) {
+      const Header* h = map.as<const Header>();
       if (h->magic.load(std::memory_order_acquire) == kMagic &&
           std::memcmp(h->instance_id, instance_id, 16) == 0)
         state = NameState::kSame;
-      munmap(p, kHeaderBytes);
     }
   }
-  ::close(fd);
   return state;
 }
 
@@ -851,12 +796,8 @@ bool Stream::read_fast(void* dst, Snapshot* snap) const {
   for (;;) {
     uint64_t s1 = hdr_->seq.load(std::memory_order_acquire);
     if (s1 & 1) {
-      if (hdr_->broken.load(std::memory_order_acquire))
-        throw Error(ErrorKind::kInconsistent,
-                    "stream '" + name_ +
-                        "' holds an incomplete write (its writer died or aborted "
-                        "mid-write); the next completed write repairs it");
-      double now = mono_now();
+      if (hdr_->broken.load(std::memory_order_acquire)) throw_torn(name_);
+      double now = now_monotonic();
       if (spin_start < 0) spin_start = now;
       if (now - spin_start > kOddSpinSeconds) return false;
       for (int i = 0; i < 16; ++i) TSHM_CPU_RELAX();
@@ -882,11 +823,7 @@ Snapshot Stream::read_locked(void* dst) const {
   require_cpu_payload(false);
   uint64_t s = hdr_->seq.load(std::memory_order_acquire);
   if (s & 1) {
-    if (hdr_->broken.load(std::memory_order_acquire))
-      throw Error(ErrorKind::kInconsistent,
-                  "stream '" + name_ +
-                      "' holds an incomplete write (its writer died or aborted "
-                      "mid-write); the next completed write repairs it");
+    if (hdr_->broken.load(std::memory_order_acquire)) throw_torn(name_);
     throw Error(ErrorKind::kState, "stream '" + name_ +
                                        "': cannot take a snapshot while this thread "
                                        "has a write in progress");
@@ -938,7 +875,7 @@ bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds, boo
     // after that, yield between polls: on a machine with few cores the
     // writer we wait for may be runnable on this very CPU, and a pure
     // busy-wait would delay it by the whole spin.
-    const double start = mono_now();
+    const double start = now_monotonic();
     const double end = start + spin_seconds;
     const double pure_end = start + (spin_seconds < kPureSpinSeconds ? spin_seconds : kPureSpinSeconds);
     do {
@@ -946,12 +883,12 @@ bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds, boo
         TSHM_CPU_RELAX();
         if (newer()) return true;
       }
-    } while (mono_now() < pure_end);
+    } while (now_monotonic() < pure_end);
     do {
       for (int i = 0; i < 8; ++i) TSHM_CPU_RELAX();
       if (newer()) return true;
       sched_yield();
-    } while (mono_now() < end);
+    } while (now_monotonic() < end);
   }
   if (seconds <= 0) {
     ended();

@@ -36,6 +36,8 @@
 #include <string>
 #include <vector>
 
+#include "dtypes.h"
+
 namespace torch_shmem {
 namespace core {
 
@@ -53,29 +55,6 @@ constexpr const char* kOsPrefix = "/torch_shmem.";
 // Simulated device memory of a kFlagSimDevice stream (tests of the slot
 // protocol without a GPU). Not listed as a stream.
 constexpr const char* kSimDevicePrefix = "/torch_shmem-simdev.";
-
-// Stable dtype codes stored in the header. Never renumber.
-enum DType : uint32_t {
-  kBool = 1,
-  kInt8 = 2,
-  kUInt8 = 3,
-  kInt16 = 4,
-  kUInt16 = 5,
-  kInt32 = 6,
-  kUInt32 = 7,
-  kInt64 = 8,
-  kUInt64 = 9,
-  kFloat16 = 10,
-  kFloat32 = 11,
-  kFloat64 = 12,
-  kComplex64 = 13,
-  kComplex128 = 14,
-  kBFloat16 = 15,  // reserved for GPU streams
-  kDTypeEnd = 16,
-};
-
-// Bytes per element for a dtype code, 0 if the code is unknown.
-uint32_t dtype_itemsize(uint32_t code);
 
 // Header flags.
 constexpr uint32_t kFlagGpu = 1u << 0;        // payload in device slots (slots.h)
@@ -398,6 +377,9 @@ uint64_t geometry_checksum(const Header* h);
 int64_t now_realtime_ns();
 double now_monotonic();
 std::string sim_device_name(const std::string& name);
+// Throws kInconsistent: the payload of stream `name` is torn (its writer
+// died or aborted inside the odd window).
+[[noreturn]] void throw_torn(const std::string& name);
 // Throws Error with the kind that matches errno `err` (ENOENT -> kNotFound...).
 [[noreturn]] void throw_os(const std::string& what, int err);
 

@@ -50,3 +50,27 @@ def test_torch_table_is_keyed_by_the_native_codes():
     from torch_shmem import ops
 
     assert ops._DTYPES == {c: getattr(torch, n) for n, c in STABLE_CODES.items()}
+
+
+def test_handle_results_have_named_fields(name):
+    s = torch_shmem.create(name, shape=(2, 3), dtype="float32")
+    try:
+        s.write(np.ones((2, 3), np.float32), frame_id=7)
+        s.read()
+        h = s._h
+        info, state, stats = h.info(), h.state(), h.read_stats()
+        assert isinstance(info, _core.Info) and isinstance(info, tuple) and len(info) == 8
+        assert (info.dtype_code, info.shape, info.nbytes) == (_core.DTYPES["float32"], (2, 3), 24)
+        assert info.flags == info[3] and info.instance_id == info[5] and len(info.instance_id) == 16
+        assert isinstance(state, _core.State) and len(state) == 8
+        assert (state.seq, state.frame_id, state.broken, state.unlinked) == (2, 7, 0, 0)
+        assert state.write_time_ns == state[1] > 0
+        assert isinstance(stats, _core.ReadStats) and len(stats) == 6
+        assert (stats.last_read_count, stats.missed_writes, stats.last_count) == (1, 0, 1)
+        assert stats.last_frame_id == 7
+        # still plain tuples for index- and unpacking-based callers
+        seq, _, frame_id, broken = state[:4]
+        assert (seq, frame_id, broken) == (2, 7, 0)
+    finally:
+        s.unlink()
+        s.close()

@@ -19,7 +19,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -881,8 +883,75 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// info() -> (dtype_code, shape, nbytes, flags, creator_pid, instance_id,
-//            create_time, mode)
+// Named result types (PyStructSequence: tuples with named fields, so code
+// that indexes or unpacks them keeps working). Field lists are documented
+// in the module docstring.
+PyStructSequence_Field info_fields[] = {
+    {"dtype_code", "header dtype code (see DTYPES)"},
+    {"shape", "tuple of ints"},
+    {"nbytes", "payload bytes"},
+    {"flags", "FLAG_* bits"},
+    {"creator_pid", "pid of the creating process"},
+    {"instance_id", "16 bytes naming this generation of the name"},
+    {"create_time", "creation time, seconds since the epoch"},
+    {"mode", "permission bits"},
+    {nullptr, nullptr}};
+PyStructSequence_Field state_fields[] = {
+    {"seq", "2 * count, odd while a write is in progress"},
+    {"write_time_ns", "time of the latest publication (ns since the epoch)"},
+    {"frame_id", "frame_id of the latest publication"},
+    {"broken", "1 when the payload is torn"},
+    {"unlinked", "1 once the generation was unlinked"},
+    {"owner_pid", "pid of the last lock owner"},
+    {"owner_tid", "thread id of the last lock owner"},
+    {"waiters", "readers parked on the futex"},
+    {nullptr, nullptr}};
+PyStructSequence_Field read_stats_fields[] = {
+    {"last_read_count", "count of the publication this handle read last"},
+    {"missed_writes", "publications skipped by the latest read"},
+    {"total_missed_writes", "publications skipped by all reads"},
+    {"last_count", "count of the latest snapshot's publication"},
+    {"last_write_time_ns", "write time of that publication"},
+    {"last_frame_id", "frame_id of that publication"},
+    {nullptr, nullptr}};
+PyStructSequence_Desc info_desc = {"torch_shmem._core.Info",
+                                   "Identity and geometry of a stream (Handle.info()).",
+                                   info_fields, 8};
+PyStructSequence_Desc state_desc = {"torch_shmem._core.State",
+                                    "Publication and lock state of a stream (Handle.state()).",
+                                    state_fields, 8};
+PyStructSequence_Desc read_stats_desc = {
+    "torch_shmem._core.ReadStats", "This handle's read bookkeeping (Handle.read_stats()).",
+    read_stats_fields, 6};
+PyTypeObject* InfoType = nullptr;
+PyTypeObject* StateType = nullptr;
+PyTypeObject* ReadStatsType = nullptr;
+
+// A new instance of struct sequence type t holding `items` (new
+// references, stolen; any null fails the whole and releases the rest).
+PyObject* struct_of(PyTypeObject* t, std::initializer_list<PyObject*> items) {
+  PyObject* r = PyStructSequence_New(t);
+  bool ok = r != nullptr;
+  Py_ssize_t i = 0;
+  for (PyObject* v : items) {
+    if (v == nullptr) ok = false;
+    if (ok)
+      PyStructSequence_SET_ITEM(r, i++, v);
+    else
+      Py_XDECREF(v);
+  }
+  if (!ok) {
+    Py_XDECREF(r);
+    return nullptr;
+  }
+  return r;
+}
+
+PyObject* u64(uint64_t v) { return PyLong_FromUnsignedLongLong(v); }
+PyObject* i64(int64_t v) { return PyLong_FromLongLong(v); }
+
+// info() -> Info(dtype_code, shape, nbytes, flags, creator_pid, instance_id,
+//                create_time, mode)
 PyObject* H_info(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
@@ -891,24 +960,28 @@ PyObject* H_info(Handle* h, PyObject*) {
   if (shape == nullptr) return nullptr;
   for (int i = 0; i < h->ndim; ++i)
     PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(static_cast<long long>(h->dims[i])));
-  return Py_BuildValue("(INKIiy#dI)", hdr->dtype_code, shape,
-                       static_cast<unsigned long long>(hdr->payload_bytes), hdr->flags,
-                       hdr->creator_pid, reinterpret_cast<const char*>(hdr->instance_id),
-                       static_cast<Py_ssize_t>(16), hdr->create_time_ns * 1e-9, hdr->mode);
+  return struct_of(InfoType,
+                   {PyLong_FromUnsignedLong(hdr->dtype_code), shape, u64(hdr->payload_bytes),
+                    PyLong_FromUnsignedLong(hdr->flags), PyLong_FromLong(hdr->creator_pid),
+                    PyBytes_FromStringAndSize(reinterpret_cast<const char*>(hdr->instance_id), 16),
+                    PyFloat_FromDouble(hdr->create_time_ns * 1e-9),
+                    PyLong_FromUnsignedLong(hdr->mode)});
 }
 
-// state() -> (seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
-//             owner_tid, waiters)
+// state() -> State(seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
+//                  owner_tid, waiters)
 PyObject* H_state(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
   const auto* hdr = h->s->header();
-  return Py_BuildValue(
-      "(KLKIIiiI)", static_cast<unsigned long long>(hdr->seq.load(std::memory_order_acquire)),
-      static_cast<long long>(hdr->write_time_ns.load(std::memory_order_relaxed)),
-      static_cast<unsigned long long>(hdr->frame_id.load(std::memory_order_relaxed)),
-      hdr->broken.load(), hdr->unlinked.load(), hdr->owner_pid.load(), hdr->owner_tid.load(),
-      hdr->waiters.load());
+  return struct_of(StateType, {u64(hdr->seq.load(std::memory_order_acquire)),
+                               i64(hdr->write_time_ns.load(std::memory_order_relaxed)),
+                               u64(hdr->frame_id.load(std::memory_order_relaxed)),
+                               PyLong_FromUnsignedLong(hdr->broken.load()),
+                               PyLong_FromUnsignedLong(hdr->unlinked.load()),
+                               PyLong_FromLong(hdr->owner_pid.load()),
+                               PyLong_FromLong(hdr->owner_tid.load()),
+                               PyLong_FromUnsignedLong(hdr->waiters.load())});
 }
 
 // importers() -> tuple of pids: the live processes other than the creator
@@ -942,16 +1015,13 @@ PyObject* H_seq(Handle* h, PyObject*) {
   return PyLong_FromUnsignedLongLong(h->s->seq());
 }
 
-// read_stats() -> (last_read_count, missed_writes, total_missed_writes,
-//                  last_count, last_write_time_ns, last_frame_id)
+// read_stats() -> ReadStats(last_read_count, missed_writes, total_missed_writes,
+//                           last_count, last_write_time_ns, last_frame_id)
 PyObject* H_read_stats(Handle* h, PyObject*) {
   if (h->closed) return closed_error(h);
-  return Py_BuildValue("(KKKKLK)", static_cast<unsigned long long>(h->last_read_count),
-                       static_cast<unsigned long long>(h->missed_writes),
-                       static_cast<unsigned long long>(h->total_missed_writes),
-                       static_cast<unsigned long long>(h->last.count),
-                       static_cast<long long>(h->last.write_time_ns),
-                       static_cast<unsigned long long>(h->last.frame_id));
+  return struct_of(ReadStatsType, {u64(h->last_read_count), u64(h->missed_writes),
+                                   u64(h->total_missed_writes), u64(h->last.count),
+                                   i64(h->last.write_time_ns), u64(h->last.frame_id)});
 }
 
 // sim_wait_count(n, timeout) -> bool: the host form of a GPU stream's
@@ -1101,8 +1171,18 @@ PyMethodDef module_methods[] = {
      "name_state(name, instance_id) -> 'gone' | 'same' | 'other'"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_core",
-                          "torch_shmem native core (NumPy path, no torch)", -1, module_methods};
+const char module_doc[] =
+    "torch_shmem native core (NumPy path, no torch).\n\n"
+    "Handle results with named fields (struct sequences: still tuples, so\n"
+    "indexing and unpacking work):\n\n"
+    "Handle.info() -> Info(dtype_code, shape, nbytes, flags, creator_pid,\n"
+    "    instance_id, create_time, mode)\n"
+    "Handle.state() -> State(seq, write_time_ns, frame_id, broken, unlinked,\n"
+    "    owner_pid, owner_tid, waiters)\n"
+    "Handle.read_stats() -> ReadStats(last_read_count, missed_writes,\n"
+    "    total_missed_writes, last_count, last_write_time_ns, last_frame_id)\n\n"
+    "DTYPES: {name: header dtype code}, the one dtype table (csrc/core/dtypes.h).";
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_core", module_doc, -1, module_methods};
 
 }  // namespace
 
@@ -1152,6 +1232,16 @@ PyMODINIT_FUNC PyInit__core(void) {
   }
   Py_INCREF(&HandleType);
   PyModule_AddObject(m, "Handle", reinterpret_cast<PyObject*>(&HandleType));
+  for (auto [label, type, desc] :
+       {std::tuple<const char*, PyTypeObject**, PyStructSequence_Desc*>{"Info", &InfoType,
+                                                                        &info_desc},
+        {"State", &StateType, &state_desc},
+        {"ReadStats", &ReadStatsType, &read_stats_desc}}) {
+    *type = PyStructSequence_NewType(desc);
+    if (*type == nullptr) return nullptr;
+    Py_INCREF(*type);
+    if (PyModule_AddObject(m, label, reinterpret_cast<PyObject*>(*type)) != 0) return nullptr;
+  }
   PyModule_AddIntConstant(m, "MAX_DIMS", torch_shmem::core::kMaxDims);
   PyModule_AddIntConstant(m, "MAX_NAME_BYTES", torch_shmem::core::kMaxNameBytes);
   PyModule_AddIntConstant(m, "FLAG_GPU", torch_shmem::core::kFlagGpu);

@@ -285,7 +285,7 @@ std::string Stream::os_name(const std::string& name) {
   return std::string(kOsPrefix) + name;
 }
 
-Stream* Stream::create(const std::string& name, const Geometry& g) {
+Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   const std::string os = os_name(name);
   uint32_t itemsize = dtype_itemsize(g.dtype_code);
   if (itemsize == 0) throw Error(ErrorKind::kValue, "unknown dtype code");
@@ -439,8 +439,8 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     int e = errno;
     // A symbolic link (shm_open never follows one) or a directory (glibc
     // reports EISDIR as EINVAL; the name itself was validated above) holds
-    // the name: not ours, so ValueError like any foreign file (an OSError
-    // here let one planted link break list_streams() for every user).
+    // the name: not ours, so ValueError like any foreign file (never an
+    // OSError, so one planted link cannot break list_streams() for anyone).
     if (e == ELOOP || e == EISDIR || e == EINVAL)
       throw Error(ErrorKind::kValue, "shared memory '" + os + "' is not a torch_shmem stream (" +
                                          (e == ELOOP ? "a symbolic link" : "a directory") + ")");
@@ -454,7 +454,7 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   // The immutable part of the header is copied out once and only the copy
   // is validated and used (see geometry()). Only the header page is mapped
   // until then: a foreign or damaged file's size must not decide how much
-  // address space we map (a 1 PiB sparse file made mmap fail with ENOMEM).
+  // address space we map (a 1 PiB sparse file would make mmap fail).
   alignas(Header) unsigned char geo[sizeof(Header)] = {};
   for (;;) {
     if (fstat(fd.get(), &st) != 0) throw_os("fstat", errno);
@@ -479,8 +479,8 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     }
     // Wait for a creator only while the file is young: a header still
     // missing 2 s after the file last changed was abandoned (its creator
-    // died) or is not ours. Waiting on every such file let anyone slow each
-    // scan of /dev/shm (list_streams, the CLI) by a second per planted file.
+    // died) or is not ours, so a planted file cannot slow each scan of
+    // /dev/shm (list_streams, the CLI) by a second.
     timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     const double age = static_cast<double>(now.tv_sec - st.st_ctim.tv_sec) +
@@ -544,10 +544,10 @@ void Stream::check_lock_kind() const {
 bool Stream::unlink_name(const std::string& name) {
   const std::string os = os_name(name);
   // Hold the current generation open, remove the name, and only then flag
-  // that generation `unlinked` so that open handles can tell. Flagging
-  // first marked a stream unlinked even when the removal then failed (a
-  // user granted write access by mode= but not allowed to remove the file
-  // from the sticky /dev/shm).
+  // that generation `unlinked` so that open handles can tell. The flag is
+  // set only once the removal succeeded: a user granted write access by
+  // mode= but not allowed to remove the file from the sticky /dev/shm
+  // cannot mark a live stream unlinked.
   Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
   if (shm_unlink(os.c_str()) != 0) {
     int e = errno;
@@ -665,10 +665,9 @@ bool Stream::lock_for(double seconds) {
   // A fresh holder that finds seq odd knows that no write is in progress
   // (writers hold the lock for the whole odd window), so the payload is
   // torn: its writer died mid-write (EOWNERDEAD above), released the lock
-  // mid-write, or the header was damaged. Mark it broken so that readers
-  // raise InconsistentStreamError until the next write. Checking only on
-  // EOWNERDEAD left the other two cases reading as a RuntimeError about
-  // "this thread's write in progress" in every process.
+  // mid-write, or the header was damaged. In all three cases it is marked
+  // broken, so that readers raise InconsistentStreamError until the next
+  // write.
   if (hdr_->seq.load(std::memory_order_relaxed) & 1)
     hdr_->broken.store(1, std::memory_order_release);
   hdr_->owner_pid.store(this_pid(), std::memory_order_relaxed);

@@ -42,8 +42,8 @@ namespace torch_shmem {
 namespace core {
 
 constexpr uint64_t kMagic = 0x314D485354484354ULL;  // "TCHTSHM1" little endian
-// 2: geometry_checksum (reliability suite, issue #7). Segments of layout 1
-// are refused with a message naming both versions.
+// 2: adds geometry_checksum. Segments of layout 1 are refused with a
+// message naming both versions.
 constexpr uint32_t kLayoutVersion = 2;
 constexpr uint32_t kMaxDims = 32;
 constexpr uint32_t kMaxNameBytes = 200;
@@ -189,7 +189,9 @@ class Error : public std::runtime_error {
   int errno_;
 };
 
-struct Geometry {
+// What create() is given: the stream's geometry and access mode, and for
+// slotted streams the slot count and the hook that allocates their memory.
+struct CreateOptions {
   uint32_t dtype_code = 0;
   uint32_t ndim = 0;
   int64_t shape[kMaxDims] = {};
@@ -222,7 +224,7 @@ class Stream {
   // Creates a new stream; throws kExists when the name is taken, kNoSpace
   // when /dev/shm cannot hold it (pages are reserved up front, so a full
   // tmpfs fails here and never with SIGBUS later).
-  static Stream* create(const std::string& name, const Geometry& g);
+  static Stream* create(const std::string& name, const CreateOptions& g);
   // Opens an existing stream; throws kNotFound, kPermission, kValue
   // (foreign, truncated or corrupted segment).
   static Stream* open(const std::string& name, bool readonly);

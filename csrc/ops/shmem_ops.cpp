@@ -38,7 +38,9 @@
 #include "../core/session.h"
 #include "../core/slots.h"
 #include "../core/stream.h"
-#include "registry.h"
+#include "entry.h"
+#include "gpu_backend.h"
+#include "mirror_copy.h"
 
 namespace torch_shmem {
 namespace ops {
@@ -364,10 +366,10 @@ void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid
 // Control ops (eager only)
 // ---------------------------------------------------------------------------
 
-at::Tensor create_cpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
+at::Tensor op_create(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
                       int64_t mode) {
   std::string n(name);
-  core::Geometry g;
+  core::CreateOptions g;
   g.dtype_code = to_code(dtype);
   TORCH_CHECK_VALUE(g.dtype_code != 0 && dtype != at::kBFloat16, "shmem::create: stream '", n,
                     "': unsupported dtype ", dtype);
@@ -388,7 +390,7 @@ at::Tensor create_cpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarT
 // open(name, readonly, device): device < 0 attaches a GPU stream to the
 // device it was created on (matched by uuid, so CUDA_VISIBLE_DEVICES may
 // differ between processes).
-at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
+at::Tensor op_open(c10::string_view name, bool readonly, int64_t device) {
   std::string n(name);
   Stream* s = nullptr;
   try {
@@ -425,13 +427,13 @@ at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
   return register_stream(guard.release(), std::move(dev), used);
 }
 
-at::Tensor create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
+at::Tensor op_create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
                       int64_t device, int64_t nslots, bool cpu_mirror, int64_t mode) {
   std::string n(name);
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::create_gpu: stream '", n,
               "': this build of torch_shmem has no CUDA support");
-  core::Geometry g;
+  core::CreateOptions g;
   g.dtype_code = to_code(dtype);
   TORCH_CHECK_VALUE(g.dtype_code != 0, "shmem::create_gpu: stream '", n, "': unsupported dtype ",
                     dtype);
@@ -459,7 +461,7 @@ at::Tensor create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarT
 
 // close(stream): forgets the token; blocked waits on it return with an
 // error; the mapping goes away when the last in-flight call finishes.
-void close_cpu(const at::Tensor& token) {
+void op_close(const at::Tensor& token) {
   check_token(token, "close");
   int64_t id = token.data_ptr<int64_t>()[0];
   std::shared_ptr<Entry> e;
@@ -474,7 +476,7 @@ void close_cpu(const at::Tensor& token) {
   e->stream->wake_all();
 }
 
-bool unlink_cpu(c10::string_view name) {
+bool op_unlink(c10::string_view name) {
   std::string n(name);
   try {
     // A GPU stream's instance, read before the name goes: once it is
@@ -501,7 +503,7 @@ bool unlink_cpu(c10::string_view name) {
 
 // info(stream) -> (name, shape, dtype code of the stream header, CUDA
 // ordinal or -1 for a CPU stream)
-std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> info_cpu(const at::Tensor& token) {
+std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> op_info(const at::Tensor& token) {
   auto e = lookup(token, "info");
   return {e->name, stream_shape(*e->stream),
           static_cast<int64_t>(e->stream->geometry()->dtype_code), static_cast<int64_t>(e->device)};
@@ -569,7 +571,7 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
 // (count % nslots), for consumers that ordered their CUDA stream after it
 // with wait_device; it holds that publication until the writer starts
 // publication count + nslots.
-at::Tensor live_view_cpu(const at::Tensor& token, int64_t count) {
+at::Tensor op_live_view(const at::Tensor& token, int64_t count) {
   auto e = lookup(token, "live_view");
   TORCH_CHECK(e->dev != nullptr, "shmem::live_view: stream '", e->name,
               "' is a CPU stream; use torch_shmem.SharedMemory.read(safe=False)");
@@ -610,7 +612,7 @@ void wait_device_impl(at::Tensor& token, int64_t count) {
   e->dev->park(static_cast<uint64_t>(count));
 }
 
-at::Tensor count_cpu(const at::Tensor& token) {
+at::Tensor op_count(const at::Tensor& token) {
   auto e = lookup(token, "count");
   return at::scalar_tensor(static_cast<int64_t>(e->stream->count()),
                            at::TensorOptions().dtype(at::kLong));
@@ -645,14 +647,14 @@ TORCH_LIBRARY(shmem, m) {
 TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
   // Ops without tensor arguments (or whose stream token is always on the
   // CPU) dispatch here regardless of other tensors' devices.
-  m.impl("create", &create_cpu);
-  m.impl("open", &open_cpu);
-  m.impl("create_gpu", &create_gpu);
-  m.impl("close", &close_cpu);
-  m.impl("unlink", &unlink_cpu);
-  m.impl("info", &info_cpu);
-  m.impl("count", &count_cpu);
-  m.impl("live_view", &live_view_cpu);
+  m.impl("create", &op_create);
+  m.impl("open", &op_open);
+  m.impl("create_gpu", &op_create_gpu);
+  m.impl("close", &op_close);
+  m.impl("unlink", &op_unlink);
+  m.impl("info", &op_info);
+  m.impl("count", &op_count);
+  m.impl("live_view", &op_live_view);
   m.impl("wait_device", &wait_device_impl);
 }
 

@@ -33,7 +33,7 @@ using torch_shmem::core::Blocked;
 using torch_shmem::core::Deadline;
 using torch_shmem::core::Error;
 using torch_shmem::core::ErrorKind;
-using torch_shmem::core::Geometry;
+using torch_shmem::core::CreateOptions;
 using torch_shmem::core::Snapshot;
 using torch_shmem::core::Session;
 using torch_shmem::core::Stream;
@@ -89,7 +89,7 @@ struct Handle {
   // Lock levels taken through acquire() on this handle and not yet released,
   // all threads together (GIL-protected). close() waits for them to drop to
   // zero before unmapping: a lock held by a live thread through an unmapped
-  // handle could never be released again (reliability suite, issue #7).
+  // handle could never be released again.
   long held_levels;
   // read bookkeeping (exact: computed from the count of each snapshot)
   uint64_t last_read_count;
@@ -150,8 +150,8 @@ PyObject* closed_error(Handle* h) {
 // In-flight guard: close() waits for it to drop to zero before unmapping.
 // `finishing` calls (release, commit/abort of a write view, the depth and
 // sequence they consult) are still accepted while close() waits: they end
-// what a thread started, and refusing them left the lock held and the write
-// unfinished whenever another thread was closing the handle.
+// what a thread started; refusing them would leave the lock held and the
+// write unfinished whenever another thread closes the handle.
 struct Guard {
   Handle* h;
   bool ok;
@@ -434,7 +434,7 @@ PyObject* mod_create(PyObject*, PyObject* args) {
   }
   std::string n;
   if (!utf8_name(name, &n)) return nullptr;
-  Geometry g;
+  CreateOptions g;
   g.dtype_code = code;
   g.mode = mode;
   g.flags = flags;

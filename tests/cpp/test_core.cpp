@@ -52,8 +52,8 @@ std::string stream_name(const char* tag) { return g_prefix + tag; }
 
 std::string path_of(const std::string& name) { return "/dev/shm/torch_shmem." + name; }
 
-Geometry geometry_u64(int64_t n) {
-  Geometry g;
+CreateOptions geometry_u64(int64_t n) {
+  CreateOptions g;
   g.dtype_code = kUInt64;
   g.ndim = 1;
   g.shape[0] = n;
@@ -219,7 +219,7 @@ void test_header_fuzz(int iterations, std::mt19937_64& rng) {
   const int64_t shapes[] = {0, 1, 3, 512, 513, 5000};
   int opened = 0, refused = 0;
   for (int it = 0; it < iterations; ++it) {
-    Geometry g = geometry_u64(shapes[it % 6]);
+    CreateOptions g = geometry_u64(shapes[it % 6]);
     if (it % 4 == 1) {
       g.dtype_code = kUInt8;
       g.ndim = 3;
@@ -276,7 +276,7 @@ void test_header_fuzz(int iterations, std::mt19937_64& rng) {
 void test_crafted_headers() {
   const std::string name = stream_name("craft");
   Stream::unlink_name(name);
-  Geometry g;
+  CreateOptions g;
   g.dtype_code = kInt16;
   g.ndim = 1;
   g.shape[0] = 4;
@@ -396,7 +396,7 @@ void test_slots() {
   const std::string name = stream_name("slots");
   Stream::unlink_name(name);
   shm_unlink(sim_device_name(name).c_str());
-  Geometry g = geometry_u64(100);
+  CreateOptions g = geometry_u64(100);
   g.flags = kFlagGpu | kFlagSimDevice | kFlagCpuMirror;
   g.nslots = 3;
   HostSlotMemory* mem = nullptr;

@@ -1,8 +1,10 @@
-// torch_shmem core implementation. See stream.h for the layout and
-// docs/design.md for the state machines.
+// The segment: create, open (validation), unlink and the importer table of
+// one stream. See stream.h for the layout, lock.cpp and seqlock.cpp for the
+// lock and the publication protocol, docs/design.md for the state machines.
 #include "stream.h"
 
 #include "os_handles.h"
+#include "stream_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -22,15 +24,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define TSHM_CPU_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define TSHM_CPU_RELAX() asm volatile("yield" ::: "memory")
-#else
-#define TSHM_CPU_RELAX() ((void)0)
-#endif
-
 namespace torch_shmem {
 namespace core {
 
@@ -44,8 +37,34 @@ std::string errno_text(int err) {
 }
 
 
-// Length of the pause-only phase at the start of a spinning wait.
-constexpr double kPureSpinSeconds = 5e-6;
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+
+}  // namespace
+
+// getpid()/gettid() are real system calls (glibc caches neither), and the
+// lock path needs both; cache them and refresh in a forked child.
+pid_t g_pid = 0;
+std::atomic<int> g_fork_generation{0};
+
+namespace {
+
+void on_fork_child() {
+  g_pid = getpid();
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
+
+struct PidCache {
+  PidCache() {
+    g_pid = getpid();
+    pthread_atfork(nullptr, nullptr, on_fork_child);
+  }
+} g_pid_cache;
+
+}  // namespace
 
 timespec to_timespec(double seconds) {
   if (seconds < 0) seconds = 0;
@@ -71,85 +90,6 @@ void futex_wake(const std::atomic<uint32_t>* addr) {
   syscall(SYS_futex, reinterpret_cast<const uint32_t*>(addr), FUTEX_WAKE, INT_MAX,
           nullptr, nullptr, 0);
 }
-
-// getpid()/gettid() are real system calls (glibc caches neither), and the
-// lock path needs both; cache them and refresh in a forked child.
-pid_t g_pid = 0;
-std::atomic<int> g_fork_generation{0};
-
-void on_fork_child() {
-  g_pid = getpid();
-  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
-}
-
-struct PidCache {
-  PidCache() {
-    g_pid = getpid();
-    pthread_atfork(nullptr, nullptr, on_fork_child);
-  }
-} g_pid_cache;
-
-inline pid_t this_pid() { return g_pid; }
-
-pid_t this_tid() {
-  static thread_local pid_t tid = 0;
-  static thread_local int generation = -1;
-  int gen = g_fork_generation.load(std::memory_order_relaxed);
-  if (generation != gen) {
-    tid = static_cast<pid_t>(syscall(SYS_gettid));
-    generation = gen;
-  }
-  return tid;
-}
-
-uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
-
-bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
-  return __builtin_mul_overflow(a, b, out);
-}
-
-// Copies with the widest loads available; memcpy is already optimal for
-// the sizes that matter, the wrapper only documents that the source may be
-// concurrently modified (seqlock reader), which is why the result is
-// validated by re-reading seq afterwards.
-inline void racy_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
-
-// The lock is a glibc robust, process-shared, error-checking mutex.
-int init_stream_mutex(pthread_mutex_t* m) {
-  pthread_mutexattr_t attr;
-  pthread_mutexattr_init(&attr);
-  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
-  int rc = pthread_mutex_init(m, &attr);
-  pthread_mutexattr_destroy(&attr);
-  return rc;
-}
-
-// The glibc `__kind` of a mutex initialized like the stream's lock. A
-// damaged header can hold any kind, and glibc trusts it: a priority-protect
-// kind ends in an assertion (SIGABRT) inside pthread_mutex_lock, a
-// non-robust one is never released by unlock() (the futex word then holds
-// 1, not the owner's tid). Comparing the kind before every lock operation
-// turns all of these into a ValueError. glibc only, like the re-entrancy
-// test (design.md).
-int reference_lock_kind() {
-  static const int kind = [] {
-    pthread_mutex_t m;
-    init_stream_mutex(&m);
-    int k = m.__data.__kind;
-    pthread_mutex_destroy(&m);
-    return k;
-  }();
-  return kind;
-}
-
-constexpr size_t kGeometryBytes = offsetof(Header, seq);  // immutable part of the header
-
-constexpr int kFastTries = 4;           // full-copy attempts before the lock
-constexpr double kOddSpinSeconds = 20e-6;  // spin on an odd seq before the lock
-
-}  // namespace
 
 uint64_t geometry_checksum(const Header* h) {
   const auto* p = reinterpret_cast<const unsigned char*>(h);
@@ -532,15 +472,6 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   return s;
 }
 
-void Stream::check_lock_kind() const {
-  int kind = __atomic_load_n(&hdr_->mutex.__data.__kind, __ATOMIC_RELAXED);
-  if (kind != reference_lock_kind())
-    throw Error(ErrorKind::kValue, "stream '" + name_ + "': its lock is corrupted (mutex kind " +
-                                       std::to_string(kind) + ", expected " +
-                                       std::to_string(reference_lock_kind()) +
-                                       "); remove the stream and create it again");
-}
-
 bool Stream::unlink_name(const std::string& name) {
   const std::string os = os_name(name);
   // Hold the current generation open, remove the name, and only then flag
@@ -602,318 +533,6 @@ void Stream::unmap() {
     hdr_ = nullptr;
     payload_ = nullptr;
   }
-}
-
-// ---------------------------------------------------------------------------
-// Lock
-//
-// State machine of the shared mutex (robust, process-shared):
-//   FREE --lock--> HELD(pid,tid) --unlock--> FREE
-//   HELD --owner thread/process dies--> OWNER_DIED (kernel, robust list)
-//   OWNER_DIED --next lock returns EOWNERDEAD--> HELD(new owner), after
-//     pthread_mutex_consistent and, if the dead owner left seq odd, the
-//     stream is marked broken (the payload is torn; readers raise
-//     InconsistentStreamError until the next completed write).
-// The kernel clears the dead owner's tid from the futex word itself, so a
-// recycled pid/tid can never look like the owner.
-// ---------------------------------------------------------------------------
-
-// The futex word of a glibc robust mutex holds the owner's tid (the kernel
-// reads it to mark OWNER_DIED when that thread dies, clearing the tid).
-// Reading it is the authoritative "does this thread hold the lock" test;
-// owner_pid guards against equal tids in another pid namespace.
-bool Stream::held_by_this_thread() const {
-  const int* word = reinterpret_cast<const int*>(&hdr_->mutex);
-  int v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-  return (v & FUTEX_TID_MASK) == this_tid() &&
-         hdr_->owner_pid.load(std::memory_order_relaxed) == this_pid();
-}
-
-int Stream::held_depth() const {
-  return held_by_this_thread() ? hdr_->owner_depth.load(std::memory_order_relaxed) : 0;
-}
-
-bool Stream::lock_for(double seconds) {
-  if (held_by_this_thread()) {
-    hdr_->owner_depth.fetch_add(1, std::memory_order_relaxed);
-    return true;
-  }
-  check_lock_kind();
-  int rc = pthread_mutex_trylock(&hdr_->mutex);
-  if (rc == EBUSY && seconds > 0) {
-    timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    timespec add = to_timespec(seconds);
-    timespec abs{now.tv_sec + add.tv_sec, now.tv_nsec + add.tv_nsec};
-    if (abs.tv_nsec >= 1000000000L) {
-      abs.tv_sec += 1;
-      abs.tv_nsec -= 1000000000L;
-    }
-    rc = pthread_mutex_clocklock(&hdr_->mutex, CLOCK_MONOTONIC, &abs);
-  }
-  if (rc == EBUSY || rc == ETIMEDOUT) return false;
-  if (rc == EOWNERDEAD) {
-    // The previous owner died holding the lock (possibly mid-write; see
-    // below).
-    pthread_mutex_consistent(&hdr_->mutex);
-    recovered_ = true;
-    rc = 0;
-  }
-  if (rc == ENOTRECOVERABLE)
-    throw Error(ErrorKind::kState, "the lock of stream '" + name_ + "' is not recoverable");
-  if (rc != 0) throw_os("lock of stream '" + name_ + "'", rc);
-  // A fresh holder that finds seq odd knows that no write is in progress
-  // (writers hold the lock for the whole odd window), so the payload is
-  // torn: its writer died mid-write (EOWNERDEAD above), released the lock
-  // mid-write, or the header was damaged. In all three cases it is marked
-  // broken, so that readers raise InconsistentStreamError until the next
-  // write.
-  if (hdr_->seq.load(std::memory_order_relaxed) & 1)
-    hdr_->broken.store(1, std::memory_order_release);
-  hdr_->owner_pid.store(this_pid(), std::memory_order_relaxed);
-  hdr_->owner_tid.store(this_tid(), std::memory_order_relaxed);
-  hdr_->owner_depth.store(1, std::memory_order_relaxed);
-  return true;
-}
-
-void Stream::unlock() {
-  if (!held_by_this_thread())
-    throw Error(ErrorKind::kState,
-                "cannot release the lock of stream '" + name_ +
-                    "': this thread does not hold it (the lock is unlocked for this thread; "
-                    "each release() must match an acquire())");
-  if (hdr_->owner_depth.fetch_sub(1, std::memory_order_relaxed) > 1) return;
-  check_lock_kind();  // glibc would assert on a damaged kind
-  hdr_->owner_pid.store(0, std::memory_order_relaxed);
-  hdr_->owner_tid.store(0, std::memory_order_relaxed);
-  pthread_mutex_unlock(&hdr_->mutex);
-}
-
-// ---------------------------------------------------------------------------
-// Publication (seqlock writer). Caller holds the lock, so seq only changes
-// here. Ordering:
-//   seq <- odd (relaxed) ; fence(release)     -- seq odd is visible before
-//                                                 any payload byte changes
-//   payload, write_time, frame_id stores
-//   seq <- even (release)                      -- payload visible before even
-//   epoch += 1 (seq_cst) ; if waiters: wake     -- Dekker pair with wait_slice
-// ---------------------------------------------------------------------------
-
-void Stream::begin_locked() {
-  uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
-  if ((s & 1) == 0) {
-    hdr_->seq.store(s + 1, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
-  }
-  // An odd seq here means a dead or aborted writer left a torn payload;
-  // it stays odd and this write repairs it.
-}
-
-uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
-  uint64_t s = hdr_->seq.load(std::memory_order_relaxed);  // odd
-  hdr_->write_time_ns.store(now_realtime_ns(), std::memory_order_relaxed);
-  if (has_frame_id) hdr_->frame_id.store(frame_id, std::memory_order_relaxed);
-  hdr_->broken.store(0, std::memory_order_relaxed);
-  hdr_->seq.store(s + 1, std::memory_order_release);
-  hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
-  if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
-  return (s + 1) >> 1;
-}
-
-void Stream::require_cpu_payload(bool writing) const {
-  if (geometry()->flags & kFlagGpu) {  // the validated copy, never the shared header
-    if (writing)
-      throw Error(ErrorKind::kState, "stream '" + name_ +
-                                         "' is a GPU stream: write to it through a GPU "
-                                         "attachment (torch_shmem.open('" + name_ +
-                                         "', gpu_device='cuda:N'))");
-    if (payload_ == nullptr)
-      throw Error(ErrorKind::kState, "stream '" + name_ +
-                                         "' is a GPU stream without a CPU mirror: attach to "
-                                         "it with torch_shmem.open('" + name_ +
-                                         "', gpu_device='cuda:N') to read it");
-  }
-}
-
-uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
-  require_cpu_payload(true);
-  begin_locked();
-  std::memcpy(payload_, src, payload_bytes_);
-  return publish_locked(has_frame_id, frame_id);
-}
-
-uint64_t Stream::clear_locked() {
-  require_cpu_payload(true);
-  begin_locked();
-  std::memset(payload_, 0, payload_bytes_);
-  return publish_locked(false, 0);
-}
-
-void Stream::begin_write_locked() { begin_locked(); }
-
-void Stream::begin_write_locked_at(uint64_t c) {
-  const uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
-  if (c == (s >> 1) + 1) {  // the usual case: the next count (odd s: a torn write's)
-    begin_locked();
-    return;
-  }
-  if (c <= (s >> 1))
-    throw Error(ErrorKind::kState, "stream '" + name_ + "': publication " + std::to_string(c) +
-                                       " is not past count " + std::to_string(s >> 1));
-  // Skipping counts: seq odd as in begin_locked (release fence before any
-  // byte of the host window changes).
-  hdr_->seq.store(2 * c - 1, std::memory_order_relaxed);
-  std::atomic_thread_fence(std::memory_order_release);
-}
-
-uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
-  return publish_locked(has_frame_id, frame_id);
-}
-
-void Stream::abort_write_locked() {
-  // seq stays odd: the payload may be partially written.
-  hdr_->broken.store(1, std::memory_order_release);
-  hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
-  if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
-}
-
-// ---------------------------------------------------------------------------
-// Snapshot (seqlock reader):
-//   s1 <- seq (acquire); odd -> writer active (spin briefly) or broken
-//   copy payload, load write_time/frame_id (relaxed)
-//   fence(acquire); s2 <- seq (relaxed)    -- copy happens-before the re-load
-//   s1 == s2 -> the copy is exactly the write that produced s1
-// After kFastTries changed-under-us copies, or kOddSpinSeconds of odd seq,
-// the reader takes the lock: that bounds its work and guarantees progress
-// against a writer that never pauses.
-// ---------------------------------------------------------------------------
-
-bool Stream::read_fast(void* dst, Snapshot* snap) const {
-  require_cpu_payload(false);
-  double spin_start = -1;
-  int tries = 0;
-  for (;;) {
-    uint64_t s1 = hdr_->seq.load(std::memory_order_acquire);
-    if (s1 & 1) {
-      if (hdr_->broken.load(std::memory_order_acquire)) throw_torn(name_);
-      double now = now_monotonic();
-      if (spin_start < 0) spin_start = now;
-      if (now - spin_start > kOddSpinSeconds) return false;
-      for (int i = 0; i < 16; ++i) TSHM_CPU_RELAX();
-      continue;
-    }
-    racy_copy(dst, payload_, payload_bytes_);
-    int64_t t = hdr_->write_time_ns.load(std::memory_order_relaxed);
-    uint64_t fid = hdr_->frame_id.load(std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_acquire);
-    uint64_t s2 = hdr_->seq.load(std::memory_order_relaxed);
-    if (s1 == s2) {
-      snap->seq = s1;
-      snap->count = s1 >> 1;
-      snap->write_time_ns = t;
-      snap->frame_id = fid;
-      return true;
-    }
-    if (++tries >= kFastTries) return false;
-  }
-}
-
-Snapshot Stream::read_locked(void* dst) const {
-  require_cpu_payload(false);
-  uint64_t s = hdr_->seq.load(std::memory_order_acquire);
-  if (s & 1) {
-    if (hdr_->broken.load(std::memory_order_acquire)) throw_torn(name_);
-    throw Error(ErrorKind::kState, "stream '" + name_ +
-                                       "': cannot take a snapshot while this thread "
-                                       "has a write in progress");
-  }
-  std::memcpy(dst, payload_, payload_bytes_);
-  Snapshot snap;
-  snap.seq = s;
-  snap.count = s >> 1;
-  snap.write_time_ns = hdr_->write_time_ns.load(std::memory_order_relaxed);
-  snap.frame_id = hdr_->frame_id.load(std::memory_order_relaxed);
-  return snap;
-}
-
-// ---------------------------------------------------------------------------
-// Waiting. Reader side of the Dekker pair with publish_locked:
-//   e <- epoch (acquire); check count
-//   waiters += 1 (seq_cst); re-check count (seq_cst)
-//   futex_wait(epoch, e)   -- returns at once if a publication bumped epoch
-// Either the writer sees waiters > 0 and wakes, or the reader sees the new
-// seq/epoch; a wake can never be lost.
-//
-// Unlink (unlink_name) stores unlinked = 1 (release), then bumps epoch
-// (seq_cst) and wakes every parked reader unconditionally. A reader that
-// loaded e after that bump also sees the flag (acquire on epoch); one that
-// loaded e before it finds epoch != e in futex_wait or is woken, and
-// re-reads epoch (acquire) before looking at the flag again. So a reader
-// that checks the flag after loading e never sleeps through an unlink.
-// ---------------------------------------------------------------------------
-
-bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds, bool* gone) const {
-  // count (= seq / 2) moved past `after`
-  auto newer = [&](std::memory_order mo = std::memory_order_acquire) {
-    return (hdr_->seq.load(mo) >> 1) > after;
-  };
-  // The generation was unlinked and nothing newer than `after` is there.
-  auto ended = [&] {
-    if (gone == nullptr || hdr_->unlinked.load(std::memory_order_acquire) == 0) return false;
-    if (newer()) return false;
-    *gone = true;
-    return true;
-  };
-  if (gone != nullptr) *gone = false;
-  if (newer()) return true;
-  if (ended()) return false;
-  if (spin_seconds > 0) {
-    // Spin briefly for microsecond wake-ups. The first few microseconds
-    // poll with pause only (a sched_yield costs ~0.7 us, which would be
-    // most of a handoff's latency when the writer runs on another CPU);
-    // after that, yield between polls: on a machine with few cores the
-    // writer we wait for may be runnable on this very CPU, and a pure
-    // busy-wait would delay it by the whole spin.
-    const double start = now_monotonic();
-    const double end = start + spin_seconds;
-    const double pure_end = start + (spin_seconds < kPureSpinSeconds ? spin_seconds : kPureSpinSeconds);
-    do {
-      for (int i = 0; i < 16; ++i) {
-        TSHM_CPU_RELAX();
-        if (newer()) return true;
-      }
-    } while (now_monotonic() < pure_end);
-    do {
-      for (int i = 0; i < 8; ++i) TSHM_CPU_RELAX();
-      if (newer()) return true;
-      sched_yield();
-    } while (now_monotonic() < end);
-  }
-  if (seconds <= 0) {
-    ended();
-    return false;
-  }
-  uint32_t e = hdr_->epoch.load(std::memory_order_acquire);
-  if (newer()) return true;
-  if (ended()) return false;  // after loading e: see the comment above
-  auto* waiters = const_cast<std::atomic<uint32_t>*>(&hdr_->waiters);
-  waiters->fetch_add(1, std::memory_order_seq_cst);
-  if (newer(std::memory_order_seq_cst)) {  // Dekker pair with publish_locked
-    waiters->fetch_sub(1, std::memory_order_seq_cst);
-    return true;
-  }
-  futex_wait(&hdr_->epoch, e, seconds);
-  waiters->fetch_sub(1, std::memory_order_seq_cst);
-  (void)hdr_->epoch.load(std::memory_order_acquire);
-  if (newer()) return true;
-  ended();
-  return false;
-}
-
-void Stream::wake_all() const {
-  auto* epoch = const_cast<std::atomic<uint32_t>*>(&hdr_->epoch);
-  epoch->fetch_add(1, std::memory_order_seq_cst);
-  futex_wake(epoch);
 }
 
 }  // namespace core

@@ -216,9 +216,9 @@ struct Snapshot {
 // unmap() must only run when no other method is in flight on this object
 // (the binding guarantees it with an in-flight counter).
 //
-// Blocking is done in bounded slices (lock_for, wait_slice) so that the
-// binding can drop the GIL for one slice, then check signals, deadlines and
-// close() requests between slices.
+// Blocking is done in bounded slices (lock_for, wait_slice); Session
+// (session.h) loops over them up to a deadline and calls the binding's
+// hook between slices (signals, close() requests).
 class Stream {
  public:
   // Creates a new stream; throws kExists when the name is taken, kNoSpace

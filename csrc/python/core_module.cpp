@@ -660,6 +660,14 @@ PyObject* H_read_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   return read_result<kPub>(h, result);
 }
 
+// `after` of the waiting calls: a count, or < 0 for the count now.
+bool parse_after(Handle* h, PyObject* obj, uint64_t* out) {
+  long long v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) return false;
+  *out = v < 0 ? h->s->count() : static_cast<uint64_t>(v);
+  return true;
+}
+
 // read_after(after, out=None, timeout=None) -> ndarray: blocks until
 // count > after (level-triggered), then takes a snapshot. after=-1 means
 // "the count at entry" (read_new's edge-triggered semantics).
@@ -672,9 +680,8 @@ PyObject* H_read_after_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) 
   }
   Guard g(h);
   if (!g.ok) return nullptr;
-  long long after_in = PyLong_AsLongLong(args[0]);
-  if (after_in == -1 && PyErr_Occurred()) return nullptr;
-  uint64_t after = after_in < 0 ? h->s->count() : static_cast<uint64_t>(after_in);
+  uint64_t after;
+  if (!parse_after(h, args[0], &after)) return nullptr;
   PyObject* out = nargs >= 2 ? args[1] : Py_None;
   double timeout = -1;
   if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
@@ -734,9 +741,8 @@ PyObject* H_wait_for_count(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   }
   Guard g(h);
   if (!g.ok) return nullptr;
-  long long after_in = PyLong_AsLongLong(args[0]);
-  if (after_in == -1 && PyErr_Occurred()) return nullptr;
-  uint64_t after = after_in < 0 ? h->s->count() : static_cast<uint64_t>(after_in);
+  uint64_t after;
+  if (!parse_after(h, args[0], &after)) return nullptr;
   double timeout = -1;
   if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
   if (!wait_after(h, after, Deadline::after(timeout), "wait_for_count")) return nullptr;

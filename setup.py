@@ -39,8 +39,11 @@ OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
 WARN = ["-Wall", "-Wextra", "-Wno-missing-field-initializers"]
 # The NumPy binding is plain C++17; the torch library uses the standard
 # torch.utils.cpp_extension picks for the installed torch (C++20 for recent ones).
+# Both export nothing but their module init function (PyMODINIT_FUNC), so the
+# core's symbols in one module never interpose on the other's.
 CORE_FLAGS = ["-std=c++17", "-fvisibility=hidden"] + WARN + OPT
-OPS_FLAGS = WARN + ["-Wno-unused-parameter"] + OPT
+OPS_FLAGS = ["-fvisibility=hidden"] + WARN + ["-Wno-unused-parameter"] + OPT
+NVCC_FLAGS = ["-Xcompiler", "-fvisibility=hidden"] + OPT
 
 
 def rel(pattern):
@@ -100,7 +103,7 @@ if ops_sources:
         name="torch_shmem._C",
         sources=rel("csrc/core/*.cpp") + ops_sources + cuda_sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": OPS_FLAGS + defines, "nvcc": OPT + defines},
+        extra_compile_args={"cxx": OPS_FLAGS + defines, "nvcc": NVCC_FLAGS + defines},
         libraries=["rt"],
         py_limited_api=False,
     )

@@ -1,9 +1,10 @@
 """Build script for torch_shmem.
 
-Two native modules:
+The C++ core (csrc/core) is compiled once, into a static library linked
+into both native modules:
 
-* ``torch_shmem._core``: the C++ core (csrc/core) plus its CPython/NumPy
-  binding (csrc/python). It links neither torch nor CUDA, so ``import
+* ``torch_shmem._core``: the core plus its CPython/NumPy binding
+  (csrc/python). It links neither torch nor CUDA, so ``import
   torch_shmem`` stays cheap and never loads libtorch.
 * ``torch_shmem._C``: the ``torch.ops.shmem`` library (csrc/ops, plus
   csrc/cuda when a CUDA toolkit matching torch is present), built with
@@ -39,8 +40,11 @@ OPT = ["-O0", "-g"] if DEBUG else ["-O3", "-DNDEBUG"]
 WARN = ["-Wall", "-Wextra", "-Wno-missing-field-initializers"]
 # The NumPy binding is plain C++17; the torch library uses the standard
 # torch.utils.cpp_extension picks for the installed torch (C++20 for recent ones).
+# Both export nothing but their module init function (PyMODINIT_FUNC), so the
+# core's symbols in one module never interpose on the other's.
 CORE_FLAGS = ["-std=c++17", "-fvisibility=hidden"] + WARN + OPT
-OPS_FLAGS = WARN + ["-Wno-unused-parameter"] + OPT
+OPS_FLAGS = ["-fvisibility=hidden"] + WARN + ["-Wno-unused-parameter"] + OPT
+NVCC_FLAGS = ["-Xcompiler", "-fvisibility=hidden"] + OPT
 
 
 def rel(pattern):
@@ -73,9 +77,26 @@ def cuda_decision():
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
 
 
+# The core, compiled once (position-independent, hidden visibility: linked
+# into each module, exported by neither). Each module depends on the core's
+# files so that a change to them relinks it.
+CORE_LIB = (
+    "torch_shmem_core",
+    {
+        "sources": rel("csrc/core/*.cpp"),
+        "include_dirs": [os.path.join(HERE, "csrc")],
+        "cflags": ["-fPIC"] + CORE_FLAGS,
+        # setuptools' build_clib recompiles a source only when it or these
+        # files are newer than its object: every core header, for all.
+        "obj_deps": {"": rel("csrc/core/*.h")},
+    },
+)
+CORE_DEPENDS = rel("csrc/core/*")
+
 core = Extension(
     "torch_shmem._core",
-    sources=rel("csrc/core/*.cpp") + rel("csrc/python/*.cpp"),
+    sources=rel("csrc/python/*.cpp"),
+    depends=CORE_DEPENDS,
     include_dirs=[np.get_include(), os.path.join(HERE, "csrc")],
     extra_compile_args=CORE_FLAGS,
     libraries=["rt", "pthread"],
@@ -101,15 +122,32 @@ elif ops_sources:
     defines = ["-DTORCH_SHMEM_WITH_CUDA"] if cuda_sources else []
     common = dict(
         name="torch_shmem._C",
-        sources=rel("csrc/core/*.cpp") + ops_sources + cuda_sources,
+        sources=ops_sources + cuda_sources,
+        depends=CORE_DEPENDS,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": OPS_FLAGS + defines, "nvcc": OPT + defines},
+        extra_compile_args={"cxx": OPS_FLAGS + defines, "nvcc": NVCC_FLAGS + defines},
         libraries=["rt"],
         py_limited_api=False,
     )
     ext_modules.append(CUDAExtension(**common) if cuda_sources else CppExtension(**common))
 
+if torch is None:
+    from setuptools.command.build_ext import build_ext as _BuildExtBase
+else:
+    _BuildExtBase = BuildExtension.with_options(use_ninja=True)
+
+
+class BuildExt(_BuildExtBase):
+    """build_ext that first builds the core library (a plain ``build_ext``,
+    e.g. ``--inplace``, would otherwise skip build_clib)."""
+
+    def run(self):
+        self.run_command("build_clib")
+        super().run()
+
+
 setup(
+    libraries=[CORE_LIB],
     ext_modules=ext_modules,
-    cmdclass={} if torch is None else {"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
 )

@@ -1,25 +1,25 @@
-"""Dtype codes stored in a stream's header (stable; never renumber)."""
+"""Dtype codes stored in a stream's header, as the native table defines them
+(csrc/core/dtypes.h, exported as ``_core.DTYPES``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-_CODES = {
-    np.dtype(np.bool_): 1,
-    np.dtype(np.int8): 2,
-    np.dtype(np.uint8): 3,
-    np.dtype(np.int16): 4,
-    np.dtype(np.uint16): 5,
-    np.dtype(np.int32): 6,
-    np.dtype(np.uint32): 7,
-    np.dtype(np.int64): 8,
-    np.dtype(np.uint64): 9,
-    np.dtype(np.float16): 10,
-    np.dtype(np.float32): 11,
-    np.dtype(np.float64): 12,
-    np.dtype(np.complex64): 13,
-    np.dtype(np.complex128): 14,
-}
+from . import _core
+
+
+def _numpy_codes() -> dict:
+    """{NumPy dtype: header code} for the dtypes of the native table that NumPy has."""
+    codes = {}
+    for dtype_name, code in _core.DTYPES.items():
+        try:
+            codes[np.dtype(dtype_name)] = code
+        except TypeError:  # bfloat16: GPU streams only
+            continue
+    return codes
+
+
+_CODES = _numpy_codes()
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 
 SUPPORTED_DTYPES = frozenset(_CODES)

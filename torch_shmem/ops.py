@@ -27,6 +27,7 @@ import torch
 import torch_shmem_autoload as _loader
 
 from . import _C  # noqa: F401  (registers torch.ops.shmem)
+from . import _core
 
 _loader.load()  # the Python kernels: fake kernels, shmem::mirror_copy (idempotent)
 
@@ -46,23 +47,10 @@ __all__ = [
     "wait_read_into",
 ]
 
-# header dtype code -> torch dtype (csrc/core/stream.h, DType)
-_DTYPES = {
-    1: torch.bool,
-    2: torch.int8,
-    3: torch.uint8,
-    4: torch.int16,
-    5: torch.uint16,
-    6: torch.int32,
-    7: torch.uint32,
-    8: torch.int64,
-    9: torch.uint64,
-    10: torch.float16,
-    11: torch.float32,
-    12: torch.float64,
-    13: torch.complex64,
-    14: torch.complex128,
-}
+# header dtype code -> torch dtype, keyed by the codes of the native dtype
+# table (csrc/core/dtypes.h, exported as _core.DTYPES by name); bfloat16 is
+# for GPU streams only.
+_DTYPES = {code: getattr(torch, dtype_name) for dtype_name, code in _core.DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -84,8 +72,6 @@ class Stream:
     def last_count(self) -> int:
         return int(self.token[3])
 
-
-_DTYPES[15] = torch.bfloat16  # GPU streams only
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 # torch's own lazy form of torch.compiler.disable: a function of a module that

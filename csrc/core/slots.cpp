@@ -1,6 +1,8 @@
 // Slotted publication protocol (see slots.h) and its host-memory backend.
 #include "slots.h"
 
+#include "os_handles.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
@@ -25,13 +27,6 @@ std::atomic<uint64_t>* word(uint8_t* base, uint64_t offset) {
   return reinterpret_cast<std::atomic<uint64_t>*>(base + offset);
 }
 
-[[noreturn]] void throw_torn(const Stream& s) {
-  throw Error(ErrorKind::kInconsistent,
-              "stream '" + s.name() +
-                  "' holds an incomplete write (its writer died or aborted mid-write); "
-                  "the next completed write repairs it");
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------
@@ -40,22 +35,18 @@ std::atomic<uint64_t>* word(uint8_t* base, uint64_t offset) {
 
 HostSlotMemory* HostSlotMemory::create(const std::string& name, uint64_t bytes, uint32_t mode) {
   const std::string os = sim_device_name(name);
-  int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) throw_os("cannot create simulated device memory '" + os + "'", errno);
-  auto fail = [&](const char* what, int err) {
-    ::close(fd);
-    shm_unlink(os.c_str());
-    throw_os(what, err);
-  };
-  if (fchmod(fd, mode & 0777) != 0) fail("fchmod", errno);
-  if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) fail("ftruncate", errno);
-  int err = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
-  if (err != 0) fail("cannot reserve simulated device memory", err);
-  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  if (base == MAP_FAILED) fail("mmap", errno);
-  ::close(fd);
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd.ok()) throw_os("cannot create simulated device memory '" + os + "'", errno);
+  CreatedName created(os);  // removed again if anything below throws
+  if (fchmod(fd.get(), mode & 0777) != 0) throw_os("fchmod", errno);
+  if (ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0) throw_os("ftruncate", errno);
+  int err = posix_fallocate(fd.get(), 0, static_cast<off_t>(bytes));
+  if (err != 0) throw_os("cannot reserve simulated device memory", err);
+  Mapping map(bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+  if (!map.ok()) throw_os("mmap", errno);
   auto* m = new HostSlotMemory();
-  m->base_ = static_cast<uint8_t*>(base);
+  created.keep();
+  m->base_ = static_cast<uint8_t*>(map.release());
   m->bytes_ = bytes;
   return m;
 }
@@ -63,19 +54,16 @@ HostSlotMemory* HostSlotMemory::create(const std::string& name, uint64_t bytes, 
 HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes,
                                      const uint8_t instance_id[16]) {
   const std::string os = sim_device_name(name);
-  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) throw_os("cannot open simulated device memory '" + os + "'", errno);
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd.ok()) throw_os("cannot open simulated device memory '" + os + "'", errno);
   struct stat st;
-  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes) {
-    ::close(fd);
+  if (fstat(fd.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) != bytes)
     throw Error(ErrorKind::kValue, "simulated device memory '" + os + "' has the wrong size");
-  }
-  void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  int e = errno;
-  ::close(fd);
-  if (base == MAP_FAILED) throw_os("mmap", e);
+  Mapping map(bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+  if (!map.ok()) throw_os("mmap", errno);
+  fd.reset();
   auto* m = new HostSlotMemory();
-  m->base_ = static_cast<uint8_t*>(base);
+  m->base_ = static_cast<uint8_t*>(map.release());
   m->bytes_ = bytes;
   m->pin_ = HeaderPin::open(name, instance_id);
   if (m->pin_ != nullptr) {
@@ -232,7 +220,7 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
   for (;;) {
     uint64_t s1 = h->seq.load(std::memory_order_acquire);
     if (s1 & 1) {  // host metadata (and mirror) window of a writer
-      if (h->broken.load(std::memory_order_acquire)) throw_torn(s);
+      if (h->broken.load(std::memory_order_acquire)) throw_torn(s.name());
       double now = now_monotonic();
       if (spin_start < 0) spin_start = now;
       if (now - spin_start > kOddSpinSeconds) return false;
@@ -259,11 +247,11 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
 Snapshot slot_read_locked(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device) {
   const Header* h = s.header();
   uint64_t s1 = h->seq.load(std::memory_order_acquire);
-  if (s1 & 1) throw_torn(s);  // no writer can be active while we hold the lock
+  if (s1 & 1) throw_torn(s.name());  // no writer can be active while we hold the lock
   uint32_t k = h->latest_slot.load(std::memory_order_relaxed);
   if (k >= s.geometry()->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
   const uint64_t c = s1 >> 1;
-  if (m.copy_out_then_gen(k, dst, dst_on_device) != 2 * c) throw_torn(s);
+  if (m.copy_out_then_gen(k, dst, dst_on_device) != 2 * c) throw_torn(s.name());
   Snapshot snap;
   snap.seq = s1;
   snap.count = c;

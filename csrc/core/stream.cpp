@@ -1,6 +1,10 @@
-// torch_shmem core implementation. See stream.h for the layout and
-// docs/design.md for the state machines.
+// The segment: create, open (validation), unlink and the importer table of
+// one stream. See stream.h for the layout, lock.cpp and seqlock.cpp for the
+// lock and the publication protocol, docs/design.md for the state machines.
 #include "stream.h"
+
+#include "os_handles.h"
+#include "stream_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -20,15 +24,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define TSHM_CPU_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define TSHM_CPU_RELAX() asm volatile("yield" ::: "memory")
-#else
-#define TSHM_CPU_RELAX() ((void)0)
-#endif
-
 namespace torch_shmem {
 namespace core {
 
@@ -41,10 +36,35 @@ std::string errno_text(int err) {
   return std::string(s);
 }
 
-double mono_now() { return now_monotonic(); }
 
-// Length of the pause-only phase at the start of a spinning wait.
-constexpr double kPureSpinSeconds = 5e-6;
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
+
+}  // namespace
+
+// getpid()/gettid() are real system calls (glibc caches neither), and the
+// lock path needs both; cache them and refresh in a forked child.
+pid_t g_pid = 0;
+std::atomic<int> g_fork_generation{0};
+
+namespace {
+
+void on_fork_child() {
+  g_pid = getpid();
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
+
+struct PidCache {
+  PidCache() {
+    g_pid = getpid();
+    pthread_atfork(nullptr, nullptr, on_fork_child);
+  }
+} g_pid_cache;
+
+}  // namespace
 
 timespec to_timespec(double seconds) {
   if (seconds < 0) seconds = 0;
@@ -71,85 +91,6 @@ void futex_wake(const std::atomic<uint32_t>* addr) {
           nullptr, nullptr, 0);
 }
 
-// getpid()/gettid() are real system calls (glibc caches neither), and the
-// lock path needs both; cache them and refresh in a forked child.
-pid_t g_pid = 0;
-std::atomic<int> g_fork_generation{0};
-
-void on_fork_child() {
-  g_pid = getpid();
-  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
-}
-
-struct PidCache {
-  PidCache() {
-    g_pid = getpid();
-    pthread_atfork(nullptr, nullptr, on_fork_child);
-  }
-} g_pid_cache;
-
-inline pid_t this_pid() { return g_pid; }
-
-pid_t this_tid() {
-  static thread_local pid_t tid = 0;
-  static thread_local int generation = -1;
-  int gen = g_fork_generation.load(std::memory_order_relaxed);
-  if (generation != gen) {
-    tid = static_cast<pid_t>(syscall(SYS_gettid));
-    generation = gen;
-  }
-  return tid;
-}
-
-uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
-
-bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) {
-  return __builtin_mul_overflow(a, b, out);
-}
-
-// Copies with the widest loads available; memcpy is already optimal for
-// the sizes that matter, the wrapper only documents that the source may be
-// concurrently modified (seqlock reader), which is why the result is
-// validated by re-reading seq afterwards.
-inline void racy_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
-
-// The lock is a glibc robust, process-shared, error-checking mutex.
-int init_stream_mutex(pthread_mutex_t* m) {
-  pthread_mutexattr_t attr;
-  pthread_mutexattr_init(&attr);
-  pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-  pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-  pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
-  int rc = pthread_mutex_init(m, &attr);
-  pthread_mutexattr_destroy(&attr);
-  return rc;
-}
-
-// The glibc `__kind` of a mutex initialized like the stream's lock. A
-// damaged header can hold any kind, and glibc trusts it: a priority-protect
-// kind ends in an assertion (SIGABRT) inside pthread_mutex_lock, a
-// non-robust one is never released by unlock() (the futex word then holds
-// 1, not the owner's tid). Comparing the kind before every lock operation
-// turns all of these into a ValueError. glibc only, like the re-entrancy
-// test (design.md).
-int reference_lock_kind() {
-  static const int kind = [] {
-    pthread_mutex_t m;
-    init_stream_mutex(&m);
-    int k = m.__data.__kind;
-    pthread_mutex_destroy(&m);
-    return k;
-  }();
-  return kind;
-}
-
-constexpr size_t kGeometryBytes = offsetof(Header, seq);  // immutable part of the header
-
-constexpr int kFastTries = 4;           // full-copy attempts before the lock
-constexpr double kOddSpinSeconds = 20e-6;  // spin on an odd seq before the lock
-
-}  // namespace
-
 uint64_t geometry_checksum(const Header* h) {
   const auto* p = reinterpret_cast<const unsigned char*>(h);
   uint64_t x = 0xCBF29CE484222325ULL;  // FNV-1a 64
@@ -160,33 +101,6 @@ uint64_t geometry_checksum(const Header* h) {
   return x;
 }
 
-uint32_t dtype_itemsize(uint32_t code) {
-  switch (code) {
-    case kBool:
-    case kInt8:
-    case kUInt8:
-      return 1;
-    case kInt16:
-    case kUInt16:
-    case kFloat16:
-    case kBFloat16:
-      return 2;
-    case kInt32:
-    case kUInt32:
-    case kFloat32:
-      return 4;
-    case kInt64:
-    case kUInt64:
-    case kFloat64:
-    case kComplex64:
-      return 8;
-    case kComplex128:
-      return 16;
-    default:
-      return 0;
-  }
-}
-
 void throw_os(const std::string& what, int err) {
   ErrorKind kind = ErrorKind::kOS;
   if (err == ENOENT) kind = ErrorKind::kNotFound;
@@ -194,6 +108,13 @@ void throw_os(const std::string& what, int err) {
   if (err == EACCES || err == EPERM) kind = ErrorKind::kPermission;
   if (err == ENOSPC || err == ENOMEM) kind = ErrorKind::kNoSpace;
   throw Error(kind, what + ": " + errno_text(err), err);
+}
+
+void throw_torn(const std::string& name) {
+  throw Error(ErrorKind::kInconsistent,
+              "stream '" + name +
+                  "' holds an incomplete write (its writer died or aborted mid-write); "
+                  "the next completed write repairs it");
 }
 
 double now_monotonic() {
@@ -216,29 +137,26 @@ std::unique_ptr<HeaderPin> HeaderPin::open(const std::string& name, const uint8_
                                            int* why) {
   int unused = 0;
   if (why == nullptr) why = &unused;
-  int fd = shm_open(Stream::os_name(name).c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) {
+  Fd fd(shm_open(Stream::os_name(name).c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd.ok()) {
     *why = errno;
     return nullptr;
   }
   struct stat st;
-  void* p = MAP_FAILED;
+  Mapping map;
   *why = ESTALE;
-  if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-    p = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) *why = errno;
+  if (fstat(fd.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
+    map = Mapping(kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+    if (!map.ok()) *why = errno;
   }
-  ::close(fd);
-  if (p == MAP_FAILED) return nullptr;
-  auto* h = static_cast<Header*>(p);
-  if (std::memcmp(h->instance_id, instance_id, 16) != 0) {  // unlinked and re-created
-    munmap(p, kHeaderBytes);
-    *why = ESTALE;
+  if (!map.ok()) return nullptr;
+  if (std::memcmp(map.as<Header>()->instance_id, instance_id, 16) != 0) {
+    *why = ESTALE;  // unlinked and re-created
     return nullptr;
   }
   *why = 0;
   std::unique_ptr<HeaderPin> pin(new HeaderPin());
-  pin->h_ = h;
+  pin->h_ = static_cast<Header*>(map.release());
   return pin;
 }
 
@@ -307,7 +225,7 @@ std::string Stream::os_name(const std::string& name) {
   return std::string(kOsPrefix) + name;
 }
 
-Stream* Stream::create(const std::string& name, const Geometry& g) {
+Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   const std::string os = os_name(name);
   uint32_t itemsize = dtype_itemsize(g.dtype_code);
   if (itemsize == 0) throw Error(ErrorKind::kValue, "unknown dtype code");
@@ -320,7 +238,7 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
     if (mul_overflows(nbytes, static_cast<uint64_t>(g.shape[i]), &nbytes))
       throw Error(ErrorKind::kValue, "shape is too large");
   }
-  if (nbytes > (uint64_t(1) << 46)) throw Error(ErrorKind::kValue, "payload is too large");
+  if (nbytes > kMaxPayloadBytes) throw Error(ErrorKind::kValue, "payload is too large");
   if (g.flags & ~kKnownFlags) throw Error(ErrorKind::kValue, "unknown flags");
   const bool slotted = (g.flags & kFlagGpu) != 0;
   if (slotted != (g.nslots != 0) ||
@@ -330,26 +248,23 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
   const bool cpu_payload = has_cpu_payload(g.flags);
   const uint64_t total = kHeaderBytes + (cpu_payload ? round_up(nbytes, 4096) : 0);
 
-  int fd = shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) throw_os("cannot create shared memory '" + os + "'", errno);
-  auto fail = [&](const std::string& what, int err) {
-    ::close(fd);
-    shm_unlink(os.c_str());
-    throw_os(what, err);
-  };
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+  if (!fd.ok()) throw_os("cannot create shared memory '" + os + "'", errno);
+  CreatedName created(os);  // removed again if anything below throws
+  auto fail = [&](const std::string& what, int err) { throw_os(what, err); };
   // Apply the exact mode regardless of the umask (0600 unless asked).
-  if (fchmod(fd, g.mode & 0777) != 0) fail("fchmod", errno);
+  if (fchmod(fd.get(), g.mode & 0777) != 0) fail("fchmod", errno);
   // EFBIG here is RLIMIT_FSIZE (ulimit -f): name the stream and the size.
-  if (ftruncate(fd, static_cast<off_t>(total)) != 0)
+  if (ftruncate(fd.get(), static_cast<off_t>(total)) != 0)
     fail("cannot size shared memory '" + os + "' to " + std::to_string(total) + " bytes", errno);
   // Reserve every page now: on tmpfs a later first touch of an unreserved
   // page beyond the free space would be a SIGBUS in whichever process
   // touched it.
-  int err = posix_fallocate(fd, 0, static_cast<off_t>(total));
+  int err = posix_fallocate(fd.get(), 0, static_cast<off_t>(total));
   if (err != 0) {
     struct statvfs vfs;
     std::string detail;
-    if (fstatvfs(fd, &vfs) == 0) {
+    if (fstatvfs(fd.get(), &vfs) == 0) {
       detail = " (stream needs " + std::to_string(total) + " bytes, /dev/shm has " +
                std::to_string(static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize) + " free)";
     }
@@ -357,9 +272,10 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
              detail,
          err);
   }
-  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-  if (base == MAP_FAILED) fail("mmap", errno);
-  ::close(fd);
+  Mapping map(total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.get());
+  if (!map.ok()) fail("mmap", errno);
+  fd.reset();
+  void* base = map.get();
 
   // The pages come from fallocate zero-filled; fill in the header and
   // publish `magic` last so an opener never trusts a half-initialized one.
@@ -389,29 +305,19 @@ Stream* Stream::create(const std::string& name, const Geometry& g) {
     h->nslots = g.nslots;
     h->slot_stride = round_up(nbytes == 0 ? 1 : nbytes, kSlotAlign);
     h->device_bytes = kDeviceCountersBytes + h->slot_stride * g.nslots;
-    if (g.init_device) {
-      try {
-        g.init_device(h);
-      } catch (...) {
-        munmap(base, total);
-        shm_unlink(os.c_str());
-        throw;
-      }
-    }
+    if (g.init_device) g.init_device(h);
   }
 
   int rc = init_stream_mutex(&h->mutex);
-  if (rc != 0) {
-    munmap(base, total);
-    shm_unlink(os.c_str());
-    throw_os("pthread_mutex_init", rc);
-  }
+  if (rc != 0) throw_os("pthread_mutex_init", rc);
   h->seq.store(0, std::memory_order_relaxed);
   // Last geometry store (init_device above may fill the device fields).
   h->geometry_checksum = geometry_checksum(h);
   h->magic.store(kMagic, std::memory_order_release);
 
   Stream* s = new Stream();
+  map.release();
+  created.keep();
   s->name_ = name;
   s->hdr_ = h;
   std::memcpy(s->geo_, base, kGeometryBytes);
@@ -457,7 +363,7 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   if (h->flags & kFlagGpu) {
     if (h->nslots < kMinSlots || h->nslots > kMaxSlots) bad("invalid slot count");
     if (h->slot_stride < h->payload_bytes || h->slot_stride % kSlotAlign != 0 ||
-        h->slot_stride > (uint64_t(1) << 46))
+        h->slot_stride > kMaxPayloadBytes)
       bad("invalid slot stride");
     if (h->device_bytes != kDeviceCountersBytes + h->slot_stride * h->nslots)
       bad("invalid device allocation size");
@@ -468,13 +374,13 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
 
 Stream* Stream::open(const std::string& name, bool readonly) {
   const std::string os = os_name(name);
-  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
-  if (fd < 0) {
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd.ok()) {
     int e = errno;
     // A symbolic link (shm_open never follows one) or a directory (glibc
     // reports EISDIR as EINVAL; the name itself was validated above) holds
-    // the name: not ours, so ValueError like any foreign file (an OSError
-    // here let one planted link break list_streams() for every user).
+    // the name: not ours, so ValueError like any foreign file (never an
+    // OSError, so one planted link cannot break list_streams() for anyone).
     if (e == ELOOP || e == EISDIR || e == EINVAL)
       throw Error(ErrorKind::kValue, "shared memory '" + os + "' is not a torch_shmem stream (" +
                                          (e == ELOOP ? "a symbolic link" : "a directory") + ")");
@@ -483,52 +389,43 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   struct stat st;
   // A creator between shm_open and the publication of `magic` is given a
   // moment; anything still incomplete after that is reported as corrupted.
-  const double deadline = mono_now() + 1.0;
+  const double deadline = now_monotonic() + 1.0;
   uint64_t file_bytes = 0;
   // The immutable part of the header is copied out once and only the copy
   // is validated and used (see geometry()). Only the header page is mapped
   // until then: a foreign or damaged file's size must not decide how much
-  // address space we map (a 1 PiB sparse file made mmap fail with ENOMEM).
+  // address space we map (a 1 PiB sparse file would make mmap fail).
   alignas(Header) unsigned char geo[sizeof(Header)] = {};
   for (;;) {
-    if (fstat(fd, &st) != 0) {
-      int e = errno;
-      ::close(fd);
-      throw_os("fstat", e);
-    }
+    if (fstat(fd.get(), &st) != 0) throw_os("fstat", errno);
     if (!S_ISREG(st.st_mode)) {  // a FIFO, socket or device node under the name
-      ::close(fd);
       throw Error(ErrorKind::kValue,
                   "shared memory '" + os + "' is not a torch_shmem stream (not a regular file)");
     }
     file_bytes = static_cast<uint64_t>(st.st_size);
     if (file_bytes >= kHeaderBytes) {
-      void* head = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
-      if (head == MAP_FAILED) {
-        int e = errno;
-        ::close(fd);
-        throw_os("mmap", e);
+      uint64_t magic;
+      {
+        Mapping head(kHeaderBytes, PROT_READ, MAP_SHARED, fd.get());
+        if (!head.ok()) throw_os("mmap", errno);
+        magic = head.as<Header>()->magic.load(std::memory_order_acquire);
+        if (magic == kMagic) std::memcpy(geo, head.get(), kGeometryBytes);
       }
-      uint64_t magic = static_cast<Header*>(head)->magic.load(std::memory_order_acquire);
-      if (magic == kMagic) std::memcpy(geo, head, kGeometryBytes);
-      munmap(head, kHeaderBytes);
       if (magic == kMagic) break;
       if (magic != 0) {
-        ::close(fd);
         throw Error(ErrorKind::kValue, "shared memory '" + os +
                                            "' is not a torch_shmem stream (bad magic)");
       }
     }
     // Wait for a creator only while the file is young: a header still
     // missing 2 s after the file last changed was abandoned (its creator
-    // died) or is not ours. Waiting on every such file let anyone slow each
-    // scan of /dev/shm (list_streams, the CLI) by a second per planted file.
+    // died) or is not ours, so a planted file cannot slow each scan of
+    // /dev/shm (list_streams, the CLI) by a second.
     timespec now;
     clock_gettime(CLOCK_REALTIME, &now);
     const double age = static_cast<double>(now.tv_sec - st.st_ctim.tv_sec) +
                        (now.tv_nsec - st.st_ctim.tv_nsec) * 1e-9;
-    if (mono_now() > deadline || age > 2.0) {
-      ::close(fd);
+    if (now_monotonic() > deadline || age > 2.0) {
       throw Error(ErrorKind::kValue,
                   "shared memory '" + os + "' is not a torch_shmem stream (" +
                       (file_bytes < kHeaderBytes
@@ -539,29 +436,22 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     usleep(1000);
   }
   const Header* g = reinterpret_cast<const Header*>(geo);
-  try {
-    validate(g, file_bytes, name);  // file_bytes is now bounded by the payload limit
-  } catch (...) {
-    ::close(fd);
-    throw;
-  }
-  void* base = mmap(nullptr, file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  int map_err = errno;
-  ::close(fd);
-  if (base == MAP_FAILED) throw_os("mmap", map_err);
+  validate(g, file_bytes, name);  // file_bytes is now bounded by the payload limit
+  Mapping map(file_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+  if (!map.ok()) throw_os("mmap", errno);
+  fd.reset();
+  void* base = map.get();
   Header* h = static_cast<Header*>(base);
   const bool cpu_payload = has_cpu_payload(g->flags);
   if (readonly && cpu_payload && g->payload_bytes > 0) {
     // The header stays writable (waiters and the lock fallback need it);
     // the payload pages are mapped read-only for this handle.
     if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(g->payload_bytes, 4096),
-                 PROT_READ) != 0) {
-      int e = errno;
-      munmap(base, file_bytes);
-      throw_os("mprotect", e);
-    }
+                 PROT_READ) != 0)
+      throw_os("mprotect", errno);
   }
   Stream* s = new Stream();
+  map.release();
   s->name_ = name;
   s->hdr_ = h;
   std::memcpy(s->geo_, geo, kGeometryBytes);
@@ -582,35 +472,25 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   return s;
 }
 
-void Stream::check_lock_kind() const {
-  int kind = __atomic_load_n(&hdr_->mutex.__data.__kind, __ATOMIC_RELAXED);
-  if (kind != reference_lock_kind())
-    throw Error(ErrorKind::kValue, "stream '" + name_ + "': its lock is corrupted (mutex kind " +
-                                       std::to_string(kind) + ", expected " +
-                                       std::to_string(reference_lock_kind()) +
-                                       "); remove the stream and create it again");
-}
-
 bool Stream::unlink_name(const std::string& name) {
   const std::string os = os_name(name);
   // Hold the current generation open, remove the name, and only then flag
-  // that generation `unlinked` so that open handles can tell. Flagging
-  // first marked a stream unlinked even when the removal then failed (a
-  // user granted write access by mode= but not allowed to remove the file
-  // from the sticky /dev/shm).
-  int fd = shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0);
+  // that generation `unlinked` so that open handles can tell. The flag is
+  // set only once the removal succeeded: a user granted write access by
+  // mode= but not allowed to remove the file from the sticky /dev/shm
+  // cannot mark a live stream unlinked.
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
   if (shm_unlink(os.c_str()) != 0) {
     int e = errno;
-    if (fd >= 0) ::close(fd);
     if (e == ENOENT) return false;
     throw_os("cannot unlink shared memory '" + os + "'", e);
   }
-  if (fd >= 0) {
+  if (fd.ok()) {
     struct stat st;
-    if (fstat(fd, &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-      void* base = mmap(nullptr, kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-      if (base != MAP_FAILED) {
-        Header* h = static_cast<Header*>(base);
+    if (fstat(fd.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
+      Mapping map(kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
+      if (map.ok()) {
+        Header* h = map.as<Header>();
         if (h->magic.load(std::memory_order_acquire) == kMagic) {
           if (h->flags & kFlagSimDevice) shm_unlink(sim_device_name(name).c_str());
           // Flag first, then bump and wake (the order wait_slice relies
@@ -620,32 +500,28 @@ bool Stream::unlink_name(const std::string& name) {
           h->epoch.fetch_add(1, std::memory_order_seq_cst);
           futex_wake(&h->epoch);
         }
-        munmap(base, kHeaderBytes);
       }
     }
-    ::close(fd);
   }
   return true;
 }
 
 Stream::NameState Stream::name_state(const std::string& name, const uint8_t instance_id[16]) {
   const std::string os = os_name(name);
-  int fd = shm_open(os.c_str(), O_RDONLY | O_CLOEXEC, 0);
-  if (fd < 0) return errno == ENOENT ? NameState::kGone : NameState::kOther;
+  Fd fd(shm_open(os.c_str(), O_RDONLY | O_CLOEXEC, 0));
+  if (!fd.ok()) return errno == ENOENT ? NameState::kGone : NameState::kOther;
   NameState state = NameState::kOther;  // e.g. a creator that has not sized it yet
   struct stat st;
-  if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+  if (fstat(fd.get(), &st) == 0 && S_ISREG(st.st_mode) &&
       static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-    void* p = mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0);
-    if (p != MAP_FAILED) {
-      const Header* h = static_cast<const Header*>(p);
+    Mapping map(kHeaderBytes, PROT_READ, MAP_SHARED, fd.get());
+    if (map.ok()) {
+      const Header* h = map.as<const Header>();
       if (h->magic.load(std::memory_order_acquire) == kMagic &&
           std::memcmp(h->instance_id, instance_id, 16) == 0)
         state = NameState::kSame;
-      munmap(p, kHeaderBytes);
     }
   }
-  ::close(fd);
   return state;
 }
 
@@ -657,327 +533,6 @@ void Stream::unmap() {
     hdr_ = nullptr;
     payload_ = nullptr;
   }
-}
-
-// ---------------------------------------------------------------------------
-// Lock
-//
-// State machine of the shared mutex (robust, process-shared):
-//   FREE --lock--> HELD(pid,tid) --unlock--> FREE
-//   HELD --owner thread/process dies--> OWNER_DIED (kernel, robust list)
-//   OWNER_DIED --next lock returns EOWNERDEAD--> HELD(new owner), after
-//     pthread_mutex_consistent and, if the dead owner left seq odd, the
-//     stream is marked broken (the payload is torn; readers raise
-//     InconsistentStreamError until the next completed write).
-// The kernel clears the dead owner's tid from the futex word itself, so a
-// recycled pid/tid can never look like the owner.
-// ---------------------------------------------------------------------------
-
-// The futex word of a glibc robust mutex holds the owner's tid (the kernel
-// reads it to mark OWNER_DIED when that thread dies, clearing the tid).
-// Reading it is the authoritative "does this thread hold the lock" test;
-// owner_pid guards against equal tids in another pid namespace.
-bool Stream::held_by_this_thread() const {
-  const int* word = reinterpret_cast<const int*>(&hdr_->mutex);
-  int v = __atomic_load_n(word, __ATOMIC_ACQUIRE);
-  return (v & FUTEX_TID_MASK) == this_tid() &&
-         hdr_->owner_pid.load(std::memory_order_relaxed) == this_pid();
-}
-
-int Stream::held_depth() const {
-  return held_by_this_thread() ? hdr_->owner_depth.load(std::memory_order_relaxed) : 0;
-}
-
-bool Stream::lock_for(double seconds) {
-  if (held_by_this_thread()) {
-    hdr_->owner_depth.fetch_add(1, std::memory_order_relaxed);
-    return true;
-  }
-  check_lock_kind();
-  int rc = pthread_mutex_trylock(&hdr_->mutex);
-  if (rc == EBUSY && seconds > 0) {
-    timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    timespec add = to_timespec(seconds);
-    timespec abs{now.tv_sec + add.tv_sec, now.tv_nsec + add.tv_nsec};
-    if (abs.tv_nsec >= 1000000000L) {
-      abs.tv_sec += 1;
-      abs.tv_nsec -= 1000000000L;
-    }
-    rc = pthread_mutex_clocklock(&hdr_->mutex, CLOCK_MONOTONIC, &abs);
-  }
-  if (rc == EBUSY || rc == ETIMEDOUT) return false;
-  if (rc == EOWNERDEAD) {
-    // The previous owner died holding the lock (possibly mid-write; see
-    // below).
-    pthread_mutex_consistent(&hdr_->mutex);
-    recovered_ = true;
-    rc = 0;
-  }
-  if (rc == ENOTRECOVERABLE)
-    throw Error(ErrorKind::kState, "the lock of stream '" + name_ + "' is not recoverable");
-  if (rc != 0) throw_os("lock of stream '" + name_ + "'", rc);
-  // A fresh holder that finds seq odd knows that no write is in progress
-  // (writers hold the lock for the whole odd window), so the payload is
-  // torn: its writer died mid-write (EOWNERDEAD above), released the lock
-  // mid-write, or the header was damaged. Mark it broken so that readers
-  // raise InconsistentStreamError until the next write. Checking only on
-  // EOWNERDEAD left the other two cases reading as a RuntimeError about
-  // "this thread's write in progress" in every process.
-  if (hdr_->seq.load(std::memory_order_relaxed) & 1)
-    hdr_->broken.store(1, std::memory_order_release);
-  hdr_->owner_pid.store(this_pid(), std::memory_order_relaxed);
-  hdr_->owner_tid.store(this_tid(), std::memory_order_relaxed);
-  hdr_->owner_depth.store(1, std::memory_order_relaxed);
-  return true;
-}
-
-void Stream::unlock() {
-  if (!held_by_this_thread())
-    throw Error(ErrorKind::kState,
-                "cannot release the lock of stream '" + name_ +
-                    "': this thread does not hold it (the lock is unlocked for this thread; "
-                    "each release() must match an acquire())");
-  if (hdr_->owner_depth.fetch_sub(1, std::memory_order_relaxed) > 1) return;
-  check_lock_kind();  // glibc would assert on a damaged kind
-  hdr_->owner_pid.store(0, std::memory_order_relaxed);
-  hdr_->owner_tid.store(0, std::memory_order_relaxed);
-  pthread_mutex_unlock(&hdr_->mutex);
-}
-
-// ---------------------------------------------------------------------------
-// Publication (seqlock writer). Caller holds the lock, so seq only changes
-// here. Ordering:
-//   seq <- odd (relaxed) ; fence(release)     -- seq odd is visible before
-//                                                 any payload byte changes
-//   payload, write_time, frame_id stores
-//   seq <- even (release)                      -- payload visible before even
-//   epoch += 1 (seq_cst) ; if waiters: wake     -- Dekker pair with wait_slice
-// ---------------------------------------------------------------------------
-
-void Stream::begin_locked() {
-  uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
-  if ((s & 1) == 0) {
-    hdr_->seq.store(s + 1, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
-  }
-  // An odd seq here means a dead or aborted writer left a torn payload;
-  // it stays odd and this write repairs it.
-}
-
-uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
-  uint64_t s = hdr_->seq.load(std::memory_order_relaxed);  // odd
-  hdr_->write_time_ns.store(now_realtime_ns(), std::memory_order_relaxed);
-  if (has_frame_id) hdr_->frame_id.store(frame_id, std::memory_order_relaxed);
-  hdr_->broken.store(0, std::memory_order_relaxed);
-  hdr_->seq.store(s + 1, std::memory_order_release);
-  hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
-  if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
-  return (s + 1) >> 1;
-}
-
-void Stream::require_cpu_payload(bool writing) const {
-  if (geometry()->flags & kFlagGpu) {  // the validated copy, never the shared header
-    if (writing)
-      throw Error(ErrorKind::kState, "stream '" + name_ +
-                                         "' is a GPU stream: write to it through a GPU "
-                                         "attachment (torch_shmem.open('" + name_ +
-                                         "', gpu_device='cuda:N'))");
-    if (payload_ == nullptr)
-      throw Error(ErrorKind::kState, "stream '" + name_ +
-                                         "' is a GPU stream without a CPU mirror: attach to "
-                                         "it with torch_shmem.open('" + name_ +
-                                         "', gpu_device='cuda:N') to read it");
-  }
-}
-
-uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
-  require_cpu_payload(true);
-  begin_locked();
-  std::memcpy(payload_, src, payload_bytes_);
-  return publish_locked(has_frame_id, frame_id);
-}
-
-uint64_t Stream::clear_locked() {
-  require_cpu_payload(true);
-  begin_locked();
-  std::memset(payload_, 0, payload_bytes_);
-  return publish_locked(false, 0);
-}
-
-void Stream::begin_write_locked() { begin_locked(); }
-
-void Stream::begin_write_locked_at(uint64_t c) {
-  const uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
-  if (c == (s >> 1) + 1) {  // the usual case: the next count (odd s: a torn write's)
-    begin_locked();
-    return;
-  }
-  if (c <= (s >> 1))
-    throw Error(ErrorKind::kState, "stream '" + name_ + "': publication " + std::to_string(c) +
-                                       " is not past count " + std::to_string(s >> 1));
-  // Skipping counts: seq odd as in begin_locked (release fence before any
-  // byte of the host window changes).
-  hdr_->seq.store(2 * c - 1, std::memory_order_relaxed);
-  std::atomic_thread_fence(std::memory_order_release);
-}
-
-uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
-  return publish_locked(has_frame_id, frame_id);
-}
-
-void Stream::abort_write_locked() {
-  // seq stays odd: the payload may be partially written.
-  hdr_->broken.store(1, std::memory_order_release);
-  hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
-  if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
-}
-
-// ---------------------------------------------------------------------------
-// Snapshot (seqlock reader):
-//   s1 <- seq (acquire); odd -> writer active (spin briefly) or broken
-//   copy payload, load write_time/frame_id (relaxed)
-//   fence(acquire); s2 <- seq (relaxed)    -- copy happens-before the re-load
-//   s1 == s2 -> the copy is exactly the write that produced s1
-// After kFastTries changed-under-us copies, or kOddSpinSeconds of odd seq,
-// the reader takes the lock: that bounds its work and guarantees progress
-// against a writer that never pauses.
-// ---------------------------------------------------------------------------
-
-bool Stream::read_fast(void* dst, Snapshot* snap) const {
-  require_cpu_payload(false);
-  double spin_start = -1;
-  int tries = 0;
-  for (;;) {
-    uint64_t s1 = hdr_->seq.load(std::memory_order_acquire);
-    if (s1 & 1) {
-      if (hdr_->broken.load(std::memory_order_acquire))
-        throw Error(ErrorKind::kInconsistent,
-                    "stream '" + name_ +
-                        "' holds an incomplete write (its writer died or aborted "
-                        "mid-write); the next completed write repairs it");
-      double now = mono_now();
-      if (spin_start < 0) spin_start = now;
-      if (now - spin_start > kOddSpinSeconds) return false;
-      for (int i = 0; i < 16; ++i) TSHM_CPU_RELAX();
-      continue;
-    }
-    racy_copy(dst, payload_, payload_bytes_);
-    int64_t t = hdr_->write_time_ns.load(std::memory_order_relaxed);
-    uint64_t fid = hdr_->frame_id.load(std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_acquire);
-    uint64_t s2 = hdr_->seq.load(std::memory_order_relaxed);
-    if (s1 == s2) {
-      snap->seq = s1;
-      snap->count = s1 >> 1;
-      snap->write_time_ns = t;
-      snap->frame_id = fid;
-      return true;
-    }
-    if (++tries >= kFastTries) return false;
-  }
-}
-
-Snapshot Stream::read_locked(void* dst) const {
-  require_cpu_payload(false);
-  uint64_t s = hdr_->seq.load(std::memory_order_acquire);
-  if (s & 1) {
-    if (hdr_->broken.load(std::memory_order_acquire))
-      throw Error(ErrorKind::kInconsistent,
-                  "stream '" + name_ +
-                      "' holds an incomplete write (its writer died or aborted "
-                      "mid-write); the next completed write repairs it");
-    throw Error(ErrorKind::kState, "stream '" + name_ +
-                                       "': cannot take a snapshot while this thread "
-                                       "has a write in progress");
-  }
-  std::memcpy(dst, payload_, payload_bytes_);
-  Snapshot snap;
-  snap.seq = s;
-  snap.count = s >> 1;
-  snap.write_time_ns = hdr_->write_time_ns.load(std::memory_order_relaxed);
-  snap.frame_id = hdr_->frame_id.load(std::memory_order_relaxed);
-  return snap;
-}
-
-// ---------------------------------------------------------------------------
-// Waiting. Reader side of the Dekker pair with publish_locked:
-//   e <- epoch (acquire); check count
-//   waiters += 1 (seq_cst); re-check count (seq_cst)
-//   futex_wait(epoch, e)   -- returns at once if a publication bumped epoch
-// Either the writer sees waiters > 0 and wakes, or the reader sees the new
-// seq/epoch; a wake can never be lost.
-//
-// Unlink (unlink_name) stores unlinked = 1 (release), then bumps epoch
-// (seq_cst) and wakes every parked reader unconditionally. A reader that
-// loaded e after that bump also sees the flag (acquire on epoch); one that
-// loaded e before it finds epoch != e in futex_wait or is woken, and
-// re-reads epoch (acquire) before looking at the flag again. So a reader
-// that checks the flag after loading e never sleeps through an unlink.
-// ---------------------------------------------------------------------------
-
-bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds, bool* gone) const {
-  // count (= seq / 2) moved past `after`
-  auto newer = [&](std::memory_order mo = std::memory_order_acquire) {
-    return (hdr_->seq.load(mo) >> 1) > after;
-  };
-  // The generation was unlinked and nothing newer than `after` is there.
-  auto ended = [&] {
-    if (gone == nullptr || hdr_->unlinked.load(std::memory_order_acquire) == 0) return false;
-    if (newer()) return false;
-    *gone = true;
-    return true;
-  };
-  if (gone != nullptr) *gone = false;
-  if (newer()) return true;
-  if (ended()) return false;
-  if (spin_seconds > 0) {
-    // Spin briefly for microsecond wake-ups. The first few microseconds
-    // poll with pause only (a sched_yield costs ~0.7 us, which would be
-    // most of a handoff's latency when the writer runs on another CPU);
-    // after that, yield between polls: on a machine with few cores the
-    // writer we wait for may be runnable on this very CPU, and a pure
-    // busy-wait would delay it by the whole spin.
-    const double start = mono_now();
-    const double end = start + spin_seconds;
-    const double pure_end = start + (spin_seconds < kPureSpinSeconds ? spin_seconds : kPureSpinSeconds);
-    do {
-      for (int i = 0; i < 16; ++i) {
-        TSHM_CPU_RELAX();
-        if (newer()) return true;
-      }
-    } while (mono_now() < pure_end);
-    do {
-      for (int i = 0; i < 8; ++i) TSHM_CPU_RELAX();
-      if (newer()) return true;
-      sched_yield();
-    } while (mono_now() < end);
-  }
-  if (seconds <= 0) {
-    ended();
-    return false;
-  }
-  uint32_t e = hdr_->epoch.load(std::memory_order_acquire);
-  if (newer()) return true;
-  if (ended()) return false;  // after loading e: see the comment above
-  auto* waiters = const_cast<std::atomic<uint32_t>*>(&hdr_->waiters);
-  waiters->fetch_add(1, std::memory_order_seq_cst);
-  if (newer(std::memory_order_seq_cst)) {  // Dekker pair with publish_locked
-    waiters->fetch_sub(1, std::memory_order_seq_cst);
-    return true;
-  }
-  futex_wait(&hdr_->epoch, e, seconds);
-  waiters->fetch_sub(1, std::memory_order_seq_cst);
-  (void)hdr_->epoch.load(std::memory_order_acquire);
-  if (newer()) return true;
-  ended();
-  return false;
-}
-
-void Stream::wake_all() const {
-  auto* epoch = const_cast<std::atomic<uint32_t>*>(&hdr_->epoch);
-  epoch->fetch_add(1, std::memory_order_seq_cst);
-  futex_wake(epoch);
 }
 
 }  // namespace core

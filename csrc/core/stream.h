@@ -36,12 +36,14 @@
 #include <string>
 #include <vector>
 
+#include "dtypes.h"
+
 namespace torch_shmem {
 namespace core {
 
 constexpr uint64_t kMagic = 0x314D485354484354ULL;  // "TCHTSHM1" little endian
-// 2: geometry_checksum (reliability suite, issue #7). Segments of layout 1
-// are refused with a message naming both versions.
+// 2: adds geometry_checksum. Segments of layout 1 are refused with a
+// message naming both versions.
 constexpr uint32_t kLayoutVersion = 2;
 constexpr uint32_t kMaxDims = 32;
 constexpr uint32_t kMaxNameBytes = 200;
@@ -53,29 +55,6 @@ constexpr const char* kOsPrefix = "/torch_shmem.";
 // Simulated device memory of a kFlagSimDevice stream (tests of the slot
 // protocol without a GPU). Not listed as a stream.
 constexpr const char* kSimDevicePrefix = "/torch_shmem-simdev.";
-
-// Stable dtype codes stored in the header. Never renumber.
-enum DType : uint32_t {
-  kBool = 1,
-  kInt8 = 2,
-  kUInt8 = 3,
-  kInt16 = 4,
-  kUInt16 = 5,
-  kInt32 = 6,
-  kUInt32 = 7,
-  kInt64 = 8,
-  kUInt64 = 9,
-  kFloat16 = 10,
-  kFloat32 = 11,
-  kFloat64 = 12,
-  kComplex64 = 13,
-  kComplex128 = 14,
-  kBFloat16 = 15,  // reserved for GPU streams
-  kDTypeEnd = 16,
-};
-
-// Bytes per element for a dtype code, 0 if the code is unknown.
-uint32_t dtype_itemsize(uint32_t code);
 
 // Header flags.
 constexpr uint32_t kFlagGpu = 1u << 0;        // payload in device slots (slots.h)
@@ -210,7 +189,9 @@ class Error : public std::runtime_error {
   int errno_;
 };
 
-struct Geometry {
+// What create() is given: the stream's geometry and access mode, and for
+// slotted streams the slot count and the hook that allocates their memory.
+struct CreateOptions {
   uint32_t dtype_code = 0;
   uint32_t ndim = 0;
   int64_t shape[kMaxDims] = {};
@@ -235,15 +216,15 @@ struct Snapshot {
 // unmap() must only run when no other method is in flight on this object
 // (the binding guarantees it with an in-flight counter).
 //
-// Blocking is done in bounded slices (lock_for, wait_slice) so that the
-// binding can drop the GIL for one slice, then check signals, deadlines and
-// close() requests between slices.
+// Blocking is done in bounded slices (lock_for, wait_slice); Session
+// (session.h) loops over them up to a deadline and calls the binding's
+// hook between slices (signals, close() requests).
 class Stream {
  public:
   // Creates a new stream; throws kExists when the name is taken, kNoSpace
   // when /dev/shm cannot hold it (pages are reserved up front, so a full
   // tmpfs fails here and never with SIGBUS later).
-  static Stream* create(const std::string& name, const Geometry& g);
+  static Stream* create(const std::string& name, const CreateOptions& g);
   // Opens an existing stream; throws kNotFound, kPermission, kValue
   // (foreign, truncated or corrupted segment).
   static Stream* open(const std::string& name, bool readonly);
@@ -398,6 +379,9 @@ uint64_t geometry_checksum(const Header* h);
 int64_t now_realtime_ns();
 double now_monotonic();
 std::string sim_device_name(const std::string& name);
+// Throws kInconsistent: the payload of stream `name` is torn (its writer
+// died or aborted inside the odd window).
+[[noreturn]] void throw_torn(const std::string& name);
 // Throws Error with the kind that matches errno `err` (ENOENT -> kNotFound...).
 [[noreturn]] void throw_os(const std::string& what, int err);
 

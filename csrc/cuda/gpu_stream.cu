@@ -40,7 +40,8 @@
 #include <unistd.h>
 
 #include "../core/slots.h"
-#include "../ops/registry.h"
+#include "../ops/gpu_backend.h"
+#include "../ops/mirror_copy.h"
 
 namespace torch_shmem {
 namespace cuda {

@@ -29,20 +29,24 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
 
+#include "../core/session.h"
 #include "../core/slots.h"
 #include "../core/stream.h"
-#include "registry.h"
+#include "entry.h"
+#include "gpu_backend.h"
+#include "mirror_copy.h"
 
 namespace torch_shmem {
 namespace ops {
 
+using core::Blocked;
+using core::Deadline;
 using core::Error;
 using core::ErrorKind;
 using core::Stream;
@@ -78,8 +82,6 @@ std::unordered_map<int64_t, std::shared_ptr<Entry>>& g_entries =
     *new std::unordered_map<int64_t, std::shared_ptr<Entry>>();
 int64_t g_next_id = 1;  // never reused, so a closed token never aliases a new stream
 
-constexpr double kSlice = 0.1;
-
 [[noreturn]] void rethrow(const char* op, const std::string& name, const Error& e) {
   std::string msg = std::string("shmem::") + op + ": stream '" + name + "': " + e.what();
   switch (e.kind()) {
@@ -95,46 +97,26 @@ constexpr double kSlice = 0.1;
 }
 
 c10::ScalarType to_scalar_type(uint32_t code) {
-  using namespace core;
   switch (code) {
-    case kBool: return at::kBool;
-    case kInt8: return at::kChar;
-    case kUInt8: return at::kByte;
-    case kInt16: return at::kShort;
-    case kUInt16: return at::kUInt16;
-    case kInt32: return at::kInt;
-    case kUInt32: return at::kUInt32;
-    case kInt64: return at::kLong;
-    case kUInt64: return at::kUInt64;
-    case kFloat16: return at::kHalf;
-    case kFloat32: return at::kFloat;
-    case kFloat64: return at::kDouble;
-    case kComplex64: return at::kComplexFloat;
-    case kComplex128: return at::kComplexDouble;
-    case kBFloat16: return at::kBFloat16;
-    default: return at::ScalarType::Undefined;
+#define TORCH_SHMEM_X(e, c, size, name, np, th) \
+  case c:                                       \
+    return at::k##th;
+    TORCH_SHMEM_DTYPES(TORCH_SHMEM_X)
+#undef TORCH_SHMEM_X
+    default:
+      return at::ScalarType::Undefined;
   }
 }
 
 uint32_t to_code(c10::ScalarType t) {
-  using namespace core;
   switch (t) {
-    case at::kBool: return kBool;
-    case at::kChar: return kInt8;
-    case at::kByte: return kUInt8;
-    case at::kShort: return kInt16;
-    case at::kUInt16: return kUInt16;
-    case at::kInt: return kInt32;
-    case at::kUInt32: return kUInt32;
-    case at::kLong: return kInt64;
-    case at::kUInt64: return kUInt64;
-    case at::kHalf: return kFloat16;
-    case at::kFloat: return kFloat32;
-    case at::kDouble: return kFloat64;
-    case at::kComplexFloat: return kComplex64;
-    case at::kComplexDouble: return kComplex128;
-    case at::kBFloat16: return kBFloat16;
-    default: return 0;
+#define TORCH_SHMEM_X(e, c, size, name, np, th) \
+  case at::k##th:                               \
+    return c;
+    TORCH_SHMEM_DTYPES(TORCH_SHMEM_X)
+#undef TORCH_SHMEM_X
+    default:
+      return 0;
   }
 }
 
@@ -233,10 +215,7 @@ void check_payload_tensor(const Entry& e, const at::Tensor& t, const char* op, c
 
 bool on_device(const at::Tensor& t) { return t.device().is_cuda(); }
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
+core::Session session_of(const Entry& e) { return core::Session(*e.stream, e.dev.get()); }
 
 // Raises the Python exception that is set (the caller holds the GIL through
 // `gil`) out of the op: torch's Python binding of the dispatcher restores a
@@ -302,43 +281,48 @@ void honour_signals() {
   TORCH_CHECK(false, msg);
 }
 
-// Takes the stream lock in bounded slices (torch releases the GIL around
-// op calls), giving up on close() or after `timeout` seconds (< 0: never).
-void lock_stream(Entry& e, const char* op, double timeout) {
-  const double deadline = timeout < 0 ? 1e300 : now_s() + timeout;
-  for (;;) {
-    double slice = kSlice;
-    if (timeout >= 0) slice = std::max(0.0, std::min(kSlice, deadline - now_s()));
-    if (e.stream->lock_for(slice)) return;
-    TORCH_CHECK(!e.closing.load(), "shmem::", op, ": stream '", e.name,
-                "' was closed while waiting for its lock");
+// The between-slices hook of blocking ops: ends the op when the token is
+// closed (false) or a signal handler raises (honour_signals throws).
+struct OpSlices {
+  Entry& e;
+  bool operator()() const {
+    if (e.closing.load()) return false;
     honour_signals();
-    TORCH_CHECK(timeout < 0 || now_s() < deadline, "shmem::", op, ": stream '", e.name,
-                "': timed out after ", timeout, " s waiting for the write lock (held by pid ",
-                e.stream->header()->owner_pid.load(), ")");
+    return true;
+  }
+};
+
+// Maps how a blocking session call ended (after: the count a wait was for).
+void check_blocked(Blocked b, Entry& e, const char* op, uint64_t after = 0) {
+  if (b == Blocked::kGone) raise_gone(e, after, op);
+  TORCH_CHECK(b == Blocked::kDone, "shmem::", op, ": stream '", e.name,
+              "' was closed while waiting");
+}
+
+// Takes the stream lock in bounded slices (torch releases the GIL around
+// op calls), giving up on close() or at the deadline.
+void lock_stream(Entry& e, const char* op, const Deadline& d) {
+  OpSlices slices{e};
+  try {
+    check_blocked(session_of(e).lock_until(d, slices), e, op);
+  } catch (const Error& err) {
+    rethrow(op, e.name, err);
   }
 }
 
 // Waits on the host until the stream's count exceeds `after` (spin, then
-// the futex, in slices that check close() and signals), up to `timeout`
-// seconds (< 0: no limit); an unlink of the stream ends it (raise_gone).
-// Never holds the stream lock.
-void wait_count_after(Entry& e, uint64_t after, double timeout, const char* op) {
-  const double deadline = timeout < 0 ? 1e300 : now_s() + timeout;
-  double spin = 50e-6;
-  for (;;) {
-    double remaining = deadline - now_s();
-    double slice = remaining < kSlice ? remaining : kSlice;
-    bool gone = false;
-    if (e.stream->wait_slice(after, spin, slice > 0 ? slice : 0, &gone)) return;
-    if (gone) raise_gone(e, after, op);
-    spin = 0;
-    TORCH_CHECK(!e.closing.load(), "shmem::", op, ": stream '", e.name,
-                "' was closed while waiting");
-    honour_signals();
-    TORCH_CHECK(now_s() < deadline, "shmem::", op, ": stream '", e.name, "': timed out after ",
-                timeout, " s waiting for a publication newer than count ", after);
+// the futex, in slices that check close() and signals), up to the
+// deadline; an unlink of the stream ends it (raise_gone). Never holds the
+// stream lock.
+void wait_count_after(Entry& e, uint64_t after, const Deadline& d, const char* op) {
+  OpSlices slices{e};
+  Blocked b;
+  try {
+    b = session_of(e).wait_until(after, d, slices);
+  } catch (const Error& err) {
+    rethrow(op, e.name, err);
   }
+  check_blocked(b, e, op, after);
 }
 
 // Copies one completed publication into dst (on the device when
@@ -347,55 +331,33 @@ void wait_count_after(Entry& e, uint64_t after, double timeout, const char* op) 
 // the host: the copy queued behind the park would otherwise block this
 // thread inside a CUDA synchronize, possibly holding the stream lock that
 // the publishing writer needs.
-void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, double timeout,
+void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, const Deadline& d,
               core::Snapshot* snap) {
-  Stream& s = *e.stream;
-  core::SlotMemory* dev = e.dev.get();
-  if (dev != nullptr) {
-    const double start = now_s();
-    if (const uint64_t parked = dev->unresolved_park(); parked != 0) {
-      wait_count_after(e, parked - 1, timeout, op);
-      if (timeout >= 0) timeout = std::max(0.0, timeout - (now_s() - start));
-    }
+  if (e.dev != nullptr) {
+    if (const uint64_t parked = e.dev->unresolved_park(); parked != 0)
+      wait_count_after(e, parked - 1, d, op);
   }
+  OpSlices slices{e};
+  Blocked b;
   try {
-    if (dev ? core::slot_read_fast(s, *dev, dst, dst_on_device, snap) : s.read_fast(dst, snap))
-      return;
+    b = session_of(e).read(dst, dst_on_device, d, slices, snap);
   } catch (const Error& err) {
     rethrow(op, e.name, err);
   }
-  lock_stream(e, op, timeout);
-  try {
-    *snap = dev ? core::slot_read_locked(s, *dev, dst, dst_on_device) : s.read_locked(dst);
-  } catch (const Error& err) {
-    s.unlock();
-    rethrow(op, e.name, err);
-  } catch (...) {  // a CUDA failure (c10::Error) from the device copies
-    s.unlock();
-    throw;
-  }
-  s.unlock();
+  check_blocked(b, e, op);
 }
 
 void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid = false,
                    uint64_t fid = 0) {
   TORCH_CHECK(!e.stream->readonly(), "shmem::", op, ": stream '", e.name, "' is open read-only");
   at::Tensor c = src.contiguous();
-  Stream& s = *e.stream;
-  lock_stream(e, op, -1);
-  uint64_t count;
+  lock_stream(e, op, Deadline());
+  core::LockGuard held(*e.stream);
   try {
-    count = e.dev ? core::slot_write_locked(s, *e.dev, c.data_ptr(), on_device(c), has_fid, fid)
-                  : s.write_locked(c.data_ptr(), has_fid, fid);
+    session_of(e).write_locked(c.data_ptr(), on_device(c), has_fid, fid);
   } catch (const Error& err) {
-    s.unlock();
     rethrow(op, e.name, err);
-  } catch (...) {  // a CUDA failure (c10::Error) from the device copies
-    s.unlock();
-    throw;
   }
-  s.unlock();
-  (void)count;
 }
 
 }  // namespace
@@ -404,10 +366,10 @@ void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid
 // Control ops (eager only)
 // ---------------------------------------------------------------------------
 
-at::Tensor create_cpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
+at::Tensor op_create(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
                       int64_t mode) {
   std::string n(name);
-  core::Geometry g;
+  core::CreateOptions g;
   g.dtype_code = to_code(dtype);
   TORCH_CHECK_VALUE(g.dtype_code != 0 && dtype != at::kBFloat16, "shmem::create: stream '", n,
                     "': unsupported dtype ", dtype);
@@ -428,7 +390,7 @@ at::Tensor create_cpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarT
 // open(name, readonly, device): device < 0 attaches a GPU stream to the
 // device it was created on (matched by uuid, so CUDA_VISIBLE_DEVICES may
 // differ between processes).
-at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
+at::Tensor op_open(c10::string_view name, bool readonly, int64_t device) {
   std::string n(name);
   Stream* s = nullptr;
   try {
@@ -465,13 +427,13 @@ at::Tensor open_cpu(c10::string_view name, bool readonly, int64_t device) {
   return register_stream(guard.release(), std::move(dev), used);
 }
 
-at::Tensor create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
+at::Tensor op_create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
                       int64_t device, int64_t nslots, bool cpu_mirror, int64_t mode) {
   std::string n(name);
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::create_gpu: stream '", n,
               "': this build of torch_shmem has no CUDA support");
-  core::Geometry g;
+  core::CreateOptions g;
   g.dtype_code = to_code(dtype);
   TORCH_CHECK_VALUE(g.dtype_code != 0, "shmem::create_gpu: stream '", n, "': unsupported dtype ",
                     dtype);
@@ -499,7 +461,7 @@ at::Tensor create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarT
 
 // close(stream): forgets the token; blocked waits on it return with an
 // error; the mapping goes away when the last in-flight call finishes.
-void close_cpu(const at::Tensor& token) {
+void op_close(const at::Tensor& token) {
   check_token(token, "close");
   int64_t id = token.data_ptr<int64_t>()[0];
   std::shared_ptr<Entry> e;
@@ -514,7 +476,7 @@ void close_cpu(const at::Tensor& token) {
   e->stream->wake_all();
 }
 
-bool unlink_cpu(c10::string_view name) {
+bool op_unlink(c10::string_view name) {
   std::string n(name);
   try {
     // A GPU stream's instance, read before the name goes: once it is
@@ -541,7 +503,7 @@ bool unlink_cpu(c10::string_view name) {
 
 // info(stream) -> (name, shape, dtype code of the stream header, CUDA
 // ordinal or -1 for a CPU stream)
-std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> info_cpu(const at::Tensor& token) {
+std::tuple<std::string, std::vector<int64_t>, int64_t, int64_t> op_info(const at::Tensor& token) {
   auto e = lookup(token, "info");
   return {e->name, stream_shape(*e->stream),
           static_cast<int64_t>(e->stream->geometry()->dtype_code), static_cast<int64_t>(e->device)};
@@ -570,7 +532,7 @@ void read_into_impl(at::Tensor& token, at::Tensor& out) {
   TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::read_into: stream '", e->name,
                     "': out must be contiguous");
   core::Snapshot snap;
-  snapshot(*e, out.data_ptr(), on_device(out), "read_into", -1, &snap);
+  snapshot(*e, out.data_ptr(), on_device(out), "read_into", Deadline(), &snap);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
@@ -581,7 +543,7 @@ at::Tensor read_impl(at::Tensor& token, at::IntArrayRef shape, c10::ScalarType d
   at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype).device(dev));
   check_payload_tensor(*e, out, "read", "result");
   core::Snapshot snap;
-  snapshot(*e, out.data_ptr(), on_device(out), "read", -1, &snap);
+  snapshot(*e, out.data_ptr(), on_device(out), "read", Deadline(), &snap);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
   return out;
 }
@@ -595,11 +557,10 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
   TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::wait_read_into: stream '", e->name,
                     "': out must be contiguous");
   const uint64_t after = static_cast<uint64_t>(token.data_ptr<int64_t>()[3]);
-  const double deadline = timeout < 0 ? 1e300 : now_s() + timeout;
-  wait_count_after(*e, after, timeout, "wait_read_into");
+  const Deadline d = Deadline::after(timeout);
+  wait_count_after(*e, after, d, "wait_read_into");
   core::Snapshot snap;
-  double left = timeout < 0 ? -1 : std::max(0.0, deadline - now_s());
-  snapshot(*e, out.data_ptr(), on_device(out), "wait_read_into", left, &snap);
+  snapshot(*e, out.data_ptr(), on_device(out), "wait_read_into", d, &snap);
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
@@ -610,7 +571,7 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
 // (count % nslots), for consumers that ordered their CUDA stream after it
 // with wait_device; it holds that publication until the writer starts
 // publication count + nslots.
-at::Tensor live_view_cpu(const at::Tensor& token, int64_t count) {
+at::Tensor op_live_view(const at::Tensor& token, int64_t count) {
   auto e = lookup(token, "live_view");
   TORCH_CHECK(e->dev != nullptr, "shmem::live_view: stream '", e->name,
               "' is a CPU stream; use torch_shmem.SharedMemory.read(safe=False)");
@@ -651,7 +612,7 @@ void wait_device_impl(at::Tensor& token, int64_t count) {
   e->dev->park(static_cast<uint64_t>(count));
 }
 
-at::Tensor count_cpu(const at::Tensor& token) {
+at::Tensor op_count(const at::Tensor& token) {
   auto e = lookup(token, "count");
   return at::scalar_tensor(static_cast<int64_t>(e->stream->count()),
                            at::TensorOptions().dtype(at::kLong));
@@ -686,14 +647,14 @@ TORCH_LIBRARY(shmem, m) {
 TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
   // Ops without tensor arguments (or whose stream token is always on the
   // CPU) dispatch here regardless of other tensors' devices.
-  m.impl("create", &create_cpu);
-  m.impl("open", &open_cpu);
-  m.impl("create_gpu", &create_gpu);
-  m.impl("close", &close_cpu);
-  m.impl("unlink", &unlink_cpu);
-  m.impl("info", &info_cpu);
-  m.impl("count", &count_cpu);
-  m.impl("live_view", &live_view_cpu);
+  m.impl("create", &op_create);
+  m.impl("open", &op_open);
+  m.impl("create_gpu", &op_create_gpu);
+  m.impl("close", &op_close);
+  m.impl("unlink", &op_unlink);
+  m.impl("info", &op_info);
+  m.impl("count", &op_count);
+  m.impl("live_view", &op_live_view);
   m.impl("wait_device", &wait_device_impl);
 }
 

@@ -19,17 +19,23 @@
 
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "../core/session.h"
 #include "../core/slots.h"
 #include "../core/stream.h"
 
+using torch_shmem::core::Blocked;
+using torch_shmem::core::Deadline;
 using torch_shmem::core::Error;
 using torch_shmem::core::ErrorKind;
-using torch_shmem::core::Geometry;
+using torch_shmem::core::CreateOptions;
 using torch_shmem::core::Snapshot;
+using torch_shmem::core::Session;
 using torch_shmem::core::Stream;
 
 namespace {
@@ -43,18 +49,6 @@ PyObject* StreamReplacedError = nullptr;
 
 // Copies at least this large run with the GIL released.
 constexpr uint64_t kReleaseGilBytes = 256 * 1024;
-// Slice lengths for blocking calls: the longest a pending signal or a
-// close() from another thread waits to be noticed.
-constexpr double kLockSlice = 0.05;
-constexpr double kWaitSlice = 0.1;
-// Spin before parking in read_new/read_after (wake-up latency vs CPU).
-constexpr double kDefaultSpin = 50e-6;
-
-double mono_now() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 // PyErr_Format has no floating-point conversions (an unknown one ends the
 // formatting and the rest of the format is copied verbatim), so seconds are
@@ -64,24 +58,16 @@ struct Seconds {
   explicit Seconds(double s) { snprintf(text, sizeof(text), "%.3g", s); }
 };
 
+// NumPy type number of a dtype code, -1 when NumPy cannot represent it.
 int dtype_to_typenum(uint32_t code) {
-  using namespace torch_shmem::core;
   switch (code) {
-    case kBool: return NPY_BOOL;
-    case kInt8: return NPY_INT8;
-    case kUInt8: return NPY_UINT8;
-    case kInt16: return NPY_INT16;
-    case kUInt16: return NPY_UINT16;
-    case kInt32: return NPY_INT32;
-    case kUInt32: return NPY_UINT32;
-    case kInt64: return NPY_INT64;
-    case kUInt64: return NPY_UINT64;
-    case kFloat16: return NPY_FLOAT16;
-    case kFloat32: return NPY_FLOAT32;
-    case kFloat64: return NPY_FLOAT64;
-    case kComplex64: return NPY_COMPLEX64;
-    case kComplex128: return NPY_COMPLEX128;
-    default: return -1;  // bfloat16 has no NumPy type
+#define TORCH_SHMEM_X(e, c, size, name, np, th) \
+  case c:                                       \
+    return NPY_##np == NPY_NOTYPE ? -1 : NPY_##np;
+    TORCH_SHMEM_DTYPES(TORCH_SHMEM_X)
+#undef TORCH_SHMEM_X
+    default:
+      return -1;
   }
 }
 
@@ -103,9 +89,8 @@ struct Handle {
   // Lock levels taken through acquire() on this handle and not yet released,
   // all threads together (GIL-protected). close() waits for them to drop to
   // zero before unmapping: a lock held by a live thread through an unmapped
-  // handle could never be released again (reliability suite, issue #7).
+  // handle could never be released again.
   long held_levels;
-  double spin;
   // read bookkeeping (exact: computed from the count of each snapshot)
   uint64_t last_read_count;
   uint64_t missed_writes;
@@ -165,8 +150,8 @@ PyObject* closed_error(Handle* h) {
 // In-flight guard: close() waits for it to drop to zero before unmapping.
 // `finishing` calls (release, commit/abort of a write view, the depth and
 // sequence they consult) are still accepted while close() waits: they end
-// what a thread started, and refusing them left the lock held and the write
-// unfinished whenever another thread was closing the handle.
+// what a thread started; refusing them would leave the lock held and the
+// write unfinished whenever another thread closes the handle.
 struct Guard {
   Handle* h;
   bool ok;
@@ -232,40 +217,78 @@ bool parse_timeout(Handle* h, PyObject* obj, double* out) {
   return true;
 }
 
-// Acquires the stream lock, blocking in slices. Returns false with an error.
-bool acquire_lock(Handle* h, double timeout) {
-  Stream* s = h->s;
-  bool ok = false;
-  if (!run_core(h, false, [&] { ok = s->lock_for(0); })) return false;
-  if (ok) return true;
-  const double deadline = timeout < 0 ? INFINITY : mono_now() + timeout;
-  for (;;) {
-    double remaining = deadline - mono_now();
-    if (remaining <= 0) {
-      int pid = s->header()->owner_pid.load(std::memory_order_relaxed);
-      PyErr_Format(PyExc_TimeoutError,
-                   "torch_shmem: stream %R: timed out after %s s waiting for the write "
-                   "lock (held by pid %d)",
-                   h->name, Seconds(timeout).text, pid);
-      return false;
-    }
-    double slice = remaining < kLockSlice ? remaining : kLockSlice;
-    if (!run_core(h, true, [&] { ok = s->lock_for(slice); })) return false;
-    if (ok) return true;
-    if (PyErr_CheckSignals() < 0) return false;
-    if (h->closing) {
-      closed_error(h);
+Session session_of(Handle* h) { return Session(*h->s, h->sim); }
+
+// The between-slices hook of blocking calls (core::Interrupt). The GIL is
+// released lazily, at the first call, so an uncontended lock or a
+// lock-free read never gives it up; each later call retakes it to run
+// signal handlers and look at close(), then releases it for the next slice.
+struct GilSlices {
+  Handle* h;
+  PyThreadState* ts = nullptr;
+  explicit GilSlices(Handle* handle, bool release_now) : h(handle) {
+    if (release_now) ts = PyEval_SaveThread();
+  }
+  ~GilSlices() { retake(); }
+  void retake() {
+    if (ts != nullptr) PyEval_RestoreThread(ts);
+    ts = nullptr;
+  }
+  bool operator()() {
+    retake();
+    if (PyErr_CheckSignals() < 0 || h->closing) return false;
+    ts = PyEval_SaveThread();
+    return true;
+  }
+};
+
+bool raise_gone(Handle* h, uint64_t after);
+
+// Runs a blocking session call f(interrupt) and maps how it ended: core
+// errors at the choke point, an interrupt by close() as a RuntimeError
+// (`closed_while`: what was waiting; null: the handle's closed error), an
+// unlinked generation by raise_gone. Returns false with a Python error set.
+template <typename F>
+bool blocking(Handle* h, bool release_now, F&& f, uint64_t after = 0,
+              const char* closed_while = nullptr) {
+  Blocked b = Blocked::kDone;
+  {
+    GilSlices slices(h, release_now);
+    try {
+      b = f(torch_shmem::core::Interrupt(slices));
+    } catch (const Error& e) {
+      slices.retake();
+      raise_core_error(h, e);
       return false;
     }
   }
+  switch (b) {
+    case Blocked::kDone:
+      return true;
+    case Blocked::kGone:
+      return raise_gone(h, after);
+    case Blocked::kInterrupted:
+      if (PyErr_Occurred()) return false;  // a signal handler raised
+      if (closed_while == nullptr) {
+        closed_error(h);
+      } else {
+        PyErr_Format(PyExc_RuntimeError,
+                     "torch_shmem: stream %R was closed while a read was waiting on this "
+                     "handle (%s)",
+                     h->name, closed_while);
+      }
+      return false;
+  }
+  return false;
 }
 
-void unlock_quiet(Handle* h) {
-  try {
-    h->s->unlock();
-  } catch (const Error&) {
-  }
+// Acquires the stream lock, blocking in slices. Returns false with an error.
+bool acquire_lock(Handle* h, const Deadline& d) {
+  return blocking(h, false,
+                  [&](torch_shmem::core::Interrupt i) { return session_of(h).lock_until(d, i); });
 }
+
+void unlock_quiet(Handle* h) { torch_shmem::core::LockGuard(*h->s).release(); }
 
 void record_read(Handle* h, const Snapshot& snap) {
   uint64_t missed = snap.count > h->last_read_count + 1 ? snap.count - h->last_read_count - 1 : 0;
@@ -276,26 +299,14 @@ void record_read(Handle* h, const Snapshot& snap) {
 }
 
 // Consistent snapshot into dst (payload-sized). Returns false with an error.
-bool snapshot_into(Handle* h, void* dst, double timeout) {
-  Stream* s = h->s;
+bool snapshot_into(Handle* h, void* dst, const Deadline& d) {
   Snapshot snap;
-  bool ok = false;
+  const Session session = session_of(h);
   const bool big = h->nbytes >= kReleaseGilBytes;
-  auto* sim = h->sim;
-  if (!run_core(h, big, [&] {
-        ok = sim ? torch_shmem::core::slot_read_fast(*s, *sim, dst, false, &snap)
-                 : s->read_fast(dst, &snap);
+  if (!blocking(h, big, [&](torch_shmem::core::Interrupt i) {
+        return session.read(dst, false, d, i, &snap);
       }))
     return false;
-  if (!ok) {
-    // The writer keeps winning (or died mid-write): take the lock.
-    if (!acquire_lock(h, timeout)) return false;
-    bool r = run_core(h, big, [&] {
-      snap = sim ? torch_shmem::core::slot_read_locked(*s, *sim, dst, false) : s->read_locked(dst);
-    });
-    unlock_quiet(h);
-    if (!r) return false;
-  }
   record_read(h, snap);
   return true;
 }
@@ -347,35 +358,11 @@ bool raise_gone(Handle* h, uint64_t after) {
   return false;
 }
 
-bool wait_after(Handle* h, uint64_t after, double timeout, const char* what) {
-  Stream* s = h->s;
-  const double deadline = timeout < 0 ? INFINITY : mono_now() + timeout;
-  double spin = h->spin;
-  for (;;) {
-    double remaining = deadline - mono_now();
-    double slice = remaining < kWaitSlice ? remaining : kWaitSlice;
-    bool ok = false, gone = false;
-    if (slice < 0) slice = 0;
-    if (!run_core(h, true, [&] { ok = s->wait_slice(after, spin, slice, &gone); })) return false;
-    if (ok) return true;
-    if (gone) return raise_gone(h, after);
-    spin = 0;
-    if (PyErr_CheckSignals() < 0) return false;
-    if (h->closing) {
-      PyErr_Format(PyExc_RuntimeError,
-                   "torch_shmem: stream %R was closed while a read was waiting on this "
-                   "handle (%s)",
-                   h->name, what);
-      return false;
-    }
-    if (mono_now() >= deadline) {
-      PyErr_Format(PyExc_TimeoutError,
-                   "torch_shmem: stream %R: timed out after %s s waiting for a write "
-                   "newer than count %llu",
-                   h->name, Seconds(timeout).text, static_cast<unsigned long long>(after));
-      return false;
-    }
-  }
+bool wait_after(Handle* h, uint64_t after, const Deadline& d, const char* what) {
+  return blocking(
+      h, true,
+      [&](torch_shmem::core::Interrupt i) { return session_of(h).wait_until(after, d, i); },
+      after, what);
 }
 
 // ---------------------------------------------------------------------------
@@ -404,7 +391,6 @@ Handle* wrap(Stream* s, PyObject* name) {
   h->closed = false;
   h->exports = 0;
   h->held_levels = 0;
-  h->spin = kDefaultSpin;
   h->last = Snapshot();
   h->last_read_count = s->count();
   h->missed_writes = 0;
@@ -448,7 +434,7 @@ PyObject* mod_create(PyObject*, PyObject* args) {
   }
   std::string n;
   if (!utf8_name(name, &n)) return nullptr;
-  Geometry g;
+  CreateOptions g;
   g.dtype_code = code;
   g.mode = mode;
   g.flags = flags;
@@ -617,14 +603,11 @@ PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   double timeout = -1;
   if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
   const void* src = PyArray_DATA(reinterpret_cast<PyArrayObject*>(args[0]));
-  if (!acquire_lock(h, timeout)) return nullptr;
+  if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   uint64_t count = 0;
-  Stream* s = h->s;
-  auto* sim = h->sim;
-  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] {
-    count = sim ? torch_shmem::core::slot_write_locked(*s, *sim, src, false, has_fid, fid)
-                : s->write_locked(src, has_fid, fid);
-  });
+  const Session session = session_of(h);
+  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes,
+                     [&] { count = session.write_locked(src, false, has_fid, fid); });
   unlock_quiet(h);
   if (!ok) return nullptr;
   return PyLong_FromUnsignedLongLong(count);
@@ -669,11 +652,20 @@ PyObject* H_read_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
   PyObject* result = read_target(h, out);
   if (result == nullptr) return nullptr;
-  if (!snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)), timeout)) {
+  if (!snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)),
+                     Deadline::after(timeout))) {
     Py_DECREF(result);
     return nullptr;
   }
   return read_result<kPub>(h, result);
+}
+
+// `after` of the waiting calls: a count, or < 0 for the count now.
+bool parse_after(Handle* h, PyObject* obj, uint64_t* out) {
+  long long v = PyLong_AsLongLong(obj);
+  if (v == -1 && PyErr_Occurred()) return false;
+  *out = v < 0 ? h->s->count() : static_cast<uint64_t>(v);
+  return true;
 }
 
 // read_after(after, out=None, timeout=None) -> ndarray: blocks until
@@ -688,21 +680,16 @@ PyObject* H_read_after_impl(Handle* h, PyObject* const* args, Py_ssize_t nargs) 
   }
   Guard g(h);
   if (!g.ok) return nullptr;
-  long long after_in = PyLong_AsLongLong(args[0]);
-  if (after_in == -1 && PyErr_Occurred()) return nullptr;
-  uint64_t after = after_in < 0 ? h->s->count() : static_cast<uint64_t>(after_in);
+  uint64_t after;
+  if (!parse_after(h, args[0], &after)) return nullptr;
   PyObject* out = nargs >= 2 ? args[1] : Py_None;
   double timeout = -1;
   if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
   PyObject* result = read_target(h, out);
   if (result == nullptr) return nullptr;
-  const double start = mono_now();
-  if (!wait_after(h, after, timeout, "read_new/read_after")) {
-    Py_DECREF(result);
-    return nullptr;
-  }
-  double remaining = timeout < 0 ? -1 : std::max(0.0, timeout - (mono_now() - start));
-  if (!snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)), remaining)) {
+  const Deadline d = Deadline::after(timeout);
+  if (!wait_after(h, after, d, "read_new/read_after") ||
+      !snapshot_into(h, PyArray_DATA(reinterpret_cast<PyArrayObject*>(result)), d)) {
     Py_DECREF(result);
     return nullptr;
   }
@@ -754,12 +741,11 @@ PyObject* H_wait_for_count(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   }
   Guard g(h);
   if (!g.ok) return nullptr;
-  long long after_in = PyLong_AsLongLong(args[0]);
-  if (after_in == -1 && PyErr_Occurred()) return nullptr;
-  uint64_t after = after_in < 0 ? h->s->count() : static_cast<uint64_t>(after_in);
+  uint64_t after;
+  if (!parse_after(h, args[0], &after)) return nullptr;
   double timeout = -1;
   if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
-  if (!wait_after(h, after, timeout, "wait_for_count")) return nullptr;
+  if (!wait_after(h, after, Deadline::after(timeout), "wait_for_count")) return nullptr;
   return PyLong_FromUnsignedLongLong(h->s->count());
 }
 
@@ -772,18 +758,10 @@ PyObject* H_clear(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   }
   double timeout = -1;
   if (nargs >= 1 && !parse_timeout(h, args[0], &timeout)) return nullptr;
-  if (!acquire_lock(h, timeout)) return nullptr;
+  if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   uint64_t count = 0;
-  Stream* s = h->s;
-  auto* sim = h->sim;
-  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] {
-    if (sim) {
-      std::vector<uint8_t> zeros(h->nbytes);
-      count = torch_shmem::core::slot_write_locked(*s, *sim, zeros.data(), false, false, 0);
-    } else {
-      count = s->clear_locked();
-    }
-  });
+  const Session session = session_of(h);
+  bool ok = run_core(h, h->nbytes >= kReleaseGilBytes, [&] { count = session.clear_locked(); });
   unlock_quiet(h);
   if (!ok) return nullptr;
   return PyLong_FromUnsignedLongLong(count);
@@ -794,7 +772,7 @@ PyObject* H_acquire(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   if (!g.ok) return nullptr;
   double timeout = -1;
   if (nargs >= 1 && !parse_timeout(h, args[0], &timeout)) return nullptr;
-  if (!acquire_lock(h, timeout)) return nullptr;
+  if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   h->held_levels += 1;
   Py_RETURN_NONE;
 }
@@ -877,11 +855,11 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   // through this handle to be released (the caller's own were released by
   // SharedMemory.close()); new calls are refused meanwhile.
   if (h->inflight.load(std::memory_order_acquire) > 0 || h->held_levels > 0) {
-    const double deadline = mono_now() + timeout;
+    const Deadline d = Deadline::after(timeout);
     Stream* s = h->s;
     while (h->inflight.load(std::memory_order_acquire) > 0 || h->held_levels > 0) {
       if (h->inflight.load(std::memory_order_acquire) > 0) s->wake_all();
-      if (mono_now() > deadline) {
+      if (d.passed()) {
         h->closing = false;
         if (h->inflight.load(std::memory_order_acquire) > 0)
           PyErr_Format(PyExc_RuntimeError,
@@ -911,15 +889,75 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-PyObject* H_unlink_mark(Handle* h, PyObject*) {
-  Guard g(h);
-  if (!g.ok) return nullptr;
-  h->s->header()->unlinked.store(1, std::memory_order_release);
-  Py_RETURN_NONE;
+// Named result types (PyStructSequence: tuples with named fields, so code
+// that indexes or unpacks them keeps working). Field lists are documented
+// in the module docstring.
+PyStructSequence_Field info_fields[] = {
+    {"dtype_code", "header dtype code (see DTYPES)"},
+    {"shape", "tuple of ints"},
+    {"nbytes", "payload bytes"},
+    {"flags", "FLAG_* bits"},
+    {"creator_pid", "pid of the creating process"},
+    {"instance_id", "16 bytes naming this generation of the name"},
+    {"create_time", "creation time, seconds since the epoch"},
+    {"mode", "permission bits"},
+    {nullptr, nullptr}};
+PyStructSequence_Field state_fields[] = {
+    {"seq", "2 * count, odd while a write is in progress"},
+    {"write_time_ns", "time of the latest publication (ns since the epoch)"},
+    {"frame_id", "frame_id of the latest publication"},
+    {"broken", "1 when the payload is torn"},
+    {"unlinked", "1 once the generation was unlinked"},
+    {"owner_pid", "pid of the last lock owner"},
+    {"owner_tid", "thread id of the last lock owner"},
+    {"waiters", "readers parked on the futex"},
+    {nullptr, nullptr}};
+PyStructSequence_Field read_stats_fields[] = {
+    {"last_read_count", "count of the publication this handle read last"},
+    {"missed_writes", "publications skipped by the latest read"},
+    {"total_missed_writes", "publications skipped by all reads"},
+    {"last_count", "count of the latest snapshot's publication"},
+    {"last_write_time_ns", "write time of that publication"},
+    {"last_frame_id", "frame_id of that publication"},
+    {nullptr, nullptr}};
+PyStructSequence_Desc info_desc = {"torch_shmem._core.Info",
+                                   "Identity and geometry of a stream (Handle.info()).",
+                                   info_fields, 8};
+PyStructSequence_Desc state_desc = {"torch_shmem._core.State",
+                                    "Publication and lock state of a stream (Handle.state()).",
+                                    state_fields, 8};
+PyStructSequence_Desc read_stats_desc = {
+    "torch_shmem._core.ReadStats", "This handle's read bookkeeping (Handle.read_stats()).",
+    read_stats_fields, 6};
+PyTypeObject* InfoType = nullptr;
+PyTypeObject* StateType = nullptr;
+PyTypeObject* ReadStatsType = nullptr;
+
+// A new instance of struct sequence type t holding `items` (new
+// references, stolen; any null fails the whole and releases the rest).
+PyObject* struct_of(PyTypeObject* t, std::initializer_list<PyObject*> items) {
+  PyObject* r = PyStructSequence_New(t);
+  bool ok = r != nullptr;
+  Py_ssize_t i = 0;
+  for (PyObject* v : items) {
+    if (v == nullptr) ok = false;
+    if (ok)
+      PyStructSequence_SET_ITEM(r, i++, v);
+    else
+      Py_XDECREF(v);
+  }
+  if (!ok) {
+    Py_XDECREF(r);
+    return nullptr;
+  }
+  return r;
 }
 
-// info() -> (dtype_code, shape, nbytes, flags, creator_pid, instance_id,
-//            create_time, mode)
+PyObject* u64(uint64_t v) { return PyLong_FromUnsignedLongLong(v); }
+PyObject* i64(int64_t v) { return PyLong_FromLongLong(v); }
+
+// info() -> Info(dtype_code, shape, nbytes, flags, creator_pid, instance_id,
+//                create_time, mode)
 PyObject* H_info(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
@@ -928,24 +966,28 @@ PyObject* H_info(Handle* h, PyObject*) {
   if (shape == nullptr) return nullptr;
   for (int i = 0; i < h->ndim; ++i)
     PyTuple_SET_ITEM(shape, i, PyLong_FromLongLong(static_cast<long long>(h->dims[i])));
-  return Py_BuildValue("(INKIiy#dI)", hdr->dtype_code, shape,
-                       static_cast<unsigned long long>(hdr->payload_bytes), hdr->flags,
-                       hdr->creator_pid, reinterpret_cast<const char*>(hdr->instance_id),
-                       static_cast<Py_ssize_t>(16), hdr->create_time_ns * 1e-9, hdr->mode);
+  return struct_of(InfoType,
+                   {PyLong_FromUnsignedLong(hdr->dtype_code), shape, u64(hdr->payload_bytes),
+                    PyLong_FromUnsignedLong(hdr->flags), PyLong_FromLong(hdr->creator_pid),
+                    PyBytes_FromStringAndSize(reinterpret_cast<const char*>(hdr->instance_id), 16),
+                    PyFloat_FromDouble(hdr->create_time_ns * 1e-9),
+                    PyLong_FromUnsignedLong(hdr->mode)});
 }
 
-// state() -> (seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
-//             owner_tid, waiters)
+// state() -> State(seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
+//                  owner_tid, waiters)
 PyObject* H_state(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
   const auto* hdr = h->s->header();
-  return Py_BuildValue(
-      "(KLKIIiiI)", static_cast<unsigned long long>(hdr->seq.load(std::memory_order_acquire)),
-      static_cast<long long>(hdr->write_time_ns.load(std::memory_order_relaxed)),
-      static_cast<unsigned long long>(hdr->frame_id.load(std::memory_order_relaxed)),
-      hdr->broken.load(), hdr->unlinked.load(), hdr->owner_pid.load(), hdr->owner_tid.load(),
-      hdr->waiters.load());
+  return struct_of(StateType, {u64(hdr->seq.load(std::memory_order_acquire)),
+                               i64(hdr->write_time_ns.load(std::memory_order_relaxed)),
+                               u64(hdr->frame_id.load(std::memory_order_relaxed)),
+                               PyLong_FromUnsignedLong(hdr->broken.load()),
+                               PyLong_FromUnsignedLong(hdr->unlinked.load()),
+                               PyLong_FromLong(hdr->owner_pid.load()),
+                               PyLong_FromLong(hdr->owner_tid.load()),
+                               PyLong_FromUnsignedLong(hdr->waiters.load())});
 }
 
 // importers() -> tuple of pids: the live processes other than the creator
@@ -979,16 +1021,13 @@ PyObject* H_seq(Handle* h, PyObject*) {
   return PyLong_FromUnsignedLongLong(h->s->seq());
 }
 
-// read_stats() -> (last_read_count, missed_writes, total_missed_writes,
-//                  last_count, last_write_time_ns, last_frame_id)
+// read_stats() -> ReadStats(last_read_count, missed_writes, total_missed_writes,
+//                           last_count, last_write_time_ns, last_frame_id)
 PyObject* H_read_stats(Handle* h, PyObject*) {
   if (h->closed) return closed_error(h);
-  return Py_BuildValue("(KKKKLK)", static_cast<unsigned long long>(h->last_read_count),
-                       static_cast<unsigned long long>(h->missed_writes),
-                       static_cast<unsigned long long>(h->total_missed_writes),
-                       static_cast<unsigned long long>(h->last.count),
-                       static_cast<long long>(h->last.write_time_ns),
-                       static_cast<unsigned long long>(h->last.frame_id));
+  return struct_of(ReadStatsType, {u64(h->last_read_count), u64(h->missed_writes),
+                                   u64(h->total_missed_writes), u64(h->last.count),
+                                   i64(h->last.write_time_ns), u64(h->last.frame_id)});
 }
 
 // sim_wait_count(n, timeout) -> bool: the host form of a GPU stream's
@@ -1014,13 +1053,6 @@ PyObject* H_sim_wait_count(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   auto* sim = h->sim;
   if (!run_core(h, true, [&] { ok = sim->queue_wait_count(n, timeout); })) return nullptr;
   return PyBool_FromLong(ok);
-}
-
-PyObject* H_set_spin(Handle* h, PyObject* arg) {
-  double v = PyFloat_AsDouble(arg);
-  if (v == -1.0 && PyErr_Occurred()) return nullptr;
-  h->spin = v < 0 ? 0 : v;
-  Py_RETURN_NONE;
 }
 
 PyObject* H_get_closed(Handle* h, void*) { return PyBool_FromLong(h->closed || h->closing); }
@@ -1118,14 +1150,12 @@ PyMethodDef handle_methods[] = {
     {"commit_write", (PyCFunction)(void (*)(void))H_commit_write, METH_FASTCALL, nullptr},
     {"abort_write", (PyCFunction)H_abort_write, METH_NOARGS, nullptr},
     {"close", (PyCFunction)(void (*)(void))H_close, METH_FASTCALL, nullptr},
-    {"mark_unlinked", (PyCFunction)H_unlink_mark, METH_NOARGS, nullptr},
     {"info", (PyCFunction)H_info, METH_NOARGS, nullptr},
     {"state", (PyCFunction)H_state, METH_NOARGS, nullptr},
     {"importers", (PyCFunction)H_importers, METH_NOARGS, nullptr},
     {"count", (PyCFunction)H_count, METH_NOARGS, nullptr},
     {"seq", (PyCFunction)H_seq, METH_NOARGS, nullptr},
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
-    {"set_spin", (PyCFunction)H_set_spin, METH_O, nullptr},
     {"live_array", (PyCFunction)H_live_array, METH_NOARGS, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
     {nullptr, nullptr, 0, nullptr}};
@@ -1147,8 +1177,18 @@ PyMethodDef module_methods[] = {
      "name_state(name, instance_id) -> 'gone' | 'same' | 'other'"},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_core",
-                          "torch_shmem native core (NumPy path, no torch)", -1, module_methods};
+const char module_doc[] =
+    "torch_shmem native core (NumPy path, no torch).\n\n"
+    "Handle results with named fields (struct sequences: still tuples, so\n"
+    "indexing and unpacking work):\n\n"
+    "Handle.info() -> Info(dtype_code, shape, nbytes, flags, creator_pid,\n"
+    "    instance_id, create_time, mode)\n"
+    "Handle.state() -> State(seq, write_time_ns, frame_id, broken, unlinked,\n"
+    "    owner_pid, owner_tid, waiters)\n"
+    "Handle.read_stats() -> ReadStats(last_read_count, missed_writes,\n"
+    "    total_missed_writes, last_count, last_write_time_ns, last_frame_id)\n\n"
+    "DTYPES: {name: header dtype code}, the one dtype table (csrc/core/dtypes.h).";
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_core", module_doc, -1, module_methods};
 
 }  // namespace
 
@@ -1198,11 +1238,35 @@ PyMODINIT_FUNC PyInit__core(void) {
   }
   Py_INCREF(&HandleType);
   PyModule_AddObject(m, "Handle", reinterpret_cast<PyObject*>(&HandleType));
+  for (auto [label, type, desc] :
+       {std::tuple<const char*, PyTypeObject**, PyStructSequence_Desc*>{"Info", &InfoType,
+                                                                        &info_desc},
+        {"State", &StateType, &state_desc},
+        {"ReadStats", &ReadStatsType, &read_stats_desc}}) {
+    *type = PyStructSequence_NewType(desc);
+    if (*type == nullptr) return nullptr;
+    Py_INCREF(*type);
+    if (PyModule_AddObject(m, label, reinterpret_cast<PyObject*>(*type)) != 0) return nullptr;
+  }
   PyModule_AddIntConstant(m, "MAX_DIMS", torch_shmem::core::kMaxDims);
   PyModule_AddIntConstant(m, "MAX_NAME_BYTES", torch_shmem::core::kMaxNameBytes);
   PyModule_AddIntConstant(m, "FLAG_GPU", torch_shmem::core::kFlagGpu);
   PyModule_AddIntConstant(m, "FLAG_CPU_MIRROR", torch_shmem::core::kFlagCpuMirror);
   PyModule_AddIntConstant(m, "FLAG_SIM_DEVICE", torch_shmem::core::kFlagSimDevice);
   PyModule_AddIntConstant(m, "FLAG_NOTIFY", torch_shmem::core::kFlagNotify);
+  // DTYPES: {name: code} in code order, from the one dtype table
+  // (csrc/core/dtypes.h); bfloat16 is listed although NumPy lacks it.
+  PyObject* dtypes = PyDict_New();
+  if (dtypes == nullptr) return nullptr;
+#define TORCH_SHMEM_X(e, c, size, name, np, th)                    \
+  {                                                                \
+    PyObject* v = PyLong_FromLong(c);                              \
+    if (v == nullptr || PyDict_SetItemString(dtypes, name, v) != 0) \
+      return nullptr;                                              \
+    Py_DECREF(v);                                                  \
+  }
+  TORCH_SHMEM_DTYPES(TORCH_SHMEM_X)
+#undef TORCH_SHMEM_X
+  if (PyModule_AddObject(m, "DTYPES", dtypes) != 0) return nullptr;
   return m;
 }

@@ -2,7 +2,7 @@
 // tests/test_reliability_sanitizers.py with -fsanitize=address,undefined:
 //
 //   g++ -std=c++17 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=all
-//       -Icsrc tests/cpp/test_core.cpp csrc/core/stream.cpp csrc/core/slots.cpp
+//       -Icsrc tests/cpp/test_core.cpp csrc/core/*.cpp
 //       -lpthread -o test_core && ./test_core [iterations] [seed]
 //
 // It exercises what the Python suite cannot see from above: every header
@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/session.h"
 #include "core/slots.h"
 #include "core/stream.h"
 
@@ -52,8 +53,8 @@ std::string stream_name(const char* tag) { return g_prefix + tag; }
 
 std::string path_of(const std::string& name) { return "/dev/shm/torch_shmem." + name; }
 
-Geometry geometry_u64(int64_t n) {
-  Geometry g;
+CreateOptions geometry_u64(int64_t n) {
+  CreateOptions g;
   g.dtype_code = kUInt64;
   g.ndim = 1;
   g.shape[0] = n;
@@ -175,6 +176,66 @@ void test_basics() {
 // A reader parked in wait_slice (with `gone`) is woken by unlink_name and
 // reports the stream gone; a publication newer than `after` still wins; the
 // name then reads as gone, and as another generation once re-created.
+// Session: a lock held by another thread times out at the deadline (the
+// hook runs between slices) or ends when the hook says so; a wait times
+// out, ends on a publication, and reports an unlinked generation; read()
+// releases the lock it took.
+void test_session() {
+  const std::string name = stream_name("session");
+  Stream::unlink_name(name);
+  std::unique_ptr<Stream> w(Stream::create(name, geometry_u64(4)));
+  std::unique_ptr<Stream> r(Stream::open(name, true));
+  const Session sw(*w, nullptr), sr(*r, nullptr);
+  std::atomic<int> stage{0};
+  std::thread holder([&] {
+    CHECK(w->lock_for(1));
+    stage = 1;
+    while (stage.load() != 2) std::this_thread::yield();
+    w->unlock();
+  });
+  while (stage.load() != 1) std::this_thread::yield();
+  int calls = 0;
+  auto go_on = [&] { ++calls; return true; };
+  bool timed_out = false;
+  try {
+    sr.lock_until(Deadline::after(0.12), go_on);
+  } catch (const Error& e) {
+    timed_out = e.kind() == ErrorKind::kTimeout &&
+                std::string(e.what()).find("write lock") != std::string::npos;
+  }
+  CHECK(timed_out && calls >= 2);  // one call per slice of at most kLockSlice
+  auto stop = [] { return false; };
+  const double t0 = now_monotonic();
+  CHECK(sr.lock_until(Deadline::after(-1), stop) == Blocked::kInterrupted);
+  CHECK(now_monotonic() - t0 < 1.0);
+  stage = 2;
+  holder.join();
+
+  timed_out = false;
+  try {
+    sr.wait_until(r->count(), Deadline::after(0.05), go_on);
+  } catch (const Error& e) {
+    timed_out = e.kind() == ErrorKind::kTimeout;
+  }
+  CHECK(timed_out);
+  std::thread writer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    CHECK(w->lock_for(1));
+    torch_shmem::core::LockGuard held(*w);
+    std::vector<uint64_t> f(4, 3);
+    CHECK(sw.write_locked(f.data(), false, true, 9) == 1);
+  });
+  CHECK(sr.wait_until(0, Deadline::after(5), go_on) == Blocked::kDone);
+  writer.join();
+  CHECK(w->held_depth() == 0);
+  std::vector<uint64_t> got(4);
+  Snapshot snap;
+  CHECK(sr.read(got.data(), false, Deadline::after(1), go_on, &snap) == Blocked::kDone);
+  CHECK(snap.count == 1 && snap.frame_id == 9 && got[3] == 3 && r->held_depth() == 0);
+  CHECK(Stream::unlink_name(name));
+  CHECK(sr.wait_until(1, Deadline::after(5), go_on) == Blocked::kGone);
+}
+
 void test_unlink_ends_waits() {
   const std::string name = stream_name("unlinkwait");
   Stream::unlink_name(name);
@@ -219,7 +280,7 @@ void test_header_fuzz(int iterations, std::mt19937_64& rng) {
   const int64_t shapes[] = {0, 1, 3, 512, 513, 5000};
   int opened = 0, refused = 0;
   for (int it = 0; it < iterations; ++it) {
-    Geometry g = geometry_u64(shapes[it % 6]);
+    CreateOptions g = geometry_u64(shapes[it % 6]);
     if (it % 4 == 1) {
       g.dtype_code = kUInt8;
       g.ndim = 3;
@@ -276,7 +337,7 @@ void test_header_fuzz(int iterations, std::mt19937_64& rng) {
 void test_crafted_headers() {
   const std::string name = stream_name("craft");
   Stream::unlink_name(name);
-  Geometry g;
+  CreateOptions g;
   g.dtype_code = kInt16;
   g.ndim = 1;
   g.shape[0] = 4;
@@ -396,7 +457,7 @@ void test_slots() {
   const std::string name = stream_name("slots");
   Stream::unlink_name(name);
   shm_unlink(sim_device_name(name).c_str());
-  Geometry g = geometry_u64(100);
+  CreateOptions g = geometry_u64(100);
   g.flags = kFlagGpu | kFlagSimDevice | kFlagCpuMirror;
   g.nslots = 3;
   HostSlotMemory* mem = nullptr;
@@ -427,6 +488,7 @@ int main(int argc, char** argv) {
   g_prefix = "cpp-" + std::to_string(getpid()) + "-";
   test_basics();
   test_unlink_ends_waits();
+  test_session();
   test_header_fuzz(iterations, rng);
   test_crafted_headers();
   test_threads();

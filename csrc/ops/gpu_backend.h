@@ -1,9 +1,9 @@
-// Process-local registry of streams opened through torch.ops.shmem, and
-// the hook through which the CUDA half (csrc/cuda, built only with a CUDA
-// toolkit) provides device memory for GPU streams.
+// The hook through which the CUDA half (csrc/cuda, built only with a CUDA
+// toolkit) provides device memory for GPU streams to the torch ops.
 #pragma once
 
-#include <atomic>
+#include <stdint.h>
+
 #include <memory>
 #include <string>
 #include <utility>
@@ -14,19 +14,6 @@
 
 namespace torch_shmem {
 namespace ops {
-
-struct Entry {
-  std::unique_ptr<core::Stream> stream;
-  // Page-locking of stream's CPU payload (mirrored GPU streams, writable
-  // handles); declared after `stream` so it is undone before the unmap.
-  std::shared_ptr<void> host_pin;
-  std::shared_ptr<core::SlotMemory> dev;  // GPU streams: the device slots
-  int device = -1;                        // CUDA ordinal in this process, -1: CPU
-  std::string name;
-  int64_t iid_lo = 0;
-  int64_t iid_hi = 0;
-  std::atomic<bool> closing{false};
-};
 
 // Device memory provider for GPU streams (implemented in csrc/cuda).
 class GpuBackend {
@@ -61,15 +48,6 @@ class GpuBackend {
 
 GpuBackend* gpu_backend();  // nullptr when built without CUDA
 void set_gpu_backend(GpuBackend* backend);
-
-// The CPU-mirror copy through the op shmem::mirror_copy, whose CUDA kernel
-// (the Triton kernel, torch_shmem/kernels/mirror.py) is registered from
-// Python when torch_shmem.ops is imported: copies `nbytes` from device
-// memory `src` on `device` into page-locked host memory `dst`, queued on
-// the device's current CUDA stream. Returns false, having done nothing,
-// when no CUDA kernel is registered for the op (C++-only use); the caller
-// then copies with the copy engine.
-bool mirror_copy_via_op(void* src, void* dst, uint64_t nbytes, int device);
 
 }  // namespace ops
 }  // namespace torch_shmem

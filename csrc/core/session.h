@@ -1,0 +1,139 @@
+// Session: what a binding does with one mapped stream, written once for
+// both bindings (csrc/python: NumPy, csrc/ops: torch.ops.shmem).
+//
+//   * Payload: where a stream's publications live (the CPU payload of the
+//     segment, or the slots of a slotted stream, slots.h) behind one set of
+//     write/read calls, so that no binding branches on the kind of stream.
+//   * Blocking: taking the lock and waiting for a publication, in bounded
+//     slices up to a Deadline. Between two slices the session calls the
+//     binding's Interrupt hook, which decides whether the call goes on (the
+//     NumPy binding retakes the GIL there to run signal handlers and looks
+//     at close(); the torch ops look at close() and run signal handlers
+//     too). The hook returns false, or throws, to end the call.
+//
+// Plain C++17: no Python and no torch types.
+#pragma once
+
+#include <stdint.h>
+
+#include <cmath>
+#include <utility>
+
+#include "slots.h"
+#include "stream.h"
+
+namespace torch_shmem {
+namespace core {
+
+// Spin before parking on the futex in a wait (wake-up latency vs CPU).
+constexpr double kWaitSpin = 50e-6;
+// Longest slice of a blocking call: the longest a pending signal or a
+// close() from another thread waits to be noticed.
+constexpr double kLockSlice = 0.05;
+constexpr double kWaitSlice = 0.1;
+
+// A point on the monotonic clock, and the timeout it was made from (for
+// messages). timeout < 0: no limit.
+struct Deadline {
+  double at = INFINITY;
+  double timeout = -1;
+  static Deadline after(double timeout) {
+    Deadline d;
+    d.timeout = timeout;
+    d.at = timeout < 0 ? INFINITY : now_monotonic() + timeout;
+    return d;
+  }
+  double remaining() const { return at - now_monotonic(); }
+  bool passed() const { return now_monotonic() >= at; }
+};
+
+// The binding's between-slices hook: a non-owning reference to a callable
+// `bool()` (true: go on). Only called on the slow path.
+class Interrupt {
+ public:
+  template <typename F>
+  Interrupt(F& f)  // NOLINT: implicit, from a lambda lvalue
+      : obj_(&f), call_([](void* o) { return (*static_cast<F*>(o))(); }) {}
+  bool operator()() const { return call_(obj_); }
+
+ private:
+  void* obj_;
+  bool (*call_)(void*);
+};
+
+// How a blocking call ended.
+enum class Blocked {
+  kDone,         // lock taken / publication there
+  kInterrupted,  // the hook returned false
+  kGone,         // wait only: the generation was unlinked (see wait_slice)
+};
+
+class Session {
+ public:
+  // slots: the slot memory of a slotted stream (nullptr: CPU payload).
+  Session(Stream& s, SlotMemory* slots) : s_(s), slots_(slots) {}
+
+  Stream& stream() const { return s_; }
+  SlotMemory* slots() const { return slots_; }
+
+  // ---- payload: one interface for host payload and slot memory ---------
+  // (on_device: src/dst is device memory; slotted streams only.)
+  uint64_t write_locked(const void* src, bool src_on_device, bool has_frame_id,
+                        uint64_t frame_id) const {
+    return slots_ ? slot_write_locked(s_, *slots_, src, src_on_device, has_frame_id, frame_id)
+                  : s_.write_locked(src, has_frame_id, frame_id);
+  }
+  // Publishes an all-zero payload.
+  uint64_t clear_locked() const;
+  bool read_fast(void* dst, bool dst_on_device, Snapshot* snap) const {
+    return slots_ ? slot_read_fast(s_, *slots_, dst, dst_on_device, snap)
+                  : s_.read_fast(dst, snap);
+  }
+  Snapshot read_locked(void* dst, bool dst_on_device) const {
+    return slots_ ? slot_read_locked(s_, *slots_, dst, dst_on_device)
+                  : s_.read_locked(dst);
+  }
+
+  // ---- blocking -----------------------------------------------------------
+  // Takes the lock (one try first, then slices). Throws kTimeout when the
+  // deadline passes.
+  Blocked lock_until(const Deadline& d, Interrupt interrupt) const;
+  // Until count > after: spins for `spin` seconds, then parks in slices.
+  // Throws kTimeout when the deadline passes.
+  Blocked wait_until(uint64_t after, const Deadline& d, Interrupt interrupt,
+                     double spin = kWaitSpin) const;
+  // A consistent snapshot: lock-free, else under the lock (taken with
+  // lock_until). kDone: *snap describes what dst holds.
+  Blocked read(void* dst, bool dst_on_device, const Deadline& d, Interrupt interrupt,
+               Snapshot* snap) const;
+
+ private:
+  Stream& s_;
+  SlotMemory* slots_;
+};
+
+// Holds a stream's lock for a scope (the lock must already be taken);
+// unlock errors are dropped: the scope's own error, if any, is the one that
+// matters.
+class LockGuard {
+ public:
+  explicit LockGuard(Stream& s) : s_(&s) {}
+  ~LockGuard() { release(); }
+  LockGuard(const LockGuard&) = delete;
+  LockGuard& operator=(const LockGuard&) = delete;
+  void release() {
+    if (s_ == nullptr) return;
+    Stream* s = s_;
+    s_ = nullptr;
+    try {
+      s->unlock();
+    } catch (const Error&) {
+    }
+  }
+
+ private:
+  Stream* s_;
+};
+
+}  // namespace core
+}  // namespace torch_shmem

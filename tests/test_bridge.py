@@ -512,8 +512,12 @@ def test_a_stalled_subscriber_gets_the_newest_frame_not_a_backlog(name, cleanup)
         finally:
             os.kill(child.pid, signal.SIGCONT)
             assert finish(child, stop) == 0
-    # a few old messages may still sit in the socket buffers; never the 299
-    assert 1 <= published <= 30, published
+    # What a stalled subscriber can find queued is bounded by the server's per-subscriber
+    # queue (SNDHWM: SNDHWM_BYTES of frames, 64 here) plus what the kernel's socket buffers
+    # hold; a backlog would be all 299. Typically a handful get through (2-10 seen; 43 once
+    # on a loaded 2-core machine).
+    hwm = max(4, min(1000, bridge.SNDHWM_BYTES // (n * 8)))
+    assert 1 <= published <= hwm + 16 < total - 1, (published, hwm)
 
 
 # ------------------------------------------------------------------ security

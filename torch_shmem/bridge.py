@@ -141,6 +141,18 @@ def _zmq():
     return zmq
 
 
+def _close_socket(sock: Any, monitor: Any) -> None:
+    """Close a bridge socket (its monitor disabled first) and its monitor socket."""
+    if sock is not None:
+        try:
+            sock.disable_monitor()
+        except Exception:
+            pass
+        sock.close(0)
+    if monitor is not None:
+        monitor.close(0)
+
+
 # ------------------------------------------------------------------ format
 @dataclasses.dataclass(frozen=True)
 class Header:
@@ -784,16 +796,8 @@ class BridgeServer(_Component):
             self._source = None
 
     def _teardown(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except Exception:
-                pass
-            self._sock.close(0)
-            self._sock = None
-        if self._monitor is not None:
-            self._monitor.close(0)
-            self._monitor = None
+        _close_socket(self._sock, self._monitor)
+        self._sock = self._monitor = None
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
@@ -1218,16 +1222,8 @@ class BridgeAttachment(_Component):
         self._sock = sock
 
     def _teardown(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except Exception:
-                pass
-            self._sock.close(0)
-            self._sock = None
-        if self._monitor is not None:
-            self._monitor.close(0)
-            self._monitor = None
+        _close_socket(self._sock, self._monitor)
+        self._sock = self._monitor = None
         self._connected = self._handshake_ok = False
 
     def _release(self) -> None:

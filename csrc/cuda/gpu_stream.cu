@@ -425,12 +425,8 @@ class CudaSlotMemory : public core::SlotMemory {
         queued = true;
         g_stats.wait_memops.fetch_add(1, std::memory_order_relaxed);
       } else {
-        TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
-                    "torch_shmem: GPU stream '", map_->name,
-                    "': cuStreamWaitValue64 failed (CUresult ", int(r), ")");
-        g_wait_memops_ok.store(false);
-        TORCH_WARN_ONCE("torch_shmem: the driver refused cuStreamWaitValue64 (CUresult ", int(r),
-                        "); device waits use a one-thread polling kernel from now on");
+        memop_refused(r, "cuStreamWaitValue64", "device waits use a one-thread polling kernel",
+                      g_wait_memops_ok);
       }
     }
     if (!queued) {
@@ -461,6 +457,18 @@ class CudaSlotMemory : public core::SlotMemory {
   }
 
  private:
+  // A stream memory operation returned r != CUDA_SUCCESS: an error unless
+  // the driver or device lacks 64-bit stream memory operations
+  // (NOT_SUPPORTED, INVALID_VALUE); then `ok` is cleared, so the kernel
+  // fallback serves the rest of the process, with one warning per function.
+  void memop_refused(CUresult r, const char* fn, const char* fallback, std::atomic<bool>& ok) {
+    TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
+                "torch_shmem: GPU stream '", map_->name, "': ", fn, " failed (CUresult ", int(r), ")");
+    if (ok.exchange(false))
+      TORCH_WARN("torch_shmem: the driver refused ", fn, " (CUresult ", int(r), "); ", fallback,
+                 " from now on");
+  }
+
   c10::DeviceIndex device() const { return static_cast<c10::DeviceIndex>(map_->device); }
   cudaStream_t stream() const { return c10::cuda::getCurrentCUDAStream(device()).stream(); }
   // Counter stores on the writer's stream: cuStreamWriteValue64 (its
@@ -477,12 +485,8 @@ class CudaSlotMemory : public core::SlotMemory {
         g_stats.store_memops.fetch_add(1, std::memory_order_relaxed);
         return;
       }
-      TORCH_CHECK(r == CUDA_ERROR_NOT_SUPPORTED || r == CUDA_ERROR_INVALID_VALUE,
-                  "torch_shmem: GPU stream '", map_->name,
-                  "': cuStreamWriteValue64 failed (CUresult ", int(r), ")");
-      g_write_memops_ok.store(false);
-      TORCH_WARN_ONCE("torch_shmem: the driver refused cuStreamWriteValue64 (CUresult ", int(r),
-                      "); device counters are stored by a one-thread kernel from now on");
+      memop_refused(r, "cuStreamWriteValue64", "device counters are stored by a one-thread kernel",
+                    g_write_memops_ok);
     }
     store_u64_kernel<<<1, 1, 0, st>>>(p, static_cast<unsigned long long>(v));
     TSHM_CUDA_CHECK(cudaGetLastError(), "store a device counter");

@@ -77,6 +77,28 @@ def cuda_decision():
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
 
 
+def torch_libstdcxx():
+    """Link arguments naming the libstdc++ that torch runs with (this process's).
+
+    torch's ops run inside torch's libstdc++ (the one the interpreter loaded
+    for it). A compiler whose own libstdc++ would be linked statically (some
+    toolchains ship only the archive) puts a private copy of iostreams into
+    _C: with Python's -Bsymbolic-functions its functions bind to the private
+    copy while the locale data binds to the process's, and the first number
+    formatted into an error message crashes. Naming the process's shared
+    libstdc++ first makes the linker resolve the C++ runtime from it; anything
+    it lacks still comes from the toolchain.
+    """
+    if not os.path.exists("/proc/self/maps"):
+        return []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so") and os.path.exists(path):
+                return [path]
+    return []
+
+
 # The core, compiled once (position-independent, hidden visibility: linked
 # into each module, exported by neither). Each module depends on the core's
 # files so that a change to them relinks it.
@@ -127,6 +149,7 @@ elif ops_sources:
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": OPS_FLAGS + defines, "nvcc": NVCC_FLAGS + defines},
         libraries=["rt"],
+        extra_link_args=torch_libstdcxx(),
         py_limited_api=False,
     )
     ext_modules.append(CUDAExtension(**common) if cuda_sources else CppExtension(**common))

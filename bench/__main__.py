@@ -7,6 +7,7 @@ Sections (``--only`` / ``--skip`` take these keys):
   pingpong  cross-process request/ack latency (p50/p95/p99/max) and round trips/s
   fanout    one writer, N readers: per-reader rate and missed frames
   idle      CPU time burnt by a reader blocked in read_new
+  paced     CPU time of a reader in a read_new loop against a writer at 1 kHz (64 KiB)
   import    added import time of torch_shmem for a NumPy-only process
   bridge    a stream over ZeroMQ on loopback vs plain pyzmq PUB/SUB: MB/s, p50/p99 latency
             (needs pyzmq; skipped with a note without it)
@@ -30,7 +31,16 @@ import os
 import sys
 import time
 
-from . import bench_bridge, bench_fanout, bench_idle, bench_import, bench_io, bench_mvm, bench_pingpong
+from . import (
+    bench_bridge,
+    bench_fanout,
+    bench_idle,
+    bench_import,
+    bench_io,
+    bench_mvm,
+    bench_paced,
+    bench_pingpong,
+)
 from .common import (
     DURATION,
     GPU_DRY_RUN,
@@ -56,6 +66,7 @@ SECTIONS = {
     "pingpong": bench_pingpong,
     "fanout": bench_fanout,
     "idle": bench_idle,
+    "paced": bench_paced,
     "import": bench_import,
     "bridge": bench_bridge,
 }

@@ -325,14 +325,17 @@ def cast_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------- GPU (untested: no GPU yet)
 @contextlib.contextmanager
-def env_at_create(key: str, value: str, impl: Any) -> Iterator[Step]:
-    """Enter ``impl`` (which creates its stream) with ``os.environ[key] = value``.
+def env_at_create(key: str, value: str | None, impl: Any) -> Iterator[Step]:
+    """Enter ``impl`` (which creates its stream) with ``os.environ[key] = value`` (unset for None).
 
     torch_shmem reads its upload policy when a stream is mapped, so the variable only needs
     to be set while the stream is created; it is restored before anything is timed.
     """
     old = os.environ.get(key)
-    os.environ[key] = value
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
     try:
         step = impl.__enter__()
     finally:
@@ -399,7 +402,8 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
         impls: dict[str, Any] = {CUDA_D2D: contextlib.nullcontext(d2d),
                                  CUDA_H2D: contextlib.nullcontext(h2d)}
         host_pinned = torch.from_numpy(host).pin_memory() if pinned else None
-        mirror = torch.empty_like(host_pinned) if pinned else None
+        # page-locked like a mirrored stream's CPU payload (empty_like does not pin)
+        mirror = torch.empty_like(host_pinned).pin_memory() if pinned else None
         if pinned:
             def h2d_pinned(host_t=host_pinned, mid=mid, out=out) -> Any:
                 mid.copy_(host_t, non_blocking=True)
@@ -419,7 +423,7 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
             impls[CUDA_H2D_PINNED] = contextlib.nullcontext(h2d_pinned)
             impls[CUDA_D2D_D2H] = contextlib.nullcontext(d2d_d2h)
             impls[MIRROR_CE] = contextlib.nullcontext(mirror_ce)
-        if triton_mirror:
+        if triton_mirror and pinned:
             from torch_shmem.kernels import mirror_copy
 
             def mirror_triton(src=src, mirror=mirror) -> Any:
@@ -435,8 +439,9 @@ def gpu_rows(cfg: Config, sizes: list[int], pyshmem: Any, progress: Progress) ->
                 HOST_UPLOAD_ENV, "staged", stream_impl(ts, unique_name("gio"), host, False, **gpu_kw))
             if pinned:
                 impls[TSG_HOST_PINNED] = stream_impl(ts, unique_name("gio"), host_pinned, False, **gpu_kw)
-                impls[TSG_MIRROR] = stream_impl(ts, unique_name("gio"), src, False, cpu_mirror=True, **gpu_kw)
-                impls[TSG_MIRROR_CE] = env_at_create(MIRROR_ENV, "copy", stream_impl(
+                impls[TSG_MIRROR] = env_at_create(MIRROR_ENV, "kernel", stream_impl(
+                    ts, unique_name("gio"), src, False, cpu_mirror=True, **gpu_kw))
+                impls[TSG_MIRROR_CE] = env_at_create(MIRROR_ENV, None, stream_impl(
                     ts, unique_name("gio"), src, False, cpu_mirror=True, **gpu_kw))
         if py_gpu:
             impls[PYG_DEV] = stream_impl(pyshmem, unique_name("gio"), src, False, **gpu_kw)

@@ -18,8 +18,9 @@ Implementations:
   a sequence counter in a tight loop (no sleep, no syscall): the latency lower bound on an
   idle machine, at the price of two cores at 100%. No safety at all.
 * ``torch_shmem``: two streams; blocking level-triggered waits (``read_after(n)``, i.e.
-  ``wait_for_count`` + ``read``) that spin for 50 µs (yielding the CPU between polls) and
-  then park on a futex. (``read_new`` is edge-triggered at entry and would deadlock
+  ``wait_for_count`` + ``read``) that spin for up to 50 µs (yielding the CPU between polls)
+  when a publication is expected within that budget (adaptive waiting: back-to-back rounds
+  are), then park on a futex. (``read_new`` is edge-triggered at entry and would deadlock
   request/reply when the reply lands before the call.) Also run unpinned, and with the
   responder parked: 2 ms of idle before each round, so every request has to wake it.
 * ``pyshmem notify``: pyshmem 1.4 with ``create(..., notify=True)`` and ``read_after``: its
@@ -90,7 +91,7 @@ RAW, TS, PY_NOTIFY, PY_POLL, IOX = (
 )
 TS_FREE = "torch_shmem read_after, not pinned"
 TS_PARKED = "torch_shmem read_after, responder parked"
-PARK_GAP = 0.002  # idle time before each timed round of TS_PARKED: longer than the 50 µs spin
+PARK_GAP = 0.002  # idle time before each timed round of TS_PARKED: longer than the 50 µs spin budget
 GPU_TORCH, GPU_TS = "torch.multiprocessing CUDA + busy-poll", "torch_shmem GPU stream + CPU ack"
 WAITS = {RAW: "spin on a counter", TS: "futex (blocking)", TS_FREE: "futex (blocking)",
          TS_PARKED: "futex, woken from sleep",
@@ -689,8 +690,9 @@ def run(cfg: Config, progress: Progress) -> Section:
         "`not pinned`: a busy-poll pair that the scheduler leaves on one CPU degrades to one "
         "round trip per time slice (~8 ms), which made the raw bound erratic without pinning; "
         "the `not pinned` row shows what torch_shmem gets without it. torch_shmem waits spin (with "
-        "`sched_yield`) for 50 µs before parking on the futex, so back-to-back rounds never "
-        f"park; the `responder parked` row idles {PARK_GAP * 1e3:g} ms before each round, so "
+        "`sched_yield`) for up to 50 µs before parking on the futex when the stream's recent "
+        "publication gaps say the next one is due within that (adaptive waiting), so "
+        f"back-to-back rounds never park; the `responder parked` row idles {PARK_GAP * 1e3:g} ms before each round, so "
         "every request wakes a parked responder (its rate is n/a)."
     )
     if res:

@@ -104,13 +104,18 @@ def device_wait_roundtrip(name, q):
     s = O.create_gpu(name, (4096,), torch.float32, device=0, nslots=3)
     producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
     try:
+        # Made (and its fill kernel loaded) before the consumer parks: under lazy module
+        # loading a kernel's first launch can wait for the parked stream (docs/gpu.md).
+        with torch.cuda.stream(producer):
+            src = torch.full((4096,), 5.0, device="cuda")
+        producer.synchronize()
         with torch.cuda.stream(consumer):
             O.wait_device(s, 1)
             got = O.slot_view(s, 1).clone()
         time.sleep(0.2)
         parked = not consumer.query()
         with torch.cuda.stream(producer):
-            O.publish(s, torch.full((4096,), 5.0, device="cuda"))
+            O.publish(s, src)
         deadline = time.monotonic() + 30
         while not consumer.query() and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -118,6 +123,9 @@ def device_wait_roundtrip(name, q):
         value = float(got[0]) if released else None
         uniform = bool((got == got[0]).all()) if released else None
         q.put((parked, released, value, uniform, dict(_C.gpu_stats())))
+    except BaseException as e:  # reported, so the test fails at once instead of waiting
+        q.put(("error", f"{type(e).__name__}: {e}", None, None, None))
+        raise
     finally:
         O.close(s)
         O.unlink(name)

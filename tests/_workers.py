@@ -296,3 +296,89 @@ def slot_reader_once(name):
     s = torch_shmem.open(name)
     s.read()
     s.close()
+
+
+def paced_writes(name, count, gap, go):
+    """Publish [k] for k = 1..count, `gap` seconds apart (0: back to back)."""
+    s = torch_shmem.open(name)
+    go.wait(60)
+    for k in range(1, count + 1):
+        if gap:
+            time.sleep(gap)
+        s.write(np.array([k], dtype=np.int64))
+    s.close()
+
+
+def wait_reader(name, mode, count, ready, results):
+    """Read every publication up to value `count` through level-triggered waits
+    (read_after, wait_for_count) under TORCH_SHMEM_WAIT_SPIN=mode; put the
+    values seen (or the error) on `results`."""
+    if mode is not None:
+        os.environ["TORCH_SHMEM_WAIT_SPIN"] = mode  # read at the first wait
+    s = torch_shmem.open(name)
+    seen = []
+    ready.set()
+    try:
+        after = 0
+        while not seen or seen[-1] < count:
+            if len(seen) % 2:
+                got = int(s.read_after(after, timeout=10)[0])
+                after = s.last_read_count
+            else:
+                after = s.wait_for_count(after=after, timeout=10)
+                got = int(s.read()[0])
+            seen.append(got)
+        results.put(("ok", seen))
+    except Exception as exc:  # reported to the test
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def count_writer(name, n, min_seconds, ready, done, results):
+    """Publish payloads filled with their own count (count + 1 at each write) for min_seconds."""
+    s = torch_shmem.open(name)
+    ready.wait(30)
+    buf = np.empty(n, dtype=np.uint64)
+    end = time.monotonic() + min_seconds
+    k = s.count
+    while time.monotonic() < end:
+        k += 1
+        buf.fill(k)
+        s.write(buf, frame_id=k)
+    results.put(("writer", k))
+    done.set()
+    s.close()
+
+
+def count_reader(name, mode, ready, done, results):
+    """Read until the writer is done (read / read_new / read_after); every payload must be
+    uniform, equal to the count and frame_id read with it, and counts must never go back."""
+    s = torch_shmem.open(name)
+    ready.wait(30)
+    out = np.empty(s.shape, dtype=np.uint64)
+    reads = bad = regress = 0
+    last = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        finished = done.is_set()
+        try:
+            if mode == "read":
+                pub = s.read_publication(out=out)
+            elif mode == "read_new":
+                pub = s.read_new_publication(out=out, timeout=0.2)
+            else:
+                pub = s.read_after_publication(last, out=out, timeout=0.2)
+        except TimeoutError:
+            if finished:
+                break
+            continue
+        reads += 1
+        v = int(out.flat[0]) if out.size else pub.count
+        if not (out == v).all() or v != pub.count or pub.frame_id != pub.count:
+            bad += 1
+        if pub.count < last:
+            regress += 1
+        last = pub.count
+        if finished:
+            break
+    results.put(("reader", (reads, bad, regress, last)))
+    s.close()

@@ -46,6 +46,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import tempfile
 from pathlib import Path
 
@@ -420,7 +421,7 @@ class Result:
         return "\n".join(lines)
 
 
-def run(part: str = "cpu", *, timeout: float = 600.0, keep: bool = False,
+def run(part: str = "cpu", *, timeout: float = 600.0, keep: bool = False, echo: bool = False,
         sdist: Path | None = None) -> Result:
     """Run one part of pyshmem's suite against torch_shmem; see the module docstring."""
     test_file = PARTS[part]
@@ -457,17 +458,34 @@ def run(part: str = "cpu", *, timeout: float = 600.0, keep: bool = False,
                "-c", str(work / "pytest.ini"), "--rootdir", str(work),
                "-p", PLUGIN.stem, str(tests / test_file)]
         if importlib.util.find_spec("pytest_timeout") is not None:
-            cmd[4:4] = ["--timeout", "120"]
+            # one hung test fails alone, well within the whole run's limit
+            cmd[4:4] = ["--timeout", f"{min(120.0, max(10.0, timeout / 3)):.0f}"]
         proc = subprocess.Popen((prefix_cmd or []) + cmd, cwd=work, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+        # pytest's output is echoed as it comes (with -v, one line per test), so a run
+        # stopped from outside still shows how far it got, and kept for the summary.
+        lines: list[str] = []
+
+        def pump() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
         try:
-            output, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+            proc.wait()
+            reader.join(5)
             return Result(part, "failed", f"timed out after {timeout:.0f} s",
-                          prefix_cmd is not None, output=output[-6000:])
+                          prefix_cmd is not None, output="".join(lines)[-6000:])
+        reader.join(5)
+        output = "".join(lines)
         if not report.is_file():
             return Result(part, "failed", f"pytest exited {proc.returncode} without a report",
                           prefix_cmd is not None, output=output[-6000:])
@@ -506,6 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also list the excluded tests with their reasons")
+    parser.add_argument("--live", action="store_true",
+                        help="echo pytest's output while it runs (a run stopped from outside "
+                             "still shows how far it got)")
     args = parser.parse_args(argv)
     if args.fetch_only:
         try:
@@ -521,9 +542,9 @@ def main(argv: list[str] | None = None) -> int:
             path = args.dest / SDIST_NAME
         print(path)
         return 0
-    result = run(args.part or "cpu", timeout=args.timeout, keep=args.keep)
+    result = run(args.part or "cpu", timeout=args.timeout, keep=args.keep, echo=args.live)
     result.verbose = args.verbose
-    if result.status == "failed":
+    if result.status == "failed" and not args.live:
         print(result.output)
     print(result.summary())
     return {"passed": 0, "failed": 1, "unavailable": EXIT_UNAVAILABLE}[result.status]

@@ -333,10 +333,20 @@ def release_on_exit(consumer, publish):
     return guard()
 
 
+def skip_with_one_hardware_queue():
+    """Same-process producer/consumer device waits need the producer's work in another
+    hardware queue than the parked consumer's; with CUDA_DEVICE_MAX_CONNECTIONS=1 every
+    CUDA stream of the process shares one and the producer can never run (docs/gpu.md,
+    "A producer and a consumer in the same process")."""
+    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1":
+        pytest.skip("CUDA_DEVICE_MAX_CONNECTIONS=1: a same-process producer queues behind the parked consumer")
+
+
 @pytest.mark.device_wait
 def test_device_wait_same_process(name):
     """wait_device returns at once on the host; the consumer stream's later work
     runs only after publication n is complete, and slot_view(n) holds it."""
+    skip_with_one_hardware_queue()
     s = O.create_gpu(name, (1024,), torch.float32, device=0, nslots=3)
     r = O.open(name)
     producer = torch.cuda.Stream()
@@ -373,6 +383,7 @@ def test_device_wait_paths(name, path, monkeypatch):
     cuStreamWriteValue64 (default), and the polling and store kernels that replace them
     where the driver lacks stream memory operations (forced by TORCH_SHMEM_DEVICE_WAIT=poll,
     read once per process, hence a fresh process for each)."""
+    skip_with_one_hardware_queue()
     if path == "poll":
         monkeypatch.setenv("TORCH_SHMEM_DEVICE_WAIT", "poll")
     else:
@@ -382,6 +393,7 @@ def test_device_wait_paths(name, path, monkeypatch):
     p.start()
     parked, released, value, uniform, stats = q.get(timeout=120)
     join(p)
+    assert parked != "error", released
     print(path, stats)
     if path == "memop" and stats["device_wait_path"] == "kernel":
         pytest.skip(f"the driver refused 64-bit stream memory operations: {stats}")
@@ -397,6 +409,7 @@ def test_read_on_a_parked_stream_waits_for_the_publication(name):
     pattern): the read waits on the host, without the stream lock, until a writer (here
     another thread) publishes n, then returns it; it neither deadlocks nor blocks the
     writer."""
+    skip_with_one_hardware_queue()
     import threading
 
     from torch_shmem import _C
@@ -433,6 +446,7 @@ def test_publish_on_a_stream_parked_on_another_gpu_stream_is_refused(name):
     """A CUDA stream parked on an unpublished count of GPU stream A cannot publish to
     GPU stream B (the write would wait behind A's count holding B's lock): refused before
     anything is queued; once A's count is published the same stream publishes to B."""
+    skip_with_one_hardware_queue()
     a = O.create_gpu(f"{name}-a", (64,), torch.float32, device=0)
     b = O.create_gpu(name, (64,), torch.float32, device=0)
     parked = torch.cuda.Stream()
@@ -526,13 +540,15 @@ def test_host_uploads_pageable_and_pinned(name, policy, monkeypatch):
 @pytest.mark.parametrize("policy", ["kernel", "copy"])
 def test_cpu_mirror_pages_registered_and_released(name, policy, monkeypatch):
     """A mirrored stream's writable handles page-lock the CPU payload: every write lands in
-    it, by the Triton kernel (default, through shmem::mirror_copy) or the copy engine
-    (TORCH_SHMEM_MIRROR=copy), and opening/closing handles repeatedly (register/unregister)
-    never fails."""
+    it, by the copy engine (default) or the Triton kernel (TORCH_SHMEM_MIRROR=kernel,
+    through shmem::mirror_copy), and opening/closing handles repeatedly
+    (register/unregister) never fails."""
     from torch_shmem import kernels
 
-    if policy == "copy":
-        monkeypatch.setenv("TORCH_SHMEM_MIRROR", "copy")  # read when a handle maps the stream
+    if policy == "kernel":
+        monkeypatch.setenv("TORCH_SHMEM_MIRROR", "kernel")  # read when a handle maps the stream
+    else:
+        monkeypatch.delenv("TORCH_SHMEM_MIRROR", raising=False)  # the default: the copy engine
     n = (5 << 20) // 8 + 1
     s = torch_shmem.create(name, shape=(n,), dtype=np.float64, gpu_device="cuda:0", cpu_mirror=True)
     from torch_shmem import _C
@@ -573,6 +589,7 @@ def test_publish_behind_own_device_wait_is_refused(name):
     """Publishing count c on a CUDA stream that this process parked on count >= c of the
     same stream would queue the write behind its own wait: refused before anything is
     queued, the lock released; another CUDA stream can publish and release the wait."""
+    skip_with_one_hardware_queue()
     s = O.create_gpu(name, (256,), torch.float32, device=0)
     parked, other = torch.cuda.Stream(), torch.cuda.Stream()
     with release_on_exit(parked, lambda: O.publish(s, torch.zeros(256, device="cuda"))):

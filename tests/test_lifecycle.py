@@ -177,6 +177,69 @@ def test_recreated_name_raises_replaced(name):
     new.unlink()
 
 
+def test_unlink_if_removes_only_the_generation_it_names(name):
+    """_core.unlink_if / unlink_generation: the generation it names is removed (and its
+    parked readers woken with StreamUnlinkedError); a newer generation, or nothing, is
+    left alone and reported; a malformed instance id is a ValueError."""
+    from torch_shmem import _core
+    from torch_shmem._stream import unlink_generation
+
+    old = torch_shmem.create(name, shape=(2,))
+    old_id = bytes.fromhex(old.instance_id)
+    r = torch_shmem.open(name)
+    t, result = blocked_call(lambda: r.read_new(timeout=30))
+    wait_until(lambda: parked(name), what="the reader to park")
+    assert unlink_generation(name, old_id) == "removed"
+    t.join(30)
+    assert isinstance(result.get("exc"), StreamUnlinkedError)
+    assert not os.path.exists(f"/dev/shm/torch_shmem.{name}")
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("torch_shmem-unlinking.")
+                and f.split(".")[1] == str(os.getpid())]
+    assert _core.unlink_if(name, old_id) == "gone"
+    new = torch_shmem.create(name, shape=(3,))
+    assert _core.unlink_if(name, old_id) == "replaced"
+    assert torch_shmem.open(name).shape == (3,)  # left alone
+    with pytest.raises(ValueError, match="16 bytes"):
+        _core.unlink_if(name, b"short")
+    with pytest.raises(TypeError):
+        _core.unlink_if(name, "not bytes")
+    assert unlink_generation(name, bytes.fromhex(new.instance_id)) == "removed"
+    old.close()
+    r.close()
+    new.close()
+
+
+def test_unlink_if_races_with_unlink_and_recreate(name):
+    """Processes that each create the name and remove the generation they created, in a
+    loop, while the others try the same: a conditional unlink never removes a generation
+    other than the one it names (each process always removes its own)."""
+    code = textwrap.dedent(f"""
+        import sys, numpy as np, torch_shmem
+        from torch_shmem._stream import unlink_generation
+        name = {name!r}
+        removed = replaced = 0
+        for i in range(150):
+            try:
+                s = torch_shmem.create(name, shape=(1,))
+            except FileExistsError:
+                continue
+            iid = bytes.fromhex(s.instance_id)
+            s.close()
+            r = unlink_generation(name, iid)
+            if r != "removed":  # only this process removes its own generation
+                sys.exit(f"our generation was {{r}} before we removed it")
+            removed += 1
+        print(removed)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    assert sum(int(out) for out, _ in outs) >= 150  # the name was contended, never lost
+    assert not os.path.exists(f"/dev/shm/torch_shmem.{name}")
+
+
 def test_a_publication_that_exists_is_returned_after_unlink(name):
     """Rule: a wait ends with the error only when nothing newer than `after` exists."""
     s = torch_shmem.create(name, shape=(2,))

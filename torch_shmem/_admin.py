@@ -79,7 +79,9 @@ def _read_stat(name: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise _missing(name) from None
     try:
-        code, shape, nbytes, flags, creator_pid, instance_id, ctime, mode = h.info()
+        info = h.info()
+        code, shape, nbytes, flags, creator_pid, instance_id, ctime, mode = info
+        nslots = info.nslots
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = h.state()
         importers = list(h.importers())
     finally:
@@ -100,6 +102,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         "cpu_mirror": not gpu or bool(flags & _core.FLAG_CPU_MIRROR),
         "gpu_importers": importers,
         "notify": bool(flags & _core.FLAG_NOTIFY),
+        "slots": nslots,
         "instance_id": instance_id.hex(),
         "creator_pid": creator_pid,
         "creator_alive": creator_alive,
@@ -235,18 +238,10 @@ def _add_holders(entries: list[dict[str, Any]], *, ignore_pids: frozenset | set 
 
 
 def _unlink_generation(name: str, instance_id: str) -> bool:
-    """Unlink ``name`` only if it still holds generation ``instance_id``."""
-    try:
-        h = _core.open(name, True)
-    except (FileNotFoundError, ValueError, TypeError):
-        return False
-    try:
-        current = h.info()[5].hex()
-    finally:
-        h.close(1.0)
-    if current != instance_id:
-        return False  # re-created since the scan: leave the new one alone
-    return bool(_core.unlink(name))
+    """Unlink ``name`` only if it still holds generation ``instance_id`` (hex)."""
+    from ._stream import unlink_generation
+
+    return unlink_generation(name, bytes.fromhex(instance_id)) == "removed"
 
 
 def cuda_orphans() -> list[str]:

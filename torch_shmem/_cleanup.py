@@ -30,7 +30,6 @@ import signal
 import threading
 from typing import Any, Callable
 
-from . import _core
 
 __all__ = ["forget", "forget_name", "register", "registered"]
 
@@ -39,14 +38,17 @@ __all__ = ["forget", "forget_name", "register", "registered"]
 # handler runs in the main thread between two bytecodes of whatever it was
 # doing, possibly in the middle of register(), and must not deadlock there.
 _streams: dict[tuple[str, bytes], int] = {}
-_unlink: list[Callable[[str], None]] = []
+_unlink: list[Callable[[str, bytes], Any]] = []
 _installed: set[int] = set()
 _atexit_registered = False
 _SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
 
-def register(name: str, instance_id: bytes, unlink: Callable[[str], None]) -> None:
-    """Unlink generation ``instance_id`` of ``name`` when this process ends."""
+def register(name: str, instance_id: bytes, unlink: Callable[[str, bytes], Any]) -> None:
+    """Unlink generation ``instance_id`` of ``name`` when this process ends.
+
+    ``unlink(name, instance_id)`` removes the name only while it holds that generation.
+    """
     global _atexit_registered
     if not _unlink:
         _unlink.append(unlink)
@@ -86,8 +88,7 @@ def cleanup() -> None:
         _streams.pop(key, None)
         name, instance_id = key
         try:
-            if _core.name_state(name, instance_id) == "same":
-                _unlink[0](name)
+            _unlink[0](name, instance_id)  # only while the name holds that generation
         except Exception:  # exiting: never mask the reason of the exit
             pass
 

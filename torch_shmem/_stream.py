@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import operator
 import sys
 import threading
@@ -56,6 +57,9 @@ _get_ident = threading.get_ident
 # layout is cast/copied straight into the payload under the lock instead of
 # through a temporary (one pass over the data instead of two).
 _DIRECT_CAST_BYTES = 64 * 1024
+# Payload slots of a new CPU stream (create(slots=)); see docs/design.md,
+# "Slotted CPU streams", for how it was chosen.
+DEFAULT_SLOTS = 1
 
 # write(casting=...): "checked" (the default rule, see _checked_cast), NumPy's
 # "unsafe" (pyshmem's conversion: wrap-around, truncation), and NumPy's
@@ -460,6 +464,12 @@ class SharedMemory:
         """The CUDA device this handle is attached to (None: not attached)."""
         self._check_open()
         return None
+
+    @property
+    def slots(self) -> int:
+        """Payload slots of the stream: 1 for a single payload (see :func:`create`)."""
+        self._check_open()
+        return self._h.info().nslots
 
     @property
     def gpu_enabled(self) -> bool:
@@ -1164,7 +1174,7 @@ class SharedMemory:
         to 14 columns): name, shape, dtype, size, gpu_enabled, gpu_device,
         cpu_mirror, count, write_time, write_seq, owner, readonly,
         creator_pid, producer, age, notify. Then this library's: state, last
-        write (local time), frame_id, lock, waiters, instance_id and this
+        write (local time), frame_id, lock, waiters, instance_id, slots (slotted streams only) and this
         handle's read statistics. Reads metadata only.
         """
         self._check_open()
@@ -1208,16 +1218,20 @@ class SharedMemory:
             f"instance_id:  {self._instance_id.hex()}",
             f"reads:        last count {last_read}, missed {missed}, total missed {total_missed}",
         ]
+        nslots = self._h.info().nslots
+        if nslots != 1:  # slotted streams only: single-payload output stays as it was
+            lines.insert(-1, f"slots:        {nslots}")
         return "\n".join(lines)
 
     def to_config(self) -> dict:
         """The stream's configuration as a plain dict for :meth:`create_from_config`.
 
         Keys as in pyshmem: ``name``, ``shape`` (list), ``dtype`` (str),
-        ``gpu_device``, ``cpu_mirror``, ``notify``.
+        ``gpu_device``, ``cpu_mirror``, ``notify``; ``slots`` too for a
+        slotted CPU stream.
         """
         self._check_open()
-        return {
+        config = {
             "name": self._name,
             "shape": list(self._shape),
             "dtype": str(self._dtype),
@@ -1225,13 +1239,18 @@ class SharedMemory:
             "cpu_mirror": self.cpu_mirror,
             "notify": self.notify,
         }
+        info = self._h.info()
+        if not info.flags & _core.FLAG_GPU and info.nslots != 1:
+            config["slots"] = info.nslots
+        return config
 
     @classmethod
     def create_from_config(cls, config: dict) -> "SharedMemory":
         """Create a new stream from a :meth:`to_config` dict (or a hand-written one).
 
         Needs ``name`` and ``shape``; ``dtype`` (default float32),
-        ``gpu_device``, ``cpu_mirror``, ``notify`` and ``mode`` are optional.
+        ``gpu_device``, ``cpu_mirror``, ``notify``, ``mode`` and ``slots``
+        are optional.
         Raises as :func:`create`.
         """
         return create(
@@ -1242,6 +1261,7 @@ class SharedMemory:
             cpu_mirror=config.get("cpu_mirror"),
             notify=config.get("notify", False),
             mode=config.get("mode", 0o600),
+            slots=config.get("slots", DEFAULT_SLOTS),
         )
 
     # ----------------------------------------------------------------- DLPack
@@ -1309,19 +1329,11 @@ class SharedMemory:
         instance_id = self._instance_id
         self.close()
         _cleanup.forget(self._name, instance_id)
-        try:
-            current = _core.open(self._name, False)
-        except (FileNotFoundError, ValueError):
-            current = None
-        if current is not None:
-            current_id = current.info()[5]
-            current.close(1.0)
-            if current_id != instance_id:
-                raise StreamReplacedError(
-                    f"torch_shmem: stream {self._name!r} was re-created since this handle "
-                    "opened it: the name belongs to a newer generation, which is left alone"
-                )
-        unlink(self._name)
+        if unlink_generation(self._name, instance_id) == "replaced":
+            raise StreamReplacedError(
+                f"torch_shmem: stream {self._name!r} was re-created since this handle "
+                "opened it: the name belongs to a newer generation, which is left alone"
+            )
 
     def delete(self) -> None:
         """Alias of :meth:`unlink`."""
@@ -1369,6 +1381,7 @@ def create(
     mode: int = 0o600,
     auto_unlink: bool = False,
     notify: bool = False,
+    slots: int = DEFAULT_SLOTS,
 ) -> SharedMemory:
     """Create a new stream and return its (owner) handle.
 
@@ -1390,8 +1403,16 @@ def create(
     handled: ``torch-shmem purge --dead-only`` removes what it leaves.
     ``notify`` is accepted for pyshmem compatibility and only recorded (it
     shows in :func:`stat`): every wait here parks on a futex that writers wake.
+
+    ``slots`` (CPU streams, 1 to 16) is the number of payload copies the
+    stream keeps. With 1 the payload is rewritten in place; with N > 1 each
+    write fills the slot after the latest one and then publishes it, so a
+    reader copying the latest publication is not overtaken unless the writer
+    completes N - 1 more writes meanwhile (docs/design.md, "Slotted CPU
+    streams"). The guarantees are the same; the segment holds N payloads.
     """
     _check_name(name)
+    nslots = _check_slots(slots, name)
     dims = _normalize_shape(shape, name)
     try:
         dt = normalize_dtype(dtype, name=name)
@@ -1415,7 +1436,11 @@ def create(
             shm = _gpu_module(name).create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
             _set_auto_unlink(shm, auto_unlink)
             return shm
-        handle = _core.create(name, dtype_code(dt), dims, mode, _core.FLAG_NOTIFY if notify else 0)
+        flags = _core.FLAG_NOTIFY if notify else 0
+        if nslots > 1:
+            handle = _core.create(name, dtype_code(dt), dims, mode, flags | _core.FLAG_HOST_SLOTS, nslots)
+        else:
+            handle = _core.create(name, dtype_code(dt), dims, mode, flags)
     except FileExistsError as exc:
         raise FileExistsError(
             exc.errno,
@@ -1427,11 +1452,25 @@ def create(
     return shm
 
 
+def _check_slots(slots: Any, name: str) -> int:
+    """The slot count of create(): an int in [1, MAX_SLOTS]."""
+    if isinstance(slots, bool) or not isinstance(slots, numbers.Integral):
+        raise TypeError(
+            f"torch_shmem: stream {name!r}: slots must be an int, got {type(slots).__name__}"
+        )
+    n = int(slots)
+    if not 1 <= n <= _core.MAX_SLOTS:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: slots must be between 1 and {_core.MAX_SLOTS}, got {n}"
+        )
+    return n
+
+
 def _set_auto_unlink(shm: SharedMemory, auto_unlink: bool) -> None:
     shm._auto_unlink = bool(auto_unlink)
     if auto_unlink:
         # unlinked at exit and on SIGTERM/SIGINT/SIGHUP (torch_shmem/_cleanup.py)
-        _cleanup.register(shm._name, shm._instance_id, unlink)
+        _cleanup.register(shm._name, shm._instance_id, unlink_generation)
 
 
 def open(  # noqa: A001
@@ -1535,6 +1574,23 @@ def unlink(name: str) -> None:
     _core.unlink(name)
 
 
+def unlink_generation(name: str, instance_id: bytes) -> str:
+    """Unlink ``name`` only while it holds generation ``instance_id`` (16 bytes).
+
+    Returns ``"removed"``, ``"gone"`` (nothing there) or ``"replaced"`` (a newer
+    generation, left alone). The check and the removal are one step for other
+    processes' unlinks and re-creates (``_core.unlink_if``).
+    """
+    _check_name(name)
+    result = _core.unlink_if(name, instance_id)
+    if result == "removed":
+        _cleanup.forget(name, instance_id)
+        if "torch_shmem._C" in sys.modules:
+            # the op library drops this process's own GPU allocation, as unlink() does
+            sys.modules["torch_shmem._C"].forget_instance(instance_id)
+    return result
+
+
 def unlink_quiet(name: str) -> None:
     """:func:`unlink`, spelled for cleanup code: silent when the stream does not exist."""
     unlink(name)
@@ -1551,6 +1607,7 @@ def stream(
     cpu_mirror: bool | None = None,
     mode: int = 0o600,
     notify: bool = False,
+    slots: int = DEFAULT_SLOTS,
 ) -> Iterator[SharedMemory]:
     """Create a stream for the duration of a ``with`` block, then unlink it.
 
@@ -1562,7 +1619,7 @@ def stream(
     """
     shm = create(
         name, shape=shape, dtype=dtype, size=size, gpu_device=gpu_device,
-        cpu_mirror=cpu_mirror, mode=mode, notify=notify, auto_unlink=True,
+        cpu_mirror=cpu_mirror, mode=mode, notify=notify, auto_unlink=True, slots=slots,
     )
     try:
         yield shm

@@ -1518,7 +1518,10 @@ class BridgeAttachment(_Component):
         if self._ever_up and not self._connected:
             return "down"  # disconnected; ZeroMQ reconnects on its own
         stale_after = 3 * self._heartbeat_ms / 1000.0
-        if self._last_message and time.monotonic() - self._last_message <= stale_after:
+        # "up" once a message arrived recently and the local stream exists (a reader
+        # that sees "up" can open it)
+        if (self._last_message and self._ready.is_set()
+                and time.monotonic() - self._last_message <= stale_after):
             return "up"
         if self._auth_failed:
             return "auth_failed"

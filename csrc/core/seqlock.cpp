@@ -11,7 +11,9 @@
 #include <climits>
 #include <cstring>
 #include <string>
+#include <vector>
 
+#include "slots.h"
 #include "stream_internal.h"
 
 namespace torch_shmem {
@@ -75,6 +77,7 @@ void Stream::require_cpu_payload(bool writing) const {
 }
 
 uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
+  if (host_slots_) return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id);
   require_cpu_payload(true);
   begin_locked();
   std::memcpy(payload_, src, payload_bytes_);
@@ -82,13 +85,35 @@ uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame
 }
 
 uint64_t Stream::clear_locked() {
+  if (host_slots_) {
+    std::vector<uint8_t> zeros(payload_bytes_);
+    return slot_write_locked(*this, *host_slots_, zeros.data(), false, false, 0);
+  }
   require_cpu_payload(true);
   begin_locked();
   std::memset(payload_, 0, payload_bytes_);
   return publish_locked(false, 0);
 }
 
-void Stream::begin_write_locked() { begin_locked(); }
+// In-place writes of a kFlagHostSlots stream go to the slot of the next
+// publication c, which first receives the latest publication (an in-place
+// producer may edit only part of it): seq odd (readers wait for the commit
+// or queue on the lock, as for a single payload), gen[k] odd, latest_slot
+// <- k, so that payload() is the slot being written until the commit. An
+// odd seq left by a dead or aborted writer already names publication c and
+// its slot.
+void Stream::begin_write_locked() {
+  begin_locked();
+  if (!host_slots_) return;
+  const Header* g = geometry();
+  const uint64_t c = (hdr_->seq.load(std::memory_order_relaxed) >> 1) + 1;
+  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  const uint32_t latest = hdr_->latest_slot.load(std::memory_order_relaxed) % g->nslots;
+  host_slots_->store_gen(k, 2 * c - 1);
+  if (latest != k)
+    std::memcpy(host_slots_->slot_ptr(k), host_slots_->slot_ptr(latest), payload_bytes_);
+  hdr_->latest_slot.store(k, std::memory_order_relaxed);
+}
 
 void Stream::begin_write_locked_at(uint64_t c) {
   const uint64_t s = hdr_->seq.load(std::memory_order_relaxed);
@@ -106,6 +131,14 @@ void Stream::begin_write_locked_at(uint64_t c) {
 }
 
 uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
+  // The slot of an in-place write (begin_write_locked). slot_write_locked
+  // also ends here, after storing the same generation and count itself.
+  if (host_slots_) {
+    const uint64_t c = (hdr_->seq.load(std::memory_order_relaxed) >> 1) + 1;
+    const uint32_t k = hdr_->latest_slot.load(std::memory_order_relaxed) % geometry()->nslots;
+    host_slots_->store_gen(k, 2 * c);
+    host_slots_->store_count(c);
+  }
   return publish_locked(has_frame_id, frame_id);
 }
 
@@ -128,6 +161,7 @@ void Stream::abort_write_locked() {
 // ---------------------------------------------------------------------------
 
 bool Stream::read_fast(void* dst, Snapshot* snap) const {
+  if (host_slots_) return slot_read_fast(*this, *host_slots_, dst, false, snap);
   require_cpu_payload(false);
   double spin_start = -1;
   int tries = 0;
@@ -166,6 +200,7 @@ Snapshot Stream::read_locked(void* dst) const {
                                        "': cannot take a snapshot while this thread "
                                        "has a write in progress");
   }
+  if (host_slots_) return slot_read_locked(*this, *host_slots_, dst, false);
   std::memcpy(dst, payload_, payload_bytes_);
   Snapshot snap;
   snap.seq = s;
@@ -247,6 +282,17 @@ bool Stream::wait_slice(uint64_t after, double spin_seconds, double seconds, boo
   if (newer()) return true;
   ended();
   return false;
+}
+
+bool Stream::latest_publication(uint64_t* count, int64_t* write_time_ns) const {
+  const uint64_t s1 = hdr_->seq.load(std::memory_order_acquire);
+  if (s1 & 1) return false;
+  const int64_t t = hdr_->write_time_ns.load(std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (hdr_->seq.load(std::memory_order_relaxed) != s1) return false;
+  *count = s1 >> 1;
+  *write_time_ns = t;
+  return true;
 }
 
 void Stream::wake_all() const {

@@ -1,6 +1,7 @@
 #include "session.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 
 #include <algorithm>
 #include <string>
@@ -44,8 +45,49 @@ Blocked Session::lock_until(const Deadline& d, Interrupt interrupt) const {
   }
 }
 
+SpinMode spin_mode() {
+  static const SpinMode mode = [] {
+    const std::string v = spin_mode_text();
+    if (v.empty() || v == "adaptive") return SpinMode::kAdaptive;
+    if (v == "always") return SpinMode::kAlways;
+    if (v == "off") return SpinMode::kOff;
+    return SpinMode::kInvalid;
+  }();
+  return mode;
+}
+
+const char* spin_mode_text() {
+  static const std::string text = [] {
+    const char* v = std::getenv("TORCH_SHMEM_WAIT_SPIN");
+    return std::string(v == nullptr ? "" : v);
+  }();
+  return text.c_str();
+}
+
+double Session::wait_spin() const {
+  switch (spin_mode()) {
+    case SpinMode::kAlways:
+      return kWaitSpin;
+    case SpinMode::kOff:
+      return 0;
+    case SpinMode::kInvalid:
+      throw Error(ErrorKind::kValue, std::string("stream '") + s_.name() +
+                                         "': environment variable TORCH_SHMEM_WAIT_SPIN='" +
+                                         spin_mode_text() +
+                                         "' is not one of 'adaptive', 'always', 'off'");
+    case SpinMode::kAdaptive:
+      break;
+  }
+  GapEstimator& gaps = s_.gaps();
+  uint64_t count = 0;
+  int64_t t = 0;
+  if (s_.latest_publication(&count, &t)) gaps.observe(count, t);
+  return gaps.spin_for(now_realtime_ns(), kWaitSpin);
+}
+
 Blocked Session::wait_until(uint64_t after, const Deadline& d, Interrupt interrupt,
                             double spin) const {
+  if (spin < 0) spin = wait_spin();
   for (;;) {
     bool gone = false;
     if (s_.wait_slice(after, spin, slice_of(d, kWaitSlice), &gone)) return Blocked::kDone;

@@ -25,8 +25,11 @@
 namespace torch_shmem {
 namespace core {
 
-// Spin before parking on the futex in a wait (wake-up latency vs CPU).
+// Spin budget before parking on the futex in a wait (wake-up latency vs
+// CPU). Whether a wait spins at all is decided per wait (wait_policy.h).
 constexpr double kWaitSpin = 50e-6;
+// wait_until's `spin` default: decide from the stream's publication gaps.
+constexpr double kAdaptiveSpin = -1;
 // Longest slice of a blocking call: the longest a pending signal or a
 // close() from another thread waits to be noticed.
 constexpr double kLockSlice = 0.05;
@@ -98,10 +101,15 @@ class Session {
   // Takes the lock (one try first, then slices). Throws kTimeout when the
   // deadline passes.
   Blocked lock_until(const Deadline& d, Interrupt interrupt) const;
-  // Until count > after: spins for `spin` seconds, then parks in slices.
-  // Throws kTimeout when the deadline passes.
+  // Until count > after: spins for `spin` seconds (kAdaptiveSpin: for
+  // wait_spin()), then parks in slices. Throws kTimeout when the deadline
+  // passes.
   Blocked wait_until(uint64_t after, const Deadline& d, Interrupt interrupt,
-                     double spin = kWaitSpin) const;
+                     double spin = kAdaptiveSpin) const;
+  // The spin a wait starting now gets under TORCH_SHMEM_WAIT_SPIN: kWaitSpin
+  // or 0 (adaptive: from the stream's GapEstimator, after showing it the
+  // latest publication). Throws kValue for an invalid setting.
+  double wait_spin() const;
   // A consistent snapshot: lock-free, else under the lock (taken with
   // lock_until). kDone: *snap describes what dst holds.
   Blocked read(void* dst, bool dst_on_device, const Deadline& d, Interrupt interrupt,

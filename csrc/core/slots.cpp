@@ -78,8 +78,18 @@ HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes,
   return m;
 }
 
+HostSlotMemory* HostSlotMemory::over(uint8_t* base, uint64_t bytes, uint64_t slot_stride,
+                                     uint64_t payload_bytes) {
+  auto* m = new HostSlotMemory();
+  m->owns_mapping_ = false;
+  m->base_ = base;
+  m->bytes_ = bytes;
+  m->set_geometry(slot_stride, payload_bytes);
+  return m;
+}
+
 HostSlotMemory::~HostSlotMemory() {
-  if (base_ != nullptr) munmap(base_, bytes_);
+  if (base_ != nullptr && owns_mapping_) munmap(base_, bytes_);
   if (registered_) pin_->remove_importer(static_cast<int32_t>(getpid()));
 }
 
@@ -174,7 +184,10 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   // host's (it is stored on the device before the host publication): skip
   // past it, so the count that device waiters were released for is never
   // reused for other bytes in the same slot.
-  if (s.take_recovered() || h->broken.load(std::memory_order_acquire))
+  // (GPU streams only: nothing waits on the count word of a CPU stream's
+  // slots, so its counts stay exact across a writer that died here.)
+  const bool recovered = s.take_recovered();
+  if ((g->flags & kFlagGpu) && (recovered || h->broken.load(std::memory_order_acquire)))
     c = std::max(c, m.load_device_count() + 1);
   const uint32_t k = static_cast<uint32_t>(c % g->nslots);
   bool count_queued = false;

@@ -112,6 +112,10 @@ class HostSlotMemory : public SlotMemory {
   static HostSlotMemory* create(const std::string& name, uint64_t bytes, uint32_t mode);
   static HostSlotMemory* open(const std::string& name, uint64_t bytes,
                               const uint8_t instance_id[16]);
+  // The slot area of a kFlagHostSlots stream: `bytes` at `base`, inside the
+  // stream's own mapping (not owned, never unmapped here).
+  static HostSlotMemory* over(uint8_t* base, uint64_t bytes, uint64_t slot_stride,
+                              uint64_t payload_bytes);
   ~HostSlotMemory() override;
 
   void store_gen(uint32_t slot, uint64_t gen) override;
@@ -145,6 +149,7 @@ class HostSlotMemory : public SlotMemory {
   HostSlotMemory() = default;
   std::unique_ptr<HeaderPin> pin_;  // importer entry (open() only)
   bool registered_ = false;
+  bool owns_mapping_ = true;
   uint8_t* base_ = nullptr;
   uint64_t bytes_ = 0;
   uint64_t slot_stride_ = 0;
@@ -154,7 +159,8 @@ class HostSlotMemory : public SlotMemory {
   std::map<std::thread::id, uint64_t> parks_;  // park(): per calling thread
 };
 
-// Protocol entry points. The stream must be slotted (kFlagGpu).
+// Protocol entry points. The stream must be slotted (kFlagGpu or
+// kFlagHostSlots).
 // Caller holds the lock. Returns the new count. A failure once the device
 // count may have been queued leaves the stream broken with the count
 // reserved, so the next write takes the count after it (device waiters

@@ -4,6 +4,7 @@
 #include "stream.h"
 
 #include "os_handles.h"
+#include "slots.h"
 #include "stream_internal.h"
 
 #include <errno.h>
@@ -16,6 +17,7 @@
 #include <sys/syscall.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>  // renameat2, RENAME_NOREPLACE
 #include <time.h>
 #include <unistd.h>
 
@@ -240,13 +242,21 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   }
   if (nbytes > kMaxPayloadBytes) throw Error(ErrorKind::kValue, "payload is too large");
   if (g.flags & ~kKnownFlags) throw Error(ErrorKind::kValue, "unknown flags");
-  const bool slotted = (g.flags & kFlagGpu) != 0;
+  const bool host_slots = (g.flags & kFlagHostSlots) != 0;
+  if (host_slots && (g.flags & (kFlagGpu | kFlagCpuMirror | kFlagSimDevice)))
+    throw Error(ErrorKind::kValue, "stream '" + name + "': CPU slots and GPU flags exclude each other");
+  const bool slotted = is_slotted(g.flags);
   if (slotted != (g.nslots != 0) ||
       (slotted && (g.nslots < kMinSlots || g.nslots > kMaxSlots)))
-    throw Error(ErrorKind::kValue, "GPU streams need " + std::to_string(kMinSlots) + " to " +
+    throw Error(ErrorKind::kValue, "stream '" + name + "': slotted streams need " +
+                                       std::to_string(kMinSlots) + " to " +
                                        std::to_string(kMaxSlots) + " slots");
   const bool cpu_payload = has_cpu_payload(g.flags);
-  const uint64_t total = kHeaderBytes + (cpu_payload ? round_up(nbytes, 4096) : 0);
+  const uint64_t slot_stride = round_up(nbytes == 0 ? 1 : nbytes, kSlotAlign);
+  const uint64_t device_bytes = kDeviceCountersBytes + slot_stride * g.nslots;
+  const uint64_t total =
+      kHeaderBytes + (host_slots ? round_up(device_bytes, 4096)
+                                 : cpu_payload ? round_up(nbytes, 4096) : 0);
 
   Fd fd(shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
   if (!fd.ok()) throw_os("cannot create shared memory '" + os + "'", errno);
@@ -303,9 +313,9 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   std::memcpy(h->name, name.data(), name.size());
   if (slotted) {
     h->nslots = g.nslots;
-    h->slot_stride = round_up(nbytes == 0 ? 1 : nbytes, kSlotAlign);
-    h->device_bytes = kDeviceCountersBytes + h->slot_stride * g.nslots;
-    if (g.init_device) g.init_device(h);
+    h->slot_stride = slot_stride;
+    h->device_bytes = device_bytes;
+    if (g.init_device && !host_slots) g.init_device(h);
   }
 
   int rc = init_stream_mutex(&h->mutex);
@@ -321,9 +331,10 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   s->name_ = name;
   s->hdr_ = h;
   std::memcpy(s->geo_, base, kGeometryBytes);
-  s->payload_ = cpu_payload ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
+  s->payload_ = cpu_payload && !host_slots ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
   s->payload_bytes_ = nbytes;
   s->map_bytes_ = total;
+  if (host_slots) s->attach_host_slots(static_cast<uint8_t*>(base) + kHeaderBytes);
   return s;
 }
 
@@ -356,11 +367,10 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
         std::to_string(file_bytes));
   if (h->flags & ~kKnownFlags) bad("unknown flags");
   const bool cpu_payload = has_cpu_payload(h->flags);
-  const uint64_t want = kHeaderBytes + (cpu_payload ? round_up(h->payload_bytes, 4096) : 0);
-  if (file_bytes != want) bad("payload does not fit the segment");
-  if (h->name_len != name.size() || std::memcmp(h->name, name.data(), name.size()) != 0)
-    bad("stored name does not match");
-  if (h->flags & kFlagGpu) {
+  const bool host_slots = (h->flags & kFlagHostSlots) != 0;
+  if (host_slots && (h->flags & (kFlagGpu | kFlagCpuMirror | kFlagSimDevice)))
+    bad("CPU slots together with GPU flags");
+  if (is_slotted(h->flags)) {
     if (h->nslots < kMinSlots || h->nslots > kMaxSlots) bad("invalid slot count");
     if (h->slot_stride < h->payload_bytes || h->slot_stride % kSlotAlign != 0 ||
         h->slot_stride > kMaxPayloadBytes)
@@ -370,6 +380,13 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   } else if (h->nslots != 0) {
     bad("slots on a CPU stream");
   }
+  // device_bytes is bounded above (stride and nslots are), so no overflow.
+  const uint64_t want =
+      kHeaderBytes + (host_slots ? round_up(h->device_bytes, 4096)
+                                 : cpu_payload ? round_up(h->payload_bytes, 4096) : 0);
+  if (file_bytes != want) bad("payload does not fit the segment");
+  if (h->name_len != name.size() || std::memcmp(h->name, name.data(), name.size()) != 0)
+    bad("stored name does not match");
 }
 
 Stream* Stream::open(const std::string& name, bool readonly) {
@@ -443,10 +460,12 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   void* base = map.get();
   Header* h = static_cast<Header*>(base);
   const bool cpu_payload = has_cpu_payload(g->flags);
+  const bool host_slots = (g->flags & kFlagHostSlots) != 0;
   if (readonly && cpu_payload && g->payload_bytes > 0) {
     // The header stays writable (waiters and the lock fallback need it);
-    // the payload pages are mapped read-only for this handle.
-    if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, round_up(g->payload_bytes, 4096),
+    // the payload pages (a slotted stream's whole slot area) are mapped
+    // read-only for this handle.
+    if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, file_bytes - kHeaderBytes,
                  PROT_READ) != 0)
       throw_os("mprotect", errno);
   }
@@ -455,13 +474,14 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   s->name_ = name;
   s->hdr_ = h;
   std::memcpy(s->geo_, geo, kGeometryBytes);
-  s->payload_ = cpu_payload ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
+  s->payload_ = cpu_payload && !host_slots ? static_cast<uint8_t*>(base) + kHeaderBytes : nullptr;
   s->payload_bytes_ = g->payload_bytes;
   s->map_bytes_ = file_bytes;
   s->readonly_ = readonly;
+  if (host_slots) s->attach_host_slots(static_cast<uint8_t*>(base) + kHeaderBytes);
   try {
     s->check_lock_kind();
-    if ((g->flags & kFlagGpu) && h->latest_slot.load(std::memory_order_relaxed) >= g->nslots)
+    if (is_slotted(g->flags) && h->latest_slot.load(std::memory_order_relaxed) >= g->nslots)
       throw Error(ErrorKind::kValue, "shared memory '" + os +
                                          "' is corrupted or not a torch_shmem stream: "
                                          "invalid latest slot");
@@ -470,6 +490,77 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     throw;
   }
   return s;
+}
+
+namespace {
+
+// Flags the generation open on `fd` (its name already removed) `unlinked`,
+// then bumps and wakes its epoch: parked readers wake, see the flag and
+// end their waits unless a publication they wait for is already there
+// (the order wait_slice relies on).
+void mark_unlinked(int fd, const std::string& name) {
+  struct stat st;
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < kHeaderBytes) return;
+  Mapping map(kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd);
+  if (!map.ok()) return;
+  Header* h = map.as<Header>();
+  if (h->magic.load(std::memory_order_acquire) != kMagic) return;
+  if (h->flags & kFlagSimDevice) shm_unlink(sim_device_name(name).c_str());
+  h->unlinked.store(1, std::memory_order_release);
+  h->epoch.fetch_add(1, std::memory_order_seq_cst);
+  futex_wake(&h->epoch);
+}
+
+std::string shm_path(const std::string& os) { return "/dev/shm" + os; }
+
+}  // namespace
+
+Stream::UnlinkIf Stream::unlink_name_if(const std::string& name, const uint8_t instance_id[16]) {
+  const std::string os = os_name(name);
+  Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
+  if (!fd.ok()) {
+    int e = errno;
+    if (e == ENOENT) return UnlinkIf::kGone;
+    throw_os("cannot open shared memory '" + os + "'", e);
+  }
+  struct stat held;
+  if (fstat(fd.get(), &held) != 0) throw_os("cannot stat shared memory '" + os + "'", errno);
+  {
+    if (static_cast<uint64_t>(held.st_size) < kHeaderBytes) return UnlinkIf::kReplaced;
+    Mapping map(kHeaderBytes, PROT_READ, MAP_SHARED, fd.get());
+    if (!map.ok()) return UnlinkIf::kReplaced;
+    const Header* h = map.as<const Header>();
+    if (h->magic.load(std::memory_order_acquire) != kMagic ||
+        std::memcmp(h->instance_id, instance_id, 16) != 0)
+      return UnlinkIf::kReplaced;
+  }
+  // Rename the name away (atomic), then check what was taken.
+  static std::atomic<uint64_t> serial{0};
+  const std::string path = shm_path(os);
+  const std::string aside = "/dev/shm/torch_shmem-unlinking." + std::to_string(getpid()) + "." +
+                            std::to_string(serial.fetch_add(1));
+  if (renameat2(AT_FDCWD, path.c_str(), AT_FDCWD, aside.c_str(), RENAME_NOREPLACE) != 0) {
+    int e = errno;
+    if (e == ENOENT) return UnlinkIf::kGone;
+    throw_os("cannot unlink shared memory '" + os + "'", e);
+  }
+  struct stat taken;
+  if (stat(aside.c_str(), &taken) == 0 &&
+      (taken.st_ino != held.st_ino || taken.st_dev != held.st_dev)) {
+    // Another process unlinked and re-created the name in between: put the
+    // newer generation back. If the name was taken yet again meanwhile,
+    // the one set aside has lost its name for good: remove and flag it.
+    if (renameat2(AT_FDCWD, aside.c_str(), AT_FDCWD, path.c_str(), RENAME_NOREPLACE) !=
+        0) {
+      Fd lost(::open(aside.c_str(), O_RDWR | O_CLOEXEC));
+      ::unlink(aside.c_str());
+      if (lost.ok()) mark_unlinked(lost.get(), name);
+    }
+    return UnlinkIf::kReplaced;
+  }
+  if (::unlink(aside.c_str()) != 0) throw_os("cannot unlink shared memory '" + os + "'", errno);
+  mark_unlinked(fd.get(), name);
+  return UnlinkIf::kRemoved;
 }
 
 bool Stream::unlink_name(const std::string& name) {
@@ -485,24 +576,7 @@ bool Stream::unlink_name(const std::string& name) {
     if (e == ENOENT) return false;
     throw_os("cannot unlink shared memory '" + os + "'", e);
   }
-  if (fd.ok()) {
-    struct stat st;
-    if (fstat(fd.get(), &st) == 0 && static_cast<uint64_t>(st.st_size) >= kHeaderBytes) {
-      Mapping map(kHeaderBytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get());
-      if (map.ok()) {
-        Header* h = map.as<Header>();
-        if (h->magic.load(std::memory_order_acquire) == kMagic) {
-          if (h->flags & kFlagSimDevice) shm_unlink(sim_device_name(name).c_str());
-          // Flag first, then bump and wake (the order wait_slice relies
-          // on): parked readers wake, see the flag and end their waits
-          // unless a publication they wait for is already there.
-          h->unlinked.store(1, std::memory_order_release);
-          h->epoch.fetch_add(1, std::memory_order_seq_cst);
-          futex_wake(&h->epoch);
-        }
-      }
-    }
-  }
+  if (fd.ok()) mark_unlinked(fd.get(), name);
   return true;
 }
 
@@ -527,11 +601,21 @@ Stream::NameState Stream::name_state(const std::string& name, const uint8_t inst
 
 Stream::~Stream() { unmap(); }
 
+void Stream::attach_host_slots(uint8_t* area) {
+  const Header* g = geometry();
+  slot_area_ = area;
+  host_slots_.reset(HostSlotMemory::over(area, g->device_bytes, g->slot_stride, g->payload_bytes));
+}
+
+SlotMemory* Stream::host_slots() const { return host_slots_.get(); }
+
 void Stream::unmap() {
   if (hdr_ != nullptr) {
+    host_slots_.reset();
     munmap(hdr_, map_bytes_);
     hdr_ = nullptr;
     payload_ = nullptr;
+    slot_area_ = nullptr;
   }
 }
 

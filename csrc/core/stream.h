@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "wait_policy.h"
 
 namespace torch_shmem {
 namespace core {
@@ -61,7 +62,11 @@ constexpr uint32_t kFlagGpu = 1u << 0;        // payload in device slots (slots.
 constexpr uint32_t kFlagCpuMirror = 1u << 1;  // slotted stream keeps a CPU copy too
 constexpr uint32_t kFlagSimDevice = 1u << 2;  // "device" memory is host shm (tests)
 constexpr uint32_t kFlagNotify = 1u << 3;     // created with notify=True (informational)
-constexpr uint32_t kKnownFlags = kFlagGpu | kFlagCpuMirror | kFlagSimDevice | kFlagNotify;
+// CPU stream whose payload lives in nslots slots inside the segment, after
+// a counters page (the slot protocol of slots.h over the segment itself).
+constexpr uint32_t kFlagHostSlots = 1u << 4;
+constexpr uint32_t kKnownFlags =
+    kFlagGpu | kFlagCpuMirror | kFlagSimDevice | kFlagNotify | kFlagHostSlots;
 
 // Slotted streams: slot count bounds and slot alignment.
 constexpr uint32_t kMinSlots = 2;
@@ -72,10 +77,16 @@ constexpr uint64_t kDeviceCountersBytes = 4096;
 // allocation at a time (Header::importers).
 constexpr uint32_t kMaxImporters = 64;
 
-// True when the segment holds a CPU payload after the header.
+// True when the segment holds a CPU payload after the header (for a
+// kFlagHostSlots stream: its slots).
 inline bool has_cpu_payload(uint32_t flags) {
   return !(flags & kFlagGpu) || (flags & kFlagCpuMirror);
 }
+// True for streams published through the slot protocol (slots.h).
+inline bool is_slotted(uint32_t flags) { return (flags & (kFlagGpu | kFlagHostSlots)) != 0; }
+
+class SlotMemory;
+class HostSlotMemory;
 
 struct alignas(128) Header {
   // ---- identity and geometry: immutable after create --------------------
@@ -96,9 +107,12 @@ struct alignas(128) Header {
   int64_t shape[kMaxDims];
   uint32_t name_len;
   char name[kMaxNameBytes + 4];
-  // Slotted (GPU) streams only; all zero for CPU streams. The payload then
-  // lives in nslots slots of a device allocation (see slots.h), described
-  // here and exported by ipc_handle; never pickled, validated on open.
+  // Slotted streams only; all zero for single-payload CPU streams. The
+  // payload then lives in nslots slots of a device allocation (see
+  // slots.h), described here and exported by ipc_handle; never pickled,
+  // validated on open. A kFlagHostSlots stream keeps its "device
+  // allocation" (counters page + slots, device_bytes) in the segment itself,
+  // right after the header.
   uint32_t nslots;
   uint32_t device_index;
   uint64_t slot_stride;
@@ -197,7 +211,7 @@ struct CreateOptions {
   int64_t shape[kMaxDims] = {};
   uint32_t flags = 0;
   uint32_t mode = 0600;
-  uint32_t nslots = 0;  // > 0 with kFlagGpu: slotted stream
+  uint32_t nslots = 0;  // > 0 with kFlagGpu or kFlagHostSlots: slotted stream
   // Called after the header geometry is filled in and before `magic` is
   // published: allocates the device memory and records its handle. If it
   // throws, the segment is removed.
@@ -232,6 +246,15 @@ class Stream {
   // removed generation `unlinked` and wakes its parked readers (see
   // wait_slice).
   static bool unlink_name(const std::string& name);
+  // Removes the name only if it still holds generation `instance_id`
+  // (kRemoved; then as unlink_name), else leaves it alone: kGone when
+  // nothing is there, kReplaced when another generation is (re-created
+  // since). The check and the removal cannot be split by another process's
+  // unlink and re-create: the name is first renamed away atomically, and
+  // what was renamed is compared (inode) with the generation checked; a
+  // newer generation taken by mistake is renamed back.
+  enum class UnlinkIf { kRemoved, kGone, kReplaced };
+  static UnlinkIf unlink_name_if(const std::string& name, const uint8_t instance_id[16]);
   // What the name holds now, compared with the generation `instance_id`:
   // nothing, that generation, or another one (also a file still being
   // created, or one this process may not open). A few system calls, no
@@ -254,7 +277,18 @@ class Stream {
   // could then drive a copy out of bounds.
   const Header* geometry() const { return reinterpret_cast<const Header*>(geo_); }
   const std::string& name() const { return name_; }
-  uint8_t* payload() const { return payload_; }  // CPU payload; nullptr if none
+  // CPU payload; nullptr if none. For a kFlagHostSlots stream: the slot of
+  // the latest publication (or of the in-place write in progress), which is
+  // stable only while the lock is held.
+  uint8_t* payload() const {
+    if (slot_area_ == nullptr || hdr_ == nullptr) return payload_;
+    const Header* g = geometry();
+    const uint32_t k = hdr_->latest_slot.load(std::memory_order_relaxed) % g->nslots;
+    return slot_area_ + kDeviceCountersBytes + g->slot_stride * k;
+  }
+  // The slot memory of a kFlagHostSlots stream (its own segment), nullptr
+  // for other streams. Session uses it when the binding gives no other.
+  SlotMemory* host_slots() const;
   uint64_t payload_bytes() const { return payload_bytes_; }
   bool readonly() const { return readonly_; }
   bool mapped() const { return hdr_ != nullptr; }
@@ -311,6 +345,12 @@ class Stream {
                   bool* gone = nullptr) const;
   bool unlinked() const { return hdr_->unlinked.load(std::memory_order_acquire) != 0; }
   void wake_all() const;
+  // The latest publication's count and write time (realtime ns), read
+  // consistently; false while a write is in progress.
+  bool latest_publication(uint64_t* count, int64_t* write_time_ns) const;
+  // Publication gaps seen through this mapping (wait_policy.h): whether a
+  // wait spins before parking.
+  GapEstimator& gaps() const { return gaps_; }
 
   uint64_t seq() const { return hdr_->seq.load(std::memory_order_acquire); }
   uint64_t count() const { return seq() >> 1; }
@@ -327,13 +367,19 @@ class Stream {
   // it: glibc aborts (assert) or misbehaves on other kinds.
   void check_lock_kind() const;
 
+  // kFlagHostSlots: the slot area (counters page + slots) and its backend.
+  void attach_host_slots(uint8_t* area);
+
   std::string name_;
   Header* hdr_ = nullptr;
   uint8_t* payload_ = nullptr;
+  uint8_t* slot_area_ = nullptr;
+  std::unique_ptr<HostSlotMemory> host_slots_;
   uint64_t payload_bytes_ = 0;
   size_t map_bytes_ = 0;
   bool readonly_ = false;
   bool recovered_ = false;  // see take_recovered()
+  mutable GapEstimator gaps_;  // see gaps()
   alignas(Header) unsigned char geo_[sizeof(Header)] = {};  // see geometry()
 };
 

@@ -129,6 +129,20 @@ PFN_cuStreamWriteValue64_v11070 stream_write_value64() {
 std::atomic<bool> g_wait_memops_ok{true};
 std::atomic<bool> g_write_memops_ok{true};
 
+// Stream memory operations are driver calls: they need the device's context
+// current on the calling thread. The runtime makes it current lazily, and a
+// thread that has made no runtime call that needs it (a fresh thread whose
+// device already matches, so CUDAGuard sets nothing) has none:
+// CUDA_ERROR_INVALID_CONTEXT. cudaSetDevice makes the primary context
+// current (CUDA >= 12), then the call is retried once.
+template <typename Call>
+CUresult with_current_context(int device, Call&& call) {
+  CUresult r = call();
+  if (r == CUDA_ERROR_INVALID_CONTEXT && cudaSetDevice(device) == cudaSuccess) r = call();
+  (void)cudaGetLastError();
+  return r;
+}
+
 // Counters reported by gpu_stats().
 struct Stats {
   std::atomic<int64_t> wait_memops{0}, wait_kernels{0}, store_memops{0}, store_kernels{0},
@@ -157,13 +171,15 @@ class QuietDeviceScope {
   int prev_ = -1;
 };
 
-// The CPU-mirror copy: the Triton kernel through shmem::mirror_copy
-// (default; stores from the SMs straight into the page-locked pages) or the
-// copy engine (TORCH_SHMEM_MIRROR=copy; one DMA). Read when a stream is
-// mapped. Pages that could not be page-locked always take the copy engine.
-bool mirror_by_copy_engine_requested() {
+// The CPU-mirror copy: the copy engine (default; one DMA) or the Triton
+// kernel through shmem::mirror_copy (TORCH_SHMEM_MIRROR=kernel; stores from
+// the SMs straight into the page-locked pages). On an H200 the DMA was
+// faster at every size measured (docs/benchmarks.md, "GPU"). Read when a
+// stream is mapped. Pages that could not be page-locked always take the
+// copy engine.
+bool mirror_by_kernel_requested() {
   const char* v = std::getenv("TORCH_SHMEM_MIRROR");
-  return v != nullptr && std::string(v) == "copy";
+  return v != nullptr && std::string(v) == "kernel";
 }
 
 // Host uploads from pageable memory: "direct" hands the pageable pointer to
@@ -324,6 +340,25 @@ void sweep_pending() {
   // `drop` frees here, outside the lock.
 }
 
+// Loads this library's kernels on `device` now, once per device and process.
+// Under lazy module loading (CUDA_MODULE_LOADING=LAZY, the default) a
+// kernel's first launch loads its module, which can wait for work already
+// queued on the device; if that work is a consumer parked by wait_device on
+// the count this very launch (the store kernel) would publish, the process
+// deadlocks. Resolving the functions when a stream is mapped avoids that.
+void load_kernels(int device) {
+  static std::mutex mu;
+  static std::vector<bool> done;
+  std::lock_guard<std::mutex> g(mu);
+  if (device < 0) return;
+  if (done.size() <= static_cast<size_t>(device)) done.resize(device + 1, false);
+  if (done[device]) return;
+  cudaFuncAttributes a;
+  TSHM_CUDA_CHECK(cudaFuncGetAttributes(&a, store_u64_kernel), "load the counter store kernel");
+  TSHM_CUDA_CHECK(cudaFuncGetAttributes(&a, wait_geq_kernel), "load the device wait kernel");
+  done[device] = true;
+}
+
 class CudaSlotMemory : public core::SlotMemory {
  public:
   CudaSlotMemory(std::shared_ptr<Mapping> map, const Header* h)
@@ -331,9 +366,10 @@ class CudaSlotMemory : public core::SlotMemory {
         stride_(h->slot_stride),
         nbytes_(h->payload_bytes),
         staged_(staged_uploads_requested()),
-        mirror_by_kernel_(!mirror_by_copy_engine_requested()) {
+        mirror_by_kernel_(mirror_by_kernel_requested()) {
     c10::cuda::CUDAGuard guard(device());
     TSHM_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "event");
+    load_kernels(map_->device);
   }
   ~CudaSlotMemory() override {
     QuietDeviceScope scope(map_->device);
@@ -419,8 +455,10 @@ class CudaSlotMemory : public core::SlotMemory {
     auto* count = static_cast<unsigned long long*>(map_->base);  // offset 0
     bool queued = false;
     if (auto fn = stream_wait_value64(); fn != nullptr && g_wait_memops_ok.load()) {
-      CUresult r = fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(count),
-                      static_cast<cuuint64_t>(n), CU_STREAM_WAIT_VALUE_GEQ);
+      CUresult r = with_current_context(map_->device, [&] {
+        return fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(count),
+                  static_cast<cuuint64_t>(n), CU_STREAM_WAIT_VALUE_GEQ);
+      });
       if (r == CUDA_SUCCESS) {
         queued = true;
         g_stats.wait_memops.fetch_add(1, std::memory_order_relaxed);
@@ -479,8 +517,10 @@ class CudaSlotMemory : public core::SlotMemory {
     cudaStream_t st = stream();
     auto* p = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(map_->base) + offset);
     if (auto fn = stream_write_value64(); fn != nullptr && g_write_memops_ok.load()) {
-      CUresult r = fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(p),
-                      static_cast<cuuint64_t>(v), CU_STREAM_WRITE_VALUE_DEFAULT);
+      CUresult r = with_current_context(map_->device, [&] {
+        return fn(reinterpret_cast<CUstream>(st), reinterpret_cast<CUdeviceptr>(p),
+                  static_cast<cuuint64_t>(v), CU_STREAM_WRITE_VALUE_DEFAULT);
+      });
       if (r == CUDA_SUCCESS) {
         g_stats.store_memops.fetch_add(1, std::memory_order_relaxed);
         return;

@@ -19,6 +19,8 @@
 // Control ops (create/open/close/unlink) are for eager code; the Python
 // wrappers keep them out of compiled regions.
 #include <Python.h>
+#include <execinfo.h>
+#include <signal.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -688,6 +690,22 @@ TORCH_LIBRARY_IMPL(shmem, CUDA, m) {
 
 // Importing the module runs the static registrations; its one function
 // reports the CUDA half's counters and chosen paths.
+// forget_instance(instance_id): after the name of generation instance_id
+// (16 bytes) was removed by torch_shmem._core.unlink_if, this process drops
+// its own reference to that generation's GPU allocation, as unlink does
+// (nothing for CPU streams or without CUDA).
+static PyObject* forget_instance(PyObject*, PyObject* arg) {
+  char* iid = nullptr;
+  Py_ssize_t len = 0;
+  if (PyBytes_AsStringAndSize(arg, &iid, &len) != 0) return nullptr;
+  if (len != 16) {
+    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
+    return nullptr;
+  }
+  if (auto* b = torch_shmem::ops::gpu_backend(); b != nullptr) b->forget(reinterpret_cast<const uint8_t*>(iid));
+  Py_RETURN_NONE;
+}
+
 static PyObject* gpu_stats(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
   if (d == nullptr) return nullptr;
@@ -706,6 +724,9 @@ static PyObject* gpu_stats(PyObject*, PyObject*) {
 }
 
 static PyMethodDef shmem_ops_methods[] = {
+    {"forget_instance", forget_instance, METH_O,
+     "forget_instance(instance_id: bytes) -> None: drop this process's reference to the GPU "
+     "allocation of an unlinked generation"},
     {"gpu_stats", gpu_stats, METH_NOARGS,
      "gpu_stats() -> dict of str: this process's GPU-stream paths and counters (empty without "
      "CUDA): device_wait_path and counter_store_path (memop, kernel or unused), "
@@ -713,11 +734,56 @@ static PyMethodDef shmem_ops_methods[] = {
      "parked_reads_waited, deferred_view_releases"},
     {nullptr, nullptr, 0, nullptr}};
 
+// TORCH_SHMEM_NATIVE_BACKTRACE=1 (the GPU check sets it): a fatal signal
+// first writes this thread's native frames to stderr, then goes on to the
+// handler installed before (Python's faulthandler: the Python frames) or
+// the default action. Diagnostics only; nothing is allocated in the handler.
+namespace {
+constexpr int kFatalSignals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
+struct sigaction g_prev_actions[sizeof(kFatalSignals) / sizeof(int)];
+
+void native_backtrace_handler(int sig, siginfo_t* info, void* uctx) {
+  static const char head[] = "\ntorch_shmem: fatal signal, native frames of this thread:\n";
+  (void)!write(2, head, sizeof(head) - 1);
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), 2);
+  for (size_t i = 0; i < sizeof(kFatalSignals) / sizeof(int); ++i) {
+    if (kFatalSignals[i] != sig) continue;
+    const struct sigaction& prev = g_prev_actions[i];
+    sigaction(sig, &prev, nullptr);
+    if ((prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction != nullptr) {
+      prev.sa_sigaction(sig, info, uctx);
+      return;
+    }
+    if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN) {
+      prev.sa_handler(sig);
+      return;
+    }
+  }
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+void install_native_backtrace() {
+  const char* v = std::getenv("TORCH_SHMEM_NATIVE_BACKTRACE");
+  if (v == nullptr || std::string(v) != "1") return;
+  void* warm[1];
+  (void)backtrace(warm, 1);  // loads libgcc_s now, not inside the handler
+  struct sigaction sa {};
+  sa.sa_sigaction = native_backtrace_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  for (size_t i = 0; i < sizeof(kFatalSignals) / sizeof(int); ++i)
+    sigaction(kFatalSignals[i], &sa, &g_prev_actions[i]);
+}
+}  // namespace
+
 static PyModuleDef shmem_ops_module = {PyModuleDef_HEAD_INIT, "_C",
                                        "torch.ops.shmem registrations", -1, shmem_ops_methods};
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&shmem_ops_module);
   if (m == nullptr) return nullptr;
+  install_native_backtrace();
 #ifdef TORCH_SHMEM_WITH_CUDA
   PyModule_AddIntConstant(m, "WITH_CUDA", 1);
 #else

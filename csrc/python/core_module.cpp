@@ -416,8 +416,8 @@ bool utf8_name(PyObject* name, std::string* out) {
 }
 
 // create(name, dtype_code, shape, mode, flags, nslots=0). Slotted streams
-// can only be created here with simulated device memory (GPU streams are
-// created through torch.ops.shmem).
+// can only be created here with CPU slots (FLAG_HOST_SLOTS) or simulated
+// device memory (GPU streams are created through torch.ops.shmem).
 PyObject* mod_create(PyObject*, PyObject* args) {
   PyObject* name;
   unsigned int code, mode, flags, nslots = 0;
@@ -451,6 +451,7 @@ PyObject* mod_create(PyObject*, PyObject* args) {
     g.shape[i] = v;
   }
   torch_shmem::core::HostSlotMemory* sim = nullptr;
+  if (flags & torch_shmem::core::kFlagHostSlots) g.nslots = nslots;
   if (flags & kFlagSimDevice) {
     g.nslots = nslots;
     g.init_device = [&](torch_shmem::core::Header* hdr) {
@@ -555,6 +556,31 @@ PyObject* mod_name_state(PyObject*, PyObject* args) {
   return PyUnicode_FromString(state == Stream::NameState::kGone   ? "gone"
                               : state == Stream::NameState::kSame ? "same"
                                                                   : "other");
+}
+
+// unlink_if(name, instance_id) -> "removed", "gone" or "replaced": removes
+// the name only while it holds the generation instance_id (16 bytes), see
+// Stream::unlink_name_if.
+PyObject* mod_unlink_if(PyObject*, PyObject* args) {
+  PyObject* name;
+  const char* iid;
+  Py_ssize_t iid_len;
+  if (!PyArg_ParseTuple(args, "Uy#", &name, &iid, &iid_len)) return nullptr;
+  if (iid_len != 16) {
+    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
+    return nullptr;
+  }
+  std::string n;
+  if (!utf8_name(name, &n)) return nullptr;
+  Stream::UnlinkIf r;
+  try {
+    r = Stream::unlink_name_if(n, reinterpret_cast<const uint8_t*>(iid));
+  } catch (const Error& e) {
+    return raise_core_error(nullptr, e);
+  }
+  return PyUnicode_FromString(r == Stream::UnlinkIf::kRemoved ? "removed"
+                              : r == Stream::UnlinkIf::kGone  ? "gone"
+                                                              : "replaced");
 }
 
 PyObject* mod_os_name(PyObject*, PyObject* arg) {
@@ -795,6 +821,17 @@ PyObject* H_held_depth(Handle* h, PyObject*) {
   return PyLong_FromLong(h->s->held_depth());
 }
 
+// The slots of a slotted CPU stream are mapped read-only in a read-only
+// handle: in-place writes through it are refused (PermissionError) before
+// they touch them.
+bool slotted_writable(Handle* h) {
+  if ((h->s->geometry()->flags & torch_shmem::core::kFlagHostSlots) && h->s->readonly()) {
+    PyErr_Format(PyExc_PermissionError, "torch_shmem: stream %R is open read-only", h->name);
+    return false;
+  }
+  return true;
+}
+
 // begin_write() / commit_write(frame_id=None) / abort_write(): the caller
 // holds the lock (checked here).
 PyObject* H_begin_write(Handle* h, PyObject*) {
@@ -812,6 +849,7 @@ PyObject* H_begin_write(Handle* h, PyObject*) {
                  h->name);
     return nullptr;
   }
+  if (!slotted_writable(h)) return nullptr;
   h->s->begin_write_locked();
   Py_RETURN_NONE;
 }
@@ -831,6 +869,7 @@ PyObject* H_commit_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
     if (fid == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
     has_fid = true;
   }
+  if (!slotted_writable(h)) return nullptr;
   return PyLong_FromUnsignedLongLong(h->s->commit_write_locked(has_fid, fid));
 }
 
@@ -901,6 +940,7 @@ PyStructSequence_Field info_fields[] = {
     {"instance_id", "16 bytes naming this generation of the name"},
     {"create_time", "creation time, seconds since the epoch"},
     {"mode", "permission bits"},
+    {"nslots", "payload slots (1: a single payload; attribute only)"},
     {nullptr, nullptr}};
 PyStructSequence_Field state_fields[] = {
     {"seq", "2 * count, odd while a write is in progress"},
@@ -971,7 +1011,8 @@ PyObject* H_info(Handle* h, PyObject*) {
                     PyLong_FromUnsignedLong(hdr->flags), PyLong_FromLong(hdr->creator_pid),
                     PyBytes_FromStringAndSize(reinterpret_cast<const char*>(hdr->instance_id), 16),
                     PyFloat_FromDouble(hdr->create_time_ns * 1e-9),
-                    PyLong_FromUnsignedLong(hdr->mode)});
+                    PyLong_FromUnsignedLong(hdr->mode),
+                    PyLong_FromUnsignedLong(hdr->nslots == 0 ? 1 : hdr->nslots)});
 }
 
 // state() -> State(seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
@@ -1014,6 +1055,24 @@ PyObject* H_importers(Handle* h, PyObject*) {
 PyObject* H_count(Handle* h, PyObject*) {
   if (h->closed || h->closing) return closed_error(h);
   return PyLong_FromUnsignedLongLong(h->s->count());
+}
+
+// _wait_spin() -> (spin_seconds, gap_ns): what a wait starting now would
+// spin before parking (Session::wait_spin, which first shows the latest
+// publication to the handle's gap estimator), and the estimated gap between
+// publications (None while unknown). For tests of the adaptive wait.
+PyObject* H_wait_spin(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  double spin = 0;
+  try {
+    spin = session_of(h).wait_spin();
+  } catch (const Error& e) {
+    return raise_core_error(h, e);
+  }
+  const double gap = h->s->gaps().gap_ns();
+  if (gap < 0) return Py_BuildValue("(dO)", spin, Py_None);
+  return Py_BuildValue("(dd)", spin, gap);
 }
 
 PyObject* H_seq(Handle* h, PyObject*) {
@@ -1155,6 +1214,7 @@ PyMethodDef handle_methods[] = {
     {"importers", (PyCFunction)H_importers, METH_NOARGS, nullptr},
     {"count", (PyCFunction)H_count, METH_NOARGS, nullptr},
     {"seq", (PyCFunction)H_seq, METH_NOARGS, nullptr},
+    {"_wait_spin", (PyCFunction)H_wait_spin, METH_NOARGS, nullptr},
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
     {"live_array", (PyCFunction)H_live_array, METH_NOARGS, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
@@ -1172,6 +1232,8 @@ PyMethodDef module_methods[] = {
     {"create", mod_create, METH_VARARGS, "create(name, dtype_code, shape, mode, flags)"},
     {"open", mod_open, METH_VARARGS, "open(name, readonly)"},
     {"unlink", mod_unlink, METH_O, "unlink(name) -> bool"},
+    {"unlink_if", mod_unlink_if, METH_VARARGS,
+     "unlink_if(name, instance_id) -> 'removed' | 'gone' | 'replaced'"},
     {"os_name", mod_os_name, METH_O, "os_name(name) -> str"},
     {"name_state", mod_name_state, METH_VARARGS,
      "name_state(name, instance_id) -> 'gone' | 'same' | 'other'"},
@@ -1251,6 +1313,8 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddIntConstant(m, "MAX_DIMS", torch_shmem::core::kMaxDims);
   PyModule_AddIntConstant(m, "MAX_NAME_BYTES", torch_shmem::core::kMaxNameBytes);
   PyModule_AddIntConstant(m, "FLAG_GPU", torch_shmem::core::kFlagGpu);
+  PyModule_AddIntConstant(m, "FLAG_HOST_SLOTS", torch_shmem::core::kFlagHostSlots);
+  PyModule_AddIntConstant(m, "MAX_SLOTS", torch_shmem::core::kMaxSlots);
   PyModule_AddIntConstant(m, "FLAG_CPU_MIRROR", torch_shmem::core::kFlagCpuMirror);
   PyModule_AddIntConstant(m, "FLAG_SIM_DEVICE", torch_shmem::core::kFlagSimDevice);
   PyModule_AddIntConstant(m, "FLAG_NOTIFY", torch_shmem::core::kFlagNotify);

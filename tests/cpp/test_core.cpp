@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -234,6 +235,46 @@ void test_session() {
   CHECK(snap.count == 1 && snap.frame_id == 9 && got[3] == 3 && r->held_depth() == 0);
   CHECK(Stream::unlink_name(name));
   CHECK(sr.wait_until(1, Deadline::after(5), go_on) == Blocked::kGone);
+}
+
+// GapEstimator (wait_policy.h): spins while nothing is known, parks at
+// once against a paced writer, spins for back-to-back publications, parks
+// when the writer is long overdue, and forgets one long pause within a few
+// publications.
+void test_gap_estimator() {
+  const double budget = 50e-6;
+  const int64_t us = 1000, ms = 1000 * us;
+  GapEstimator paced;
+  CHECK(paced.gap_ns() < 0 && paced.spin_for(0, budget) == budget);
+  int64_t t = 1'000'000'000'000;
+  paced.observe(7, t);  // first publication seen: still unknown
+  CHECK(paced.gap_ns() < 0 && paced.spin_for(t + 10 * us, budget) == budget);
+  for (uint64_t c = 8; c < 20; ++c) paced.observe(c, t += ms);
+  CHECK(std::fabs(paced.gap_ns() - 1e6) < 1e3);
+  CHECK(paced.spin_for(t + 20 * us, budget) == 0);        // next one in ~980 us
+  CHECK(paced.spin_for(t + 980 * us, budget) == budget);  // due within the budget
+  CHECK(paced.spin_for(t + 1030 * us, budget) == budget);  // a little late
+  CHECK(paced.spin_for(t + 10 * ms, budget) == 0);        // writer paused
+  paced.observe(19, t + 5 * ms);  // no newer count: no sample
+  CHECK(std::fabs(paced.gap_ns() - 1e6) < 1e3);
+  paced.observe(29, t + 10 * ms);  // ten at once: one sample of their mean gap
+  CHECK(std::fabs(paced.gap_ns() - 1e6) < 1e3);
+
+  GapEstimator pingpong;
+  t = 5'000'000'000'000;
+  for (uint64_t c = 1; c < 50; ++c) pingpong.observe(c, t += 12 * us);
+  CHECK(pingpong.spin_for(t + 3 * us, budget) == budget);
+  CHECK(pingpong.spin_for(t + 40 * us, budget) == budget);  // late, not paused
+  pingpong.observe(50, t += 2'000 * ms);  // a 2 s pause between exchanges
+  CHECK(pingpong.spin_for(t + 3 * us, budget) == 0);
+  int rounds = 0;
+  for (uint64_t c = 51; pingpong.spin_for(t + 3 * us, budget) == 0; ++c) {
+    pingpong.observe(c, t += 12 * us);
+    CHECK(++rounds < 12);
+  }
+  pingpong.observe(100, t - 5 * ms);  // the clock stepped back: a 1 ns sample
+  CHECK(pingpong.gap_ns() >= 1 && pingpong.gap_ns() < 12 * us);
+  CHECK(pingpong.spin_for(t - 5 * ms + 2 * us, budget) == budget);
 }
 
 void test_unlink_ends_waits() {
@@ -487,6 +528,7 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(seed);
   g_prefix = "cpp-" + std::to_string(getpid()) + "-";
   test_basics();
+  test_gap_estimator();
   test_unlink_ends_waits();
   test_session();
   test_header_fuzz(iterations, rng);

@@ -6,8 +6,9 @@ that copy: it reads the device slot and stores straight into the pinned pages th
 mapped device pointer (zero-copy), one element-wise pass with no staging buffer, on the
 current CUDA stream when :func:`mirror_copy` is called (the writer's stream: the C++ write
 path calls it through the op ``shmem::mirror_copy``, registered in torch_shmem/ops.py).
-``TORCH_SHMEM_MIRROR=copy`` makes the write path use the copy engine instead; ``python -m
-bench --gpu`` times both.
+The write path uses it with ``TORCH_SHMEM_MIRROR=kernel``; by default it takes the copy
+engine (one DMA), which was faster on an H200 at every size measured (``python -m bench
+--gpu`` times both; docs/benchmarks.md).
 
 Dtypes: the kernel never sees the payload's dtype. Both tensors are viewed as bytes and
 copied as ``WORD``-byte integers, ``WORD`` the widest of 8/4/2/1 that divides the byte
@@ -29,6 +30,8 @@ compare with the link).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -159,9 +162,10 @@ def mirror_copy(src: torch.Tensor, dst: torch.Tensor, *, backend: str | None = N
 launches = 0  # Triton kernel launches of this process (tests and the GPU check count them)
 
 
-def _launch(src: torch.Tensor, dst: torch.Tensor, nbytes: int) -> None:
+def _launch(src: torch.Tensor, dst: torch.Tensor, nbytes: int, *, count: bool = True) -> None:
     global launches
-    launches += 1
+    if count:
+        launches += 1
     # Contiguous, so these are views: flat, then bytes (view(dtype) rejects 0-d tensors).
     src_b = src.reshape(-1).view(torch.uint8)
     dst_b = dst.reshape(-1).view(torch.uint8)
@@ -190,11 +194,21 @@ def warm_up(nbytes: int, device: torch.device) -> None:
     """
     if nbytes <= 0 or device.type != "cuda" or triton is None or not triton_available():
         return
+    if os.environ.get("TORCH_SHMEM_MIRROR") != "kernel":  # the write path takes the copy engine
+        return
     word = _word_size(nbytes, 0)
     n_words = nbytes // word
     small = n_words if n_words <= 1 else 32 + n_words % _TAIL
+    key = (device.index, word, small)
+    if key in _warmed:  # compiled and loaded on that device already
+        return
     src = torch.zeros(small * word, dtype=torch.uint8, device=device)
     dst = torch.empty(small * word, dtype=torch.uint8, pin_memory=True)
     with torch.cuda.device(device):
-        mirror_copy(src, dst)
+        if select_backend(src, dst) == "triton":
+            _launch(src, dst, small * word, count=False)  # not a mirror copy: not in `launches`
         torch.cuda.current_stream(device).synchronize()
+    _warmed.add(key)
+
+
+_warmed: set = set()  # (device index, word size, small length) already compiled by warm_up

@@ -1,0 +1,283 @@
+"""Slotted CPU streams: create(slots=N) (csrc/core/slots.h over the segment itself).
+
+Publication c lives in slot c % N of the segment; readers copy the latest
+published slot and check its generation after the copy, so a writer that
+keeps publishing overtakes a reader only by lapping the whole ring.
+"""
+
+import multiprocessing as mp
+import os
+import time
+
+import numpy as np
+import pytest
+
+import _workers
+import torch_shmem
+from torch_shmem import _core
+
+pytestmark = pytest.mark.cpu
+
+ctx = mp.get_context("spawn")
+
+
+def _value(dtype, k):
+    dt = np.dtype(dtype)
+    if dt == np.bool_:
+        return bool(k % 2)
+    if dt.kind == "c":
+        return complex(k, -k)
+    return k % 100
+
+
+@pytest.mark.parametrize("slots", [2, 3, 16])
+@pytest.mark.parametrize("dtype,shape", [
+    ("float32", (3, 4)), ("uint8", (7,)), ("int64", ()), ("float64", (2, 3, 5)),
+    ("bool", (9,)), ("complex64", (4, 2)), ("int16", (0, 3)), ("float16", (1000,)),
+])
+def test_round_trip(name, slots, dtype, shape):
+    s = torch_shmem.create(name, shape=shape, dtype=dtype, slots=slots)
+    r = torch_shmem.open(name)
+    assert s.slots == r.slots == slots
+    assert torch_shmem.stat(name)["slots"] == slots
+    assert r.read().shape == tuple(shape) and r.count == 0 and not r.read().any()
+    out = np.empty(shape, dtype)
+    for k in range(1, 2 * slots + 3):  # around the ring twice
+        value = np.full(shape, _value(dtype, k), dtype)
+        s.write(value, frame_id=1000 + k)
+        pub = r.read_publication()
+        assert pub.count == k and pub.frame_id == 1000 + k and r.frame_id == 1000 + k
+        np.testing.assert_array_equal(pub.payload, value)
+        np.testing.assert_array_equal(r.read(out=out), value)
+        assert r.last_read_count == k and r.missed_writes == 0
+    assert r.read_after(k - 1).shape == tuple(shape)
+    s.clear()
+    assert r.count == k + 1 and not r.read().any()
+
+
+def test_waits_and_missed_writes(name):
+    s = torch_shmem.create(name, shape=(), dtype=np.int32, slots=3)
+    r = torch_shmem.open(name)
+    with pytest.raises(TimeoutError):
+        r.read_new(timeout=0.05)
+    for k in range(1, 6):
+        s.write(np.int32(k))
+    pub = r.read_after_publication(2)
+    assert pub.count == 5 and pub.missed_publications == 4 and int(pub.payload) == 5
+    p = ctx.Process(target=_workers.write_after, args=(name, 0.2, 7))
+    p.start()
+    try:
+        assert int(r.read_new(timeout=30)) == 7
+        assert r.count == 6
+    finally:
+        p.join(30)
+    assert p.exitcode == 0
+
+
+def test_live_views_are_the_latest_slot(name):
+    s = torch_shmem.create(name, shape=(4,), dtype=np.int64, slots=2)
+    r = torch_shmem.open(name)
+    s.write(np.arange(4))
+    with s.locked():
+        live = s.read(safe=False)
+        assert live.tolist() == [0, 1, 2, 3]
+        live[0] = 42  # an in-place edit of the latest publication (not a new one)
+    assert r.read().tolist() == [42, 1, 2, 3] and r.count == 1
+    # an in-place publication starts from the latest payload, in the next slot
+    with s.write_view(frame_id=9) as view:
+        assert view.tolist() == [42, 1, 2, 3]
+        view[1] = 7
+    assert r.read_publication().payload.tolist() == [42, 7, 2, 3]
+    assert r.count == 2 and r.frame_id == 9
+    s.write(np.full(4, 5))
+    with s.locked():
+        assert s.read(safe=False).tolist() == [5] * 4
+    # an aborted view leaves the stream inconsistent until the next write
+    with pytest.raises(ZeroDivisionError):
+        with s.write_view() as view:
+            view[:] = -1
+            1 / 0
+    with pytest.raises(torch_shmem.InconsistentStreamError, match=name):
+        r.read(timeout=1)
+    s.write(np.full(4, 6))
+    assert r.read().tolist() == [6] * 4 and r.count == 4
+
+
+def test_readonly_handle_and_config(name):
+    s = torch_shmem.create(name, shape=(3,), dtype=np.float32, slots=4)
+    s.write(np.ones(3, np.float32))
+    ro = torch_shmem.open(name, readonly=True)
+    assert ro.slots == 4 and ro.read().tolist() == [1, 1, 1]
+    with pytest.raises(PermissionError):
+        ro.write(np.zeros(3, np.float32))
+    assert "slots:        4" in ro.describe()
+    config = s.to_config()
+    assert config["slots"] == 4
+    s.unlink()
+    again = torch_shmem.SharedMemory.create_from_config(config)
+    try:
+        assert again.slots == 4 and again.shape == (3,)
+    finally:
+        again.unlink()
+
+
+def test_single_slot_keeps_the_single_payload_layout(name):
+    s = torch_shmem.create(name, shape=(1000,), dtype=np.uint8, slots=1)
+    assert s.slots == 1 and "slots" not in s.to_config()
+    assert not s._h.info().flags & _core.FLAG_HOST_SLOTS
+    assert os.path.getsize(f"/dev/shm/torch_shmem.{name}") == 4096 + 4096
+    s.unlink()
+    s = torch_shmem.create(name, shape=(1000,), dtype=np.uint8, slots=3)
+    # header + counters page + 3 slots of 1024 B (512 B aligned), page rounded
+    assert os.path.getsize(f"/dev/shm/torch_shmem.{name}") == 4096 + 4096 + 4096
+    assert s._h.info().flags & _core.FLAG_HOST_SLOTS
+
+
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1, ValueError), (17, ValueError),
+                                     (2.0, TypeError), (True, TypeError), ("2", TypeError),
+                                     (None, TypeError)])
+def test_bad_slot_counts(name, bad, exc):
+    with pytest.raises(exc, match=name):
+        torch_shmem.create(name, shape=(3,), slots=bad)
+    assert not os.path.exists(f"/dev/shm/torch_shmem.{name}")
+
+
+@pytest.mark.parametrize("mode", ["read", "read_new", "read_after"])
+@pytest.mark.parametrize("n,slots", [(1, 2), (64 * 1024, 2), (512 * 1024, 3)],
+                         ids=["8B-2slots", "512KiB-2slots", "4MiB-3slots"])
+def test_no_torn_reads_under_a_writer(name, n, slots, mode):
+    """Payloads filled with their count: every read is uniform, equal to its count and
+    frame_id, and counts never go back; the final count is exact."""
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=slots)
+    s.write(np.full(n, 1, np.uint64), frame_id=1)
+    ready, done = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_workers.count_reader, args=(name, mode, ready, done, results))
+             for _ in range(2)]
+    procs.append(ctx.Process(target=_workers.count_writer, args=(name, n, 1.0, ready, done, results)))
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    ready.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = [results.get(timeout=10) for _ in range(3)]
+    written = [v for kind, v in got if kind == "writer"][0]
+    assert s.count == written
+    for reads, bad, regress, last in (v for kind, v in got if kind == "reader"):
+        print(f"n={n} slots={slots} {mode}: written={written} reads={reads}")
+        assert reads > 0 and bad == 0 and regress == 0
+        assert last <= written
+        if mode == "read":
+            assert last == written  # the read after the writer finished sees its last write
+
+
+def test_writer_killed_mid_write_loses_nothing(name, seed):
+    """SIGKILL a writer publishing back to back: the stream stays readable with an intact
+    frame (or, if it died inside the short publication window, reports an inconsistent
+    stream), the count is exactly that of the completed writes, the next write repairs."""
+    import random
+
+    rng = random.Random(seed)
+    n = 4 * 1024 * 1024  # 32 MiB: the copy into a slot is long enough to be hit
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=2)
+    s.write(_workers.make_frame(0, n))
+    out = np.empty(n, np.uint64)
+    outcomes = {"intact": 0, "inconsistent": 0}
+    for i in range(5):
+        ready = ctx.Event()
+        p = ctx.Process(target=_workers.write_loop, args=(name, n, ready))
+        p.start()
+        assert ready.wait(60)
+        time.sleep(rng.uniform(0.02, 0.2))
+        p.kill()
+        p.join(30)
+        before = s.count
+        try:
+            k = _workers.frame_seq(s.read(out=out, timeout=5))
+            assert k >= 0, "torn read"
+            outcomes["intact"] += 1
+        except torch_shmem.InconsistentStreamError:
+            outcomes["inconsistent"] += 1  # killed inside the (short) publication window
+        s.write(_workers.make_frame(10**9 + i, n), timeout=5)
+        assert s.count == before + 1
+        assert _workers.frame_seq(s.read()) == 10**9 + i
+    print(outcomes)
+
+
+def test_writer_killed_in_a_write_view(name):
+    """A writer killed with an in-place write open: readers get InconsistentStreamError
+    (never the partial edit), the next write repairs, the count is exact."""
+    n = 1024
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=3)
+    s.write(_workers.make_frame(1, n))
+    ready = ctx.Event()
+    p = ctx.Process(target=_workers.die_mid_write, args=(name, ready))
+    p.start()
+    assert ready.wait(60)
+    p.kill()
+    p.join(30)
+    with pytest.raises(torch_shmem.InconsistentStreamError, match=name):
+        s.read(timeout=5)
+    assert s.count == 1
+    s.write(_workers.make_frame(2, n), timeout=5)
+    assert s.count == 2 and _workers.frame_seq(s.read()) == 2
+
+
+def test_torch_ops_on_a_slotted_stream(name):
+    """The op library reaches the same slots: publishes and reads interleave with the NumPy API."""
+    torch = pytest.importorskip("torch")
+    import torch_shmem.ops as O
+
+    s = torch_shmem.create(name, shape=(3, 5), dtype=np.float32, slots=3)
+    st = O.open(name)
+    for k in range(1, 6):
+        O.publish(st, torch.full((3, 5), float(k)), frame_id=k)
+        assert s.read_publication().payload.tolist() == [[k] * 5] * 3 and s.frame_id == k
+        s.write(np.full((3, 5), 10.0 + k, np.float32))
+        assert O.read(st).eq(10 + k).all()
+    assert s.count == 10
+
+
+def test_large_casting_write_goes_to_the_next_slot(name):
+    """A large write of another dtype is cast straight into the payload (in place):
+    on a slotted stream that is the next slot, published as one write."""
+    s = torch_shmem.create(name, shape=(200, 200), dtype=np.float32, slots=2)
+    r = torch_shmem.open(name)
+    for k in range(1, 4):
+        s.write(np.full((200, 200), k, np.float64))
+        assert r.count == k and (r.read() == k).all()
+
+
+def test_readonly_handle_refuses_in_place_writes(name):
+    """The slot area of a read-only handle is mapped read-only: the private in-place write
+    calls raise PermissionError instead of touching it."""
+    s = torch_shmem.create(name, shape=(8,), dtype=np.uint8, slots=2)
+    s.write(np.arange(8, dtype=np.uint8))
+    ro = torch_shmem.open(name, readonly=True)
+    ro._h.acquire(5.0)  # the public acquire() refuses read-only handles earlier
+    try:
+        with pytest.raises(PermissionError, match=name):
+            ro._h.begin_write()
+        with pytest.raises(PermissionError, match=name):
+            ro._h.commit_write(None)
+    finally:
+        ro._h.release()
+    assert ro.read().tolist() == list(range(8)) and ro.count == 1
+
+
+def test_temporary_slotted_stream(name):
+    with torch_shmem.stream(name, shape=(2,), dtype=np.int8, slots=2) as shm:
+        shm.write([1, 2])
+        assert shm.slots == 2 and torch_shmem.open(name).read().tolist() == [1, 2]
+    assert not os.path.exists(f"/dev/shm/torch_shmem.{name}")
+
+
+def test_cli_stat_shows_the_slot_count(name, capsys):
+    from torch_shmem import cli
+
+    torch_shmem.create(name, shape=(4,), slots=3)
+    assert cli.main(["stat", name]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["slots:", "3"] in lines

@@ -8,6 +8,7 @@ Sections (``--only`` / ``--skip`` take these keys):
   fanout    one writer, N readers: per-reader rate and missed frames
   idle      CPU time burnt by a reader blocked in read_new
   paced     CPU time of a reader in a read_new loop against a writer at 1 kHz (64 KiB)
+  fileno    wake-up latency of one selector thread watching 1,000 streams' fileno()
   import    added import time of torch_shmem for a NumPy-only process
   bridge    a stream over ZeroMQ on loopback vs plain pyzmq PUB/SUB: MB/s, p50/p99 latency
             (needs pyzmq; skipped with a note without it)
@@ -34,6 +35,7 @@ import time
 from . import (
     bench_bridge,
     bench_fanout,
+    bench_fileno,
     bench_idle,
     bench_import,
     bench_io,
@@ -67,6 +69,7 @@ SECTIONS = {
     "fanout": bench_fanout,
     "idle": bench_idle,
     "paced": bench_paced,
+    "fileno": bench_fileno,
     "import": bench_import,
     "bridge": bench_bridge,
 }

@@ -382,3 +382,14 @@ def count_reader(name, mode, ready, done, results):
             break
     results.put(("reader", (reads, bad, regress, last)))
     s.close()
+
+
+def hold_descriptors(name, n, ready):
+    """Open `name` n times, take each handle's readiness descriptor, then wait
+    to be killed."""
+    handles = [torch_shmem.open(name) for _ in range(n)]
+    for h in handles:
+        h.fileno()
+    ready.set()
+    while True:
+        time.sleep(1)

@@ -82,3 +82,8 @@ def test_async_publication_reads_are_refused_like_the_sync_ones(gpu_handle):
         asyncio.run(gpu_handle.read_new_publication_async(timeout=0.01))
     with pytest.raises(RuntimeError, match="GPU stream"):
         asyncio.run(gpu_handle.read_after_publication_async(0, timeout=0.01))
+
+
+def test_fileno_is_refused_with_the_stream_name(gpu_handle):
+    with pytest.raises(RuntimeError, match=rf"{gpu_handle.name}.*fileno\(\) is not supported"):
+        gpu_handle.fileno()

@@ -305,11 +305,43 @@ def _refcount_pid(base: str) -> int | None:
     return None
 
 
+_LEFTOVER_PREFIXES = ("torch_shmem-notify.", "torch_shmem-unlinking.")
+
+
+def leftovers() -> list[str]:
+    """Files in /dev/shm that dead torch_shmem processes left behind.
+
+    ``torch_shmem-notify.<pid>.<token>``: the socket of a readiness
+    descriptor (:meth:`SharedMemory.fileno`) whose process died without
+    closing its handle. ``torch_shmem-unlinking.<pid>.<n>``: a stream that a
+    generation-checked unlink had renamed aside when its process died,
+    before removing it (the stream had already lost its name). Only files
+    whose pid is dead qualify. Returns base names, sorted.
+    """
+    try:
+        entries = os.listdir(_proc.SHM_DIR)
+    except OSError:
+        return []
+    result = []
+    for base in entries:
+        if not base.startswith(_LEFTOVER_PREFIXES):
+            continue
+        try:
+            pid = int(base.split(".")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid > 0 and not _proc.pid_alive(pid):
+            result.append(base)
+    return sorted(result)
+
+
 def purge_report(*, dead_only: bool = False, include_cuda_orphans: bool = False) -> dict[str, list]:
     """The work of :func:`purge`, with everything the CLI reports.
 
     Returns ``{"removed": [names], "skipped": [(name, reason)],
-    "cuda_removed": [base names]}``.
+    "cuda_removed": [base names], "leftovers_removed": [base names]}``
+    (see :func:`leftovers`; removed in both modes, as they belong to dead
+    processes only).
     """
     removed: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -341,7 +373,22 @@ def purge_report(*, dead_only: bool = False, include_cuda_orphans: bool = False)
                 skipped.append((base, str(exc)))
                 continue
             cuda_removed.append(base)
-    return {"removed": sorted(removed), "skipped": skipped, "cuda_removed": cuda_removed}
+    leftovers_removed: list[str] = []
+    for base in leftovers():
+        try:
+            os.unlink(os.path.join(_proc.SHM_DIR, base))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            skipped.append((base, str(exc)))
+            continue
+        leftovers_removed.append(base)
+    return {
+        "removed": sorted(removed),
+        "skipped": skipped,
+        "cuda_removed": cuda_removed,
+        "leftovers_removed": leftovers_removed,
+    }
 
 
 def purge(*, include_cuda_orphans: bool = False, dead_only: bool = False) -> list[str]:
@@ -352,7 +399,8 @@ def purge(*, include_cuda_orphans: bool = False, dead_only: bool = False) -> lis
     only orphans: streams whose creator died, that no live process maps and
     whose lock no live process holds. ``include_cuda_orphans=True`` also
     removes torch's ref-count files in /dev/shm whose producer died and that
-    nobody maps (see :func:`cuda_orphans`). Files that are not valid streams
-    are never removed (``torch-shmem doctor`` lists them). Not reversible.
+    nobody maps (see :func:`cuda_orphans`). Files dead torch_shmem
+    processes left behind (:func:`leftovers`) are always removed. Files that
+    are not valid streams are never removed (``torch-shmem doctor`` lists them). Not reversible.
     """
     return purge_report(dead_only=dead_only, include_cuda_orphans=include_cuda_orphans)["removed"]

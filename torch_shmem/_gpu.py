@@ -236,6 +236,11 @@ class GpuSharedMemory(SharedMemory):
     def write_view_locked(self, *args: Any, **kwargs: Any):
         self._unsupported("write_view_locked()")
 
+    def fileno(self) -> int:
+        # Its descriptor would arm on the NumPy handle's read count, which
+        # GPU reads (through the op library) do not advance.
+        self._unsupported("fileno()")
+
     def close(self, *, timeout: float = 5.0) -> None:
         if not self._h.closed:
             super().close(timeout=timeout)

@@ -930,6 +930,30 @@ class SharedMemory:
         """
         return self._h.wait_for_count(self._after(after), timeout)
 
+    def fileno(self) -> int:
+        """A file descriptor that is readable while a publication newer than
+        this handle's last read exists (:attr:`last_read_count`).
+
+        For event loops: register it with :mod:`selectors`, ``select``,
+        ``epoll`` or asyncio's ``loop.add_reader``; when it is readable, read
+        with :meth:`read` or :meth:`read_publication` (not :meth:`read_new`,
+        which waits for the write after that one). Every read through this
+        handle re-arms it: readable again once something newer than what
+        was read is published. The write path signals only handles whose
+        descriptor is armed, so streams nobody watches pay nothing.
+
+        Made on the first call (later calls return the same descriptor) and
+        closed by :meth:`close`: unregister it from your loop first. It
+        belongs to this process (a forked child must call ``fileno()`` on
+        its own handle). A readiness can rarely be spurious (a writer's
+        signal racing with this handle's own read): check the count of what
+        you read, e.g. with :meth:`read_publication`. Up to 64 handles per
+        stream may hold one at a time (RuntimeError beyond). Unlinking the
+        stream makes armed descriptors readable once.
+        """
+        self._check_open()
+        return self._h.notify_fd()
+
     def clear(self, *, timeout: float | None = None) -> None:
         """Zero the payload; counts as a publication.
 

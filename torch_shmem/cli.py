@@ -172,6 +172,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
         if args.include_cuda_orphans:
             for base in _admin.cuda_orphans():
                 print(f"would remove {_core_path(base)}")
+        for base in _admin.leftovers():
+            print(f"would remove {_core_path(base)}")
         if not chosen:
             print("nothing to purge", file=sys.stderr)
         return 0
@@ -180,7 +182,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     )
     for name in report["removed"]:
         print(f"purged {name!r}")
-    for base in report["cuda_removed"]:
+    for base in report["cuda_removed"] + report["leftovers_removed"]:
         print(f"removed {_core_path(base)}")
     for name, why in report["skipped"]:
         print(f"skipped {name!r}: {_error(ValueError(why), name)}", file=sys.stderr)

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "notify.h"
 #include "slots.h"
 #include "stream_internal.h"
 
@@ -38,6 +39,7 @@ constexpr double kOddSpinSeconds = 20e-6;  // spin on an odd seq before the lock
 //   payload, write_time, frame_id stores
 //   seq <- even (release)                      -- payload visible before even
 //   epoch += 1 (seq_cst) ; if waiters: wake     -- Dekker pair with wait_slice
+//   if armed_readers: signal them               -- the same pair with Notifier::rearm
 // ---------------------------------------------------------------------------
 
 void Stream::begin_locked() {
@@ -58,6 +60,7 @@ uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
   hdr_->seq.store(s + 1, std::memory_order_release);
   hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
   if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
+  signal_armed(hdr_);  // readiness descriptors (notify.h): same Dekker pair
   return (s + 1) >> 1;
 }
 
@@ -147,6 +150,7 @@ void Stream::abort_write_locked() {
   hdr_->broken.store(1, std::memory_order_release);
   hdr_->epoch.fetch_add(1, std::memory_order_seq_cst);
   if (hdr_->waiters.load(std::memory_order_seq_cst) != 0) futex_wake(&hdr_->epoch);
+  signal_armed(hdr_);  // readiness descriptors (notify.h): same Dekker pair
 }
 
 // ---------------------------------------------------------------------------
@@ -299,6 +303,7 @@ void Stream::wake_all() const {
   auto* epoch = const_cast<std::atomic<uint32_t>*>(&hdr_->epoch);
   epoch->fetch_add(1, std::memory_order_seq_cst);
   futex_wake(epoch);
+  signal_armed(const_cast<Header*>(hdr_));
 }
 
 }  // namespace core

@@ -3,6 +3,7 @@
 // lock and the publication protocol, docs/design.md for the state machines.
 #include "stream.h"
 
+#include "notify.h"
 #include "os_handles.h"
 #include "slots.h"
 #include "stream_internal.h"
@@ -509,6 +510,7 @@ void mark_unlinked(int fd, const std::string& name) {
   h->unlinked.store(1, std::memory_order_release);
   h->epoch.fetch_add(1, std::memory_order_seq_cst);
   futex_wake(&h->epoch);
+  signal_armed(h);  // watchers of readiness descriptors learn of it too
 }
 
 std::string shm_path(const std::string& os) { return "/dev/shm" + os; }

@@ -88,6 +88,15 @@ inline bool is_slotted(uint32_t flags) { return (flags & (kFlagGpu | kFlagHostSl
 class SlotMemory;
 class HostSlotMemory;
 
+// Readiness descriptors per stream (Header::notify, notify.h).
+constexpr uint32_t kMaxNotify = 64;
+struct NotifyEntry {
+  std::atomic<int32_t> pid;     // owning process, 0 = free
+  std::atomic<uint32_t> armed;  // 1: signal it at the next publication
+  std::atomic<uint64_t> token;  // names the owner's socket (notify.h)
+};
+static_assert(sizeof(NotifyEntry) == 16, "notify entry layout changed");
+
 struct alignas(128) Header {
   // ---- identity and geometry: immutable after create --------------------
   std::atomic<uint64_t> magic;  // stored last at create (release)
@@ -159,6 +168,10 @@ struct alignas(128) Header {
   // parked readers so that the write path makes no syscall when nobody waits.
   alignas(128) std::atomic<uint32_t> epoch;
   std::atomic<uint32_t> waiters;
+  // Readiness descriptors armed in `notify` (notify.h): like waiters, lets
+  // the write path skip the table (and make no system call) when nobody
+  // watches a descriptor. Zero in segments written before it existed.
+  std::atomic<uint32_t> armed_readers;
 
   // ---- device importers (GPU streams) ------------------------------------
   // pids of the processes other than the creator that map the device
@@ -167,6 +180,13 @@ struct alignas(128) Header {
   // still maps would hand that process someone else's data. An importer
   // clears its entry when it unmaps; a dead one's entry is ignored.
   alignas(128) std::atomic<int32_t> importers[kMaxImporters];
+
+  // ---- readiness descriptors (notify.h) ----------------------------------
+  // One entry per handle that asked for fileno(): its process, whether it
+  // wants a signal for the next publication, and the token naming its
+  // socket. All zero in a new segment (and in segments made before this
+  // table existed, whose header page was zero-filled past `importers`).
+  alignas(128) NotifyEntry notify[kMaxNotify];
 };
 
 static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout changed");
@@ -174,6 +194,8 @@ static_assert(offsetof(Header, seq) == 1024, "header layout changed");
 static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
 static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
 static_assert(offsetof(Header, importers) == 1408, "header layout changed");
+static_assert(offsetof(Header, armed_readers) == 1288, "header layout changed");
+static_assert(offsetof(Header, notify) == 1664, "header layout changed");
 static_assert(sizeof(Header) <= kHeaderBytes, "header exceeds its page");
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "need lock-free 64-bit atomics");
 static_assert(sizeof(std::atomic<uint32_t>) == 4, "futex word must be 32 bits");

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "../core/notify.h"
 #include "../core/session.h"
 #include "../core/slots.h"
 #include "../core/stream.h"
@@ -96,6 +97,9 @@ struct Handle {
   uint64_t missed_writes;
   uint64_t total_missed_writes;
   Snapshot last;
+  // Readiness descriptor (fileno()), made on first request; re-armed after
+  // every read for publications newer than last_read_count.
+  torch_shmem::core::Notifier* notify;
 };
 
 PyTypeObject HandleType = {PyVarObject_HEAD_INIT(nullptr, 0)};
@@ -296,6 +300,7 @@ void record_read(Handle* h, const Snapshot& snap) {
   h->total_missed_writes += missed;
   h->last_read_count = snap.count;
   h->last = snap;
+  if (h->notify != nullptr) h->notify->rearm(snap.count);
 }
 
 // Consistent snapshot into dst (payload-sized). Returns false with an error.
@@ -377,6 +382,7 @@ Handle* wrap(Stream* s, PyObject* name) {
   }
   h->s = s;
   h->sim = nullptr;
+  h->notify = nullptr;
   Py_INCREF(name);
   h->name = name;
   // Geometry from the core's validated private copy, never the shared
@@ -920,6 +926,8 @@ PyObject* H_close(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
     }
   }
   h->closed = true;
+  delete h->notify;  // while the header is still mapped
+  h->notify = nullptr;
   if (h->exports == 0) h->s->unmap();
   // No call is in flight and device slots are never exported: unmap the
   // simulated device memory now (which also clears its importer entry).
@@ -1181,9 +1189,30 @@ void H_releasebuffer(Handle* h, Py_buffer*) {
   if (h->exports == 0 && h->closed) h->s->unmap();
 }
 
+// notify_fd() -> int: this handle's readiness descriptor (notify.h), made
+// and armed on the first call; readable while a publication newer than
+// last_read_count exists. Closed by close().
+PyObject* H_notify_fd(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->notify == nullptr) {
+    try {
+      h->notify = torch_shmem::core::Notifier::attach(*h->s).release();
+      h->notify->rearm(h->last_read_count);
+    } catch (const Error& e) {
+      delete h->notify;
+      h->notify = nullptr;
+      return raise_core_error(h, e);
+    }
+  }
+  return PyLong_FromLong(h->notify->fd());
+}
+
 void H_dealloc(Handle* h) {
   // No call can be in flight (each holds a reference) and no export is
   // alive (each holds a reference): unmapping is safe.
+  delete h->notify;
+  h->notify = nullptr;
   delete h->s;
   h->s = nullptr;
   delete h->sim;
@@ -1200,6 +1229,7 @@ PyMethodDef handle_methods[] = {
     {"read_pub", (PyCFunction)(void (*)(void))H_read_pub, METH_FASTCALL, nullptr},
     {"read_after_pub", (PyCFunction)(void (*)(void))H_read_after_pub, METH_FASTCALL, nullptr},
     {"note_read", (PyCFunction)H_note_read, METH_NOARGS, nullptr},
+    {"notify_fd", (PyCFunction)H_notify_fd, METH_NOARGS, nullptr},
     {"wait_for_count", (PyCFunction)(void (*)(void))H_wait_for_count, METH_FASTCALL, nullptr},
     {"clear", (PyCFunction)(void (*)(void))H_clear, METH_FASTCALL, nullptr},
     {"acquire", (PyCFunction)(void (*)(void))H_acquire, METH_FASTCALL, nullptr},

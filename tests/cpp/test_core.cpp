@@ -12,6 +12,7 @@
 // the slot protocol. Any out-of-bounds access, use after free or undefined
 // behaviour aborts with the sanitizer's report; a failed CHECK exits 1.
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -29,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/notify.h"
 #include "core/session.h"
 #include "core/slots.h"
 #include "core/stream.h"
@@ -275,6 +277,52 @@ void test_gap_estimator() {
   pingpong.observe(100, t - 5 * ms);  // the clock stepped back: a 1 ns sample
   CHECK(pingpong.gap_ns() >= 1 && pingpong.gap_ns() < 12 * us);
   CHECK(pingpong.spin_for(t - 5 * ms + 2 * us, budget) == budget);
+}
+
+// Readiness descriptors: readable exactly while something newer than the
+// armed count exists; a failed claim (table full) leaves others' entries.
+bool fd_readable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return poll(&p, 1, 0) == 1 && (p.revents & POLLIN);
+}
+
+void test_notify() {
+  using torch_shmem::core::Notifier;
+  const std::string name = stream_name("notify");
+  Stream::unlink_name(name);
+  std::unique_ptr<Stream> w(Stream::create(name, geometry_u64(4)));
+  std::unique_ptr<Stream> r(Stream::open(name, true));
+  std::vector<std::unique_ptr<Notifier>> ns;
+  for (uint32_t i = 0; i < torch_shmem::core::kMaxNotify; ++i) {
+    ns.push_back(Notifier::attach(*r));
+    ns.back()->rearm(0);
+  }
+  CHECK(w->header()->armed_readers.load() == torch_shmem::core::kMaxNotify);
+  bool full = false;
+  try {
+    Notifier::attach(*r);
+  } catch (const Error& e) {
+    full = e.kind() == ErrorKind::kState;
+  }
+  CHECK(full);
+  for (auto& n : ns) CHECK(!fd_readable(n->fd()));
+  std::vector<uint64_t> f(4, 1);
+  CHECK(w->lock_for(1));
+  CHECK(w->write_locked(f.data(), false, 0) == 1);
+  w->unlock();
+  for (auto& n : ns) CHECK(fd_readable(n->fd()));  // all 64, entry 0 included
+  CHECK(w->header()->armed_readers.load() == 0);    // each signalled once
+  ns[0]->rearm(1);
+  CHECK(!fd_readable(ns[0]->fd()));
+  ns[1]->rearm(0);  // already newer than 0: readable at once, not armed
+  CHECK(fd_readable(ns[1]->fd()));
+  CHECK(w->header()->armed_readers.load() == 1);
+  const int32_t pid0 = w->header()->notify[0].pid.load();
+  ns.clear();  // releases every entry
+  CHECK(pid0 == getpid());
+  CHECK(w->header()->armed_readers.load() == 0);
+  for (const auto& e : w->header()->notify) CHECK(e.pid.load() == 0 && e.armed.load() == 0);
+  CHECK(Stream::unlink_name(name));
 }
 
 void test_unlink_ends_waits() {
@@ -536,6 +584,7 @@ int main(int argc, char** argv) {
   test_threads();
   test_kill_mid_write();
   test_slots();
+  test_notify();
   std::printf("ok: %d checks\n", g_checks);
   return 0;
 }

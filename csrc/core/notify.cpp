@@ -1,0 +1,176 @@
+// Readiness descriptors (see notify.h for the mechanism and its ordering).
+#include "notify.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "os_handles.h"
+#include "stream_internal.h"
+
+namespace torch_shmem {
+namespace core {
+
+namespace {
+
+bool make_address(const std::string& path, sockaddr_un* addr, socklen_t* len) {
+  if (path.size() + 1 > sizeof(addr->sun_path)) return false;
+  std::memset(addr, 0, sizeof(*addr));
+  addr->sun_family = AF_UNIX;
+  std::memcpy(addr->sun_path, path.c_str(), path.size() + 1);
+  *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size() + 1);
+  return true;
+}
+
+// One unbound datagram socket per process for every signal it sends. Made
+// on first use; a forked child shares it, which is harmless (it carries no
+// address and no state).
+int sender_socket() {
+  static const int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  return fd;
+}
+
+// One datagram to (pid, token)'s socket. Failures are ignored: EAGAIN
+// means its queue is full (it is readable already), ENOENT/ECONNREFUSED a
+// reader that went away (its entry is reclaimed by the next claim).
+void send_signal(int32_t pid, uint64_t token) {
+  const int fd = sender_socket();
+  if (fd < 0) return;
+  sockaddr_un addr;
+  socklen_t len;
+  if (!make_address(notify_socket_path(pid, token), &addr, &len)) return;
+  const char byte = 1;
+  (void)sendto(fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr), len);
+}
+
+// An entry whose owner can no longer drain it: its process is gone, or its
+// socket file is (a recycled pid keeps the first test passing).
+bool entry_dead(int32_t pid, uint64_t token) {
+  if (kill(pid, 0) != 0 && errno == ESRCH) return true;
+  struct stat st;
+  return ::stat(notify_socket_path(pid, token).c_str(), &st) != 0 && errno == ENOENT;
+}
+
+// Clears the armed flag of entry e (accounting for it in armed_readers);
+// true when it was armed.
+bool disarm(Header* h, NotifyEntry& e) {
+  if (e.armed.exchange(0, std::memory_order_acq_rel) != 1) return false;
+  h->armed_readers.fetch_sub(1, std::memory_order_seq_cst);
+  return true;
+}
+
+}  // namespace
+
+std::string notify_socket_path(int32_t pid, uint64_t token) {
+  char buf[96];
+  snprintf(buf, sizeof(buf), "%s%d.%016llx", kNotifySocketPrefix, static_cast<int>(pid),
+           static_cast<unsigned long long>(token));
+  return buf;
+}
+
+std::unique_ptr<Notifier> Notifier::attach(const Stream& s) {
+  Header* h = const_cast<Header*>(s.header());
+  std::unique_ptr<Notifier> n(new Notifier());
+  n->hdr_ = h;
+  n->owner_ = getpid();
+  uint64_t token = 0;
+  while (token == 0) {
+    if (getrandom(&token, sizeof(token), 0) != sizeof(token))
+      throw_os("stream '" + s.name() + "': getrandom for a readiness descriptor", errno);
+  }
+  Fd fd(socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.ok()) throw_os("stream '" + s.name() + "': socket for a readiness descriptor", errno);
+  n->path_ = notify_socket_path(n->owner_, token);
+  sockaddr_un addr;
+  socklen_t len;
+  if (!make_address(n->path_, &addr, &len))
+    throw Error(ErrorKind::kOS, "stream '" + s.name() + "': socket path too long: " + n->path_,
+                ENAMETOOLONG);
+  if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), len) != 0)
+    throw_os("stream '" + s.name() + "': bind " + n->path_, errno);
+  // Writers need write permission on the socket file: give it the stream's
+  // own read/write bits (whoever may write the stream may signal it).
+  const mode_t mode = static_cast<mode_t>(s.geometry()->mode) & 0666;
+  if (chmod(n->path_.c_str(), mode | S_IRUSR | S_IWUSR) != 0) {
+    const int err = errno;
+    unlink(n->path_.c_str());
+    throw_os("stream '" + s.name() + "': chmod " + n->path_, err);
+  }
+
+  // Claim a free entry; when there is none, take over a dead owner's.
+  // The token is stored before the entry can be armed (arming is a
+  // seq_cst exchange after it), so a writer that takes the armed flag
+  // reads this token.
+  const int32_t pid = static_cast<int32_t>(n->owner_);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (uint32_t i = 0; i < kMaxNotify; ++i) {
+      NotifyEntry& e = h->notify[i];
+      int32_t cur = e.pid.load(std::memory_order_acquire);
+      if (cur != 0) {
+        if (pass == 0 || !entry_dead(cur, e.token.load(std::memory_order_relaxed))) continue;
+      }
+      if (!e.pid.compare_exchange_strong(cur, pid, std::memory_order_acq_rel)) continue;
+      disarm(h, e);  // a dead owner's arming no longer counts
+      e.token.store(token, std::memory_order_release);
+      n->index_ = i;
+      n->claimed_ = true;
+      n->fd_ = fd.release();
+      return n;
+    }
+  }
+  unlink(n->path_.c_str());
+  throw Error(ErrorKind::kState, "stream '" + s.name() + "': all " + std::to_string(kMaxNotify) +
+                                     " readiness descriptors of this stream are in use by live "
+                                     "handles; close some handles' fileno() users first");
+}
+
+Notifier::~Notifier() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!claimed_) return;  // attach failed before claiming an entry (it removed the socket)
+  if (getpid() != owner_) return;  // a forked child's copy: the entry is the parent's
+  NotifyEntry& e = hdr_->notify[index_];
+  disarm(hdr_, e);
+  e.token.store(0, std::memory_order_relaxed);
+  e.pid.store(0, std::memory_order_release);
+  unlink(path_.c_str());
+}
+
+void Notifier::drain() const {
+  char buf[64];
+  while (recv(fd_, buf, sizeof(buf), MSG_DONTWAIT) > 0) {
+  }
+}
+
+void Notifier::rearm(uint64_t after) {
+  drain();
+  NotifyEntry& e = hdr_->notify[index_];
+  if (e.armed.exchange(1, std::memory_order_seq_cst) == 0)
+    hdr_->armed_readers.fetch_add(1, std::memory_order_seq_cst);
+  // Dekker pair with publish_locked (notify.h): re-read seq after arming.
+  if ((hdr_->seq.load(std::memory_order_seq_cst) >> 1) > after) {
+    // A publication is already there: readable now. Disarm first so no
+    // writer queues a second datagram for the same arming.
+    disarm(hdr_, e);
+    send_signal(static_cast<int32_t>(owner_), e.token.load(std::memory_order_relaxed));
+  }
+}
+
+void signal_armed(Header* h) {
+  if (h->armed_readers.load(std::memory_order_seq_cst) == 0) return;
+  for (uint32_t i = 0; i < kMaxNotify; ++i) {
+    NotifyEntry& e = h->notify[i];
+    if (e.armed.load(std::memory_order_relaxed) == 0) continue;
+    if (!disarm(h, e)) continue;  // another writer took it
+    send_signal(e.pid.load(std::memory_order_acquire), e.token.load(std::memory_order_acquire));
+  }
+}
+
+}  // namespace core
+}  // namespace torch_shmem

@@ -474,3 +474,27 @@ def test_large_values_cast_straight_into_the_payload(name, kind):
     assert r.count == 1  # nothing published, stream still consistent
     np.testing.assert_array_equal(r.read(), value.astype(np.float32))
 
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_write_at_a_given_count(name, slots):
+    """SharedMemory._write_at (the bridge's publication at the source's count)."""
+    w = torch_shmem.create(name, shape=(4,), dtype=np.int64, slots=slots)
+    r = torch_shmem.open(name)
+    assert w._write_at(np.full(4, 10, np.int64), 10, 7, None) == 10
+    pub = r.read_publication()
+    assert (pub.count, pub.frame_id, pub.missed_publications) == (10, 7, 9)
+    assert pub.payload.tolist() == [10] * 4
+    # not past the current count: published as the next one
+    assert w._write_at(np.full(4, 5, np.int64), 5, None, None) == 11
+    assert r.read().tolist() == [5] * 4 and r.last_read_count == 11
+    assert w._write_at(np.full(4, 13, np.int64), 13, None, None) == 13
+    pub = r.read_publication()
+    assert (pub.count, pub.missed_publications, pub.payload.tolist()) == (13, 1, [13] * 4)
+    with w.locked():
+        with pytest.raises(ValueError, match=rf"{name}.*count must be from 1"):
+            w._h.begin_write(0)
+        with pytest.raises(RuntimeError, match=rf"{name}.*publication 13 is not past count 13"):
+            w._h.begin_write(13)
+    w.close()
+    r.close()

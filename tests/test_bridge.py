@@ -7,6 +7,7 @@ process killed inside Event.wait leaves its lock taken).
 """
 
 import importlib.util
+import json
 import multiprocessing as mp
 import os
 import select
@@ -227,8 +228,11 @@ def test_publications_arrive_with_their_frame_ids(name, cleanup):
             assert st["lag"] is not None and 0 <= st["lag"] < 5
             side = bridge.link_status(local)
             assert side["state"] == "up" and side["pid"] == os.getpid() and side["alive"]
+            # the server counts a send once zmq returns from it, which can be after
+            # the attachment already delivered it
+            wait_until(lambda: srv.stat()["sent"] >= 30, 5, "the server to count its sends")
             sst = srv.stat()
-            assert sst["connections"] == 1 and sst["sent"] >= 30 and sst["last_count"] == 30
+            assert sst["connections"] == 1 and sst["last_count"] == 30
         finally:
             reader.close()
 
@@ -272,6 +276,93 @@ def test_frame_id_count_mode_makes_source_gaps_exact(name, cleanup):
     # every source publication was delivered or counted as skipped, none twice
     assert st["delivered"] + st["skipped"] == total
     assert st["delivered_count"] == total and st["behind"] == 0
+
+
+@needs_zmq
+def test_local_counts_are_the_source_counts(name, cleanup):
+    """Publications arrive at their source count: a local reader's count and
+    missed_publications describe the source's, across conflation; a reused
+    local stream that is already ahead keeps the source's gaps."""
+    local = name + "-dst"
+    cleanup.append(local)
+    n, total = 4096, 300
+    seen = []
+    with torch_shmem.create(name, shape=(n,), dtype=np.uint64) as src, bridge.serve(name) as srv, \
+            bridge.attach(srv.endpoint, local) as att:
+        reader = torch_shmem.open(local, readonly=True)
+        stop = threading.Event()
+
+        def read_loop():
+            while not stop.is_set():
+                try:
+                    pub = reader.read_new_publication(timeout=0.1)
+                except TimeoutError:
+                    continue
+                seen.append((pub.count, frame_seq(pub.payload), pub.missed_publications))
+
+        t = threading.Thread(target=read_loop)
+        t.start()
+        try:
+            for k in range(1, total + 1):
+                src.write(make_frame(k, n))  # count k carries frame k
+            wait_until(lambda: reader.count == total, 10, "the last publication")
+            time.sleep(0.05)
+        finally:
+            stop.set()
+            t.join(10)
+            reader.close()
+        st = att.stat()
+    assert seen, "the reader saw nothing"
+    assert all(c == k for c, k, _ in seen), seen[:10]  # local count == source count
+    for (c0, _, _), (c1, _, missed) in zip(seen, seen[1:]):
+        assert missed == c1 - c0 - 1  # gaps are the source's, wherever they were dropped
+    assert st["delivered"] + st["skipped"] == total
+
+
+@needs_zmq
+def test_a_local_stream_ahead_of_the_source_keeps_its_gaps(name, cleanup):
+    local = name + "-dst"
+    cleanup.append(local)
+    with torch_shmem.create(local, shape=(8,), dtype=np.uint64) as dst, \
+            torch_shmem.create(name, shape=(8,), dtype=np.uint64) as src:
+        for k in range(1, 11):
+            dst.write(make_frame(k, 8))  # local count 10 before the attachment
+        src.write(make_frame(1, 8))
+        with bridge.serve(name) as srv, bridge.attach(srv.endpoint, local):
+            wait_until(lambda: dst.count == 11, 10, "the first delivery")  # 10 + 1
+            assert frame_seq(dst.read()) == 1
+            for k in (2, 3, 7):  # source counts 2, 3, then 7 (4-6 written in between)
+                if k == 7:
+                    for j in (4, 5, 6):
+                        src.write(make_frame(j, 8))
+                src.write(make_frame(k, 8))
+                wait_until(lambda: frame_seq(dst.read()) == k, 10, f"frame {k}")
+                assert dst.count == 10 + k  # offset 10 kept: the source's gaps
+
+
+@needs_zmq
+def test_stat_and_cli_show_the_link_of_an_attached_stream(name, cleanup):
+    local = name + "-dst"
+    cleanup.append(local)
+    with torch_shmem.create(name, shape=(8,), dtype=np.uint64) as src, bridge.serve(name) as srv, \
+            bridge.attach(srv.endpoint, local):
+        src.write(make_frame(1, 8))
+        local_frame(local, 1)
+        assert torch_shmem.stat(name)["bridge"] is None  # the source is not fed by a bridge
+        wait_until(lambda: torch_shmem.stat(local)["bridge"]["delivered_count"] == 1, 10,
+                   "the sidecar to show the delivery")
+        link = torch_shmem.stat(local)["bridge"]
+        assert link["state"] == "up" and link["alive"] and link["behind"] == 0
+        def cli(*args):
+            out = subprocess.run([sys.executable, "-m", "torch_shmem", *args], capture_output=True,
+                                 text=True, cwd=ROOT, timeout=60)
+            assert out.returncode == 0, out.stderr
+            return out.stdout
+
+        assert "up, behind 0" in cli("stat", local)
+        assert "link up" in cli("watch", local, "--interval", "0.2", "--count", "1")
+        row = json.loads(cli("watch", local, "--interval", "0.2", "--count", "1", "--json"))
+        assert row["link"] == "up" and row["state"] == "ok" and row["orphan"] is False
 
 
 @needs_zmq
@@ -376,7 +467,7 @@ def test_local_stream_unlinked_under_the_attachment_is_made_again(name, cleanup)
         time.sleep(1.2)  # the attachment looks once a second
         src.write(make_frame(2, 8))
         count, _ = local_frame(local, 2)
-        assert count == 1  # a fresh stream
+        assert count == 2  # a fresh stream, at the source's count
 
 
 # ------------------------------------------------------------------ processes
@@ -501,12 +592,18 @@ def test_a_stalled_subscriber_gets_the_newest_frame_not_a_backlog(name, cleanup)
             shm = torch_shmem.open(local, readonly=True)
             try:
                 os.kill(child.pid, signal.SIGSTOP)
-                before = shm.count
+                wait_until(lambda: bridge.link_status(local)["delivered_count"] == 1, 10,
+                           "the sidecar to show the first delivery")
+                skipped_before = bridge.link_status(local)["skipped"]
                 for k in range(2, total + 1):
                     src.write(make_frame(k, n))
                 os.kill(child.pid, signal.SIGCONT)
                 wait_until(lambda: frame_seq(shm.read()) == total, 10, "the newest frame")
-                published = shm.count - before
+                assert shm.count == total  # local counts are the source's
+                wait_until(lambda: bridge.link_status(local)["delivered_count"] == total, 10,
+                           "the sidecar to show the last delivery")
+                # local publications = source publications delivered (the others were skipped)
+                published = (total - 1) - (bridge.link_status(local)["skipped"] - skipped_before)
             finally:
                 shm.close()
         finally:
@@ -604,7 +701,7 @@ def test_garbage_is_counted_and_dropped_never_written(name, cleanup):
                 good = bridge.encode(sample_header(count=6, frame_id=77),
                                      np.arange(6, dtype=np.float32).reshape(2, 3))
                 pub.send(good)
-                wait_until(lambda: local.count == 1, 5, "the good message")
+                wait_until(lambda: local.count == 6, 5, "the good message")  # its source count
                 assert local.frame_id == 77 and local.read().ravel().tolist() == list(range(6))
                 st = att.stat()
                 assert st["malformed"] == len(_mutations()) + 1 and st["mismatched"] == 2

@@ -248,9 +248,10 @@ def test_watch_json_lines_and_orphans(name):
         for e in lines:
             assert set(e) == {"time", "name", "interval", "rate", "count", "publications",
                               "missed", "latency_p50", "latency_max", "age", "frame_id",
-                              "lock_owner", "state", "orphan"}
+                              "lock_owner", "state", "orphan", "link"}
             assert e["state"] == "ok" and e["lock_owner"] is None and e["missed"] == 0
         assert lines[0]["count"] == 1 and lines[0]["frame_id"] == 9 and not lines[0]["orphan"]
+        assert lines[0]["link"] is None  # not fed by a bridge
         assert lines[1]["orphan"] and lines[1]["count"] == 1 and lines[1]["age"] > 0
         assert lines[1]["latency_p50"] is None and lines[1]["rate"] == 0  # no publication
         # the table shows the orphan as `list` does, although the watcher maps it

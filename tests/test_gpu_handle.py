@@ -87,3 +87,9 @@ def test_async_publication_reads_are_refused_like_the_sync_ones(gpu_handle):
 def test_fileno_is_refused_with_the_stream_name(gpu_handle):
     with pytest.raises(RuntimeError, match=rf"{gpu_handle.name}.*fileno\(\) is not supported"):
         gpu_handle.fileno()
+
+
+def test_stat_names_the_device_of_a_gpu_stream(gpu_handle):
+    info = torch_shmem.stat(gpu_handle.name)
+    assert info["gpu_enabled"] and info["gpu_device"] == "cuda:0"
+    assert info["bridge"] is None

@@ -82,6 +82,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         info = h.info()
         code, shape, nbytes, flags, creator_pid, instance_id, ctime, mode = info
         nslots = info.nslots
+        device_index = info.device_index
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = h.state()
         importers = list(h.importers())
     finally:
@@ -98,7 +99,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         "dtype": str(code_dtype(code)),
         "size": nbytes,
         "gpu_enabled": gpu,
-        "gpu_device": None,  # CPU streams; the device of a GPU stream is not read here
+        "gpu_device": f"cuda:{device_index}" if gpu else None,
         "cpu_mirror": not gpu or bool(flags & _core.FLAG_CPU_MIRROR),
         "gpu_importers": importers,
         "notify": bool(flags & _core.FLAG_NOTIFY),
@@ -119,8 +120,34 @@ def _read_stat(name: str) -> dict[str, Any]:
         "mode": mode,
         "uid": st.st_uid,
         "segment_bytes": st.st_size,
+        "bridge": bridge_link(name),
         "_file": (st.st_dev, st.st_ino),
     }
+
+
+def bridge_link(name: str) -> dict[str, Any] | None:
+    """The link state of the bridge attachment feeding stream ``name``
+    (docs/bridge.md), or None when no attachment keeps a sidecar for it.
+
+    A subset of ``torch_shmem.bridge.link_status``: ``state`` (``up``,
+    ``connecting``, ``stale``, ``stopped``...), ``alive``, ``source_count``,
+    ``delivered_count``, ``behind``, ``skipped``, ``lag`` and ``age`` (s).
+    Reading it needs no pyzmq.
+    """
+    try:
+        side = _core.os_name(name + ".bridge")
+    except ValueError:
+        return None  # no room for the suffix: such a stream has no sidecar
+    if not os.path.exists(_proc.SHM_DIR + side):
+        return None
+    from . import bridge  # noqa: PLC0415  (imports no zmq; only when a sidecar exists)
+
+    try:
+        row = bridge.link_status(name)
+    except (FileNotFoundError, PermissionError, ValueError):
+        return None
+    keys = ("state", "alive", "source_count", "delivered_count", "behind", "skipped", "lag", "age")
+    return {k: row[k] for k in keys}
 
 
 def stat(name: str) -> dict[str, Any]:
@@ -135,8 +162,10 @@ def stat(name: str) -> dict[str, Any]:
     ``write_sequence``, ``write_time`` (0.0 before the first write), ``age``
     (``math.inf`` before it), ``frame_id``, ``state`` (``"ok"``,
     ``"writing"`` or ``"inconsistent"``), ``lock_owner`` (pid or None),
-    ``lock_owner_alive``, ``waiters`` (parked readers), ``mode``, ``uid``
-    and ``segment_bytes`` (header + payload, page-rounded).
+    ``lock_owner_alive``, ``waiters`` (parked readers), ``mode``, ``uid``,
+    ``segment_bytes`` (header + payload, page-rounded) and ``bridge`` (the
+    link state of a bridge attachment feeding the stream, see
+    :func:`bridge_link`; None for other streams).
 
     Raises FileNotFoundError when it does not exist, PermissionError when
     this user may not open it, ValueError for a corrupted segment.

@@ -1010,6 +1010,25 @@ class SharedMemory:
         """
         return _LockedWriteView(self, _check_frame_id(frame_id, self._name), timeout)
 
+    def _write_at(self, array: np.ndarray, count: int, frame_id: int | None,
+                  timeout: float | None) -> int:
+        """Publish ``array`` (the stream's exact dtype and shape) as publication
+        ``count`` when that is past the current count, else as count + 1;
+        return the count published. For carrying another stream's counts
+        (the bridge): readers' missed-publication counts then follow the
+        source's. Takes the lock (TimeoutError after ``timeout``)."""
+        with self.locked(timeout=timeout):
+            if count <= self._h.count():
+                self.write_locked(array, frame_id=frame_id)
+                return self._h.count()
+            self._h.begin_write(count)
+            try:
+                self._payload_view()[...] = array
+            except BaseException:
+                self._h.abort_write()
+                raise
+            return self._h.commit_write(frame_id)
+
     def _begin_view(self) -> np.ndarray:
         self._check_open()
         if self._h.readonly:

@@ -1004,11 +1004,26 @@ def serve(name: str, bind: str = DEFAULT_BIND, **kwargs: Any) -> BridgeServer:
 
 # ------------------------------------------------------------------ attached side
 class _CpuSink:
+    """Publishes at the source's count (plus a fixed offset), so that local
+    readers' ``missed_writes`` and count gaps are those of the source."""
+
     def __init__(self, shm: Any) -> None:
         self.shm = shm
+        self.offset: int | None = None  # local count - source count
 
-    def write(self, payload: np.ndarray, frame_id: int, timeout: float) -> None:
-        self.shm.write(payload, frame_id=frame_id, timeout=timeout)
+    def new_generation(self) -> None:
+        self.offset = None
+
+    def write(self, payload: np.ndarray, frame_id: int, timeout: float, count: int) -> None:
+        if self.offset is None:
+            # A fresh local stream takes the source's counts as they are; one
+            # that is already ahead (reused, or a new source generation whose
+            # counts restart) keeps counting upwards from its own count.
+            self.offset = max(0, self.shm.count + 1 - count)
+        target = count + self.offset
+        published = self.shm._write_at(payload, target, frame_id, timeout)
+        if published != target:  # someone else published locally in between
+            self.offset = published - count
 
 
 class _GpuSink:
@@ -1023,7 +1038,12 @@ class _GpuSink:
         self.pinned = torch.empty(shm.shape, dtype=torch_dtype(shm.dtype), pin_memory=True)
         self.host = self.pinned.numpy()
 
-    def write(self, payload: np.ndarray, frame_id: int, timeout: float) -> None:
+    def new_generation(self) -> None:
+        pass
+
+    def write(self, payload: np.ndarray, frame_id: int, timeout: float, count: int) -> None:
+        # GPU streams publish through the op library, which has no write at
+        # a given count: local counts advance by one per delivery.
         np.copyto(self.host, payload)
         self.shm.write(self.pinned, frame_id=frame_id, timeout=timeout)
 
@@ -1424,6 +1444,8 @@ class BridgeAttachment(_Component):
                 stats["generations"] += 1
                 # publications of the new generation before this one were never seen
                 self._delivered_count = 0
+                if self._sink is not None:
+                    self._sink.new_generation()
             self._instance = h.instance_id
             self._source_count = 0
         if session != self._session:
@@ -1468,7 +1490,7 @@ class BridgeAttachment(_Component):
         stamp = frame_id if self._frame_id_mode == "source" else count
         while True:
             try:
-                self._sink.write(array, stamp, _POLL_SLICE)
+                self._sink.write(array, stamp, _POLL_SLICE, count)
                 break
             except TimeoutError:
                 # the local lock is held: keep waiting, but switch to a newer message

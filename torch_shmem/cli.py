@@ -140,6 +140,13 @@ def cmd_stat(args: argparse.Namespace) -> int:
             shown[key] = f"{stamp} ({info[key]:.6f})"
         else:
             shown[key] = "never"
+    link = info["bridge"]
+    if link is None:
+        del shown["bridge"]
+    else:
+        shown["bridge"] = (f"{link['state']}, behind {link['behind']}, skipped {link['skipped']}"
+                           + (f", lag {_fmt_latency(abs(link['lag']))}" if link["lag"] is not None
+                              else ""))
     width = max(map(len, shown))
     for key, value in shown.items():
         print(f"{key + ':':<{width + 1}} {value}")
@@ -261,6 +268,9 @@ def _watch_state(w: _Watched, head: Any) -> str:
     # The watcher maps the stream itself: it does not count as a holder.
     if _admin.is_orphan(w.name, w.shm.instance_id, ignore_pids={os.getpid()}):
         state += ",orphan"
+    link = _admin.bridge_link(w.name)
+    if link is not None:  # fed by a bridge attachment: its link state too
+        state += f",link {link['state']}"
     return state
 
 
@@ -298,9 +308,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 age = time.time() - head.write_time if head.write_time else math.inf
                 state = _watch_state(w, head)
                 if args.json:
-                    word, _, tag = state.partition(",")
+                    word, *tags = state.split(",")
                     if state.startswith("error: "):
-                        word, tag = "error", ""
+                        word, tags = "error", []
                     print(json.dumps(_jsonable({
                         "time": time.time(), "name": w.name, "interval": dt,
                         "rate": pubs / dt, "count": head.count, "publications": pubs,
@@ -308,7 +318,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         "latency_p50": lats[len(lats) // 2] if lats else None,
                         "latency_max": lats[-1] if lats else None,
                         "age": age, "frame_id": head.frame_id, "lock_owner": head.lock_owner,
-                        "state": word, "orphan": tag == "orphan",
+                        "state": word, "orphan": "orphan" in tags,
+                        "link": next((t[5:] for t in tags if t.startswith("link ")), None),
                         **({"error": w.error} if word == "error" else {}),
                     }), ensure_ascii=False))
                     continue

@@ -105,8 +105,11 @@ uint64_t Stream::clear_locked() {
 // <- k, so that payload() is the slot being written until the commit. An
 // odd seq left by a dead or aborted writer already names publication c and
 // its slot.
-void Stream::begin_write_locked() {
-  begin_locked();
+void Stream::begin_write_locked(uint64_t at) {
+  if (at == 0)
+    begin_locked();
+  else
+    begin_write_locked_at(at);  // seq = 2 * at - 1: the slot below is at's
   if (!host_slots_) return;
   const Header* g = geometry();
   const uint64_t c = (hdr_->seq.load(std::memory_order_relaxed) >> 1) + 1;

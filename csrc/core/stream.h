@@ -335,8 +335,11 @@ class Stream {
   // count += 1 per completed write; seq = 2 * count (+1 while writing).
   uint64_t write_locked(const void* src, bool has_frame_id, uint64_t frame_id);
   uint64_t clear_locked();
-  // Two-phase write for in-place producers.
-  void begin_write_locked();
+  // Two-phase write for in-place producers. With `at` > 0 the write will
+  // publish count `at` instead of count + 1 (kState unless at > count):
+  // a bridge carries the source's counts into its local stream this way,
+  // so that readers' missed-publication counts stay exact across the link.
+  void begin_write_locked(uint64_t at = 0);
   // Slotted streams: opens the host window of publication c (seq = 2c - 1).
   // c is count + 1 except after a slotted write that failed once its device
   // count may already have reached c (see slot_write_locked): then c skips

@@ -840,9 +840,21 @@ bool slotted_writable(Handle* h) {
 
 // begin_write() / commit_write(frame_id=None) / abort_write(): the caller
 // holds the lock (checked here).
-PyObject* H_begin_write(Handle* h, PyObject*) {
+// begin_write(at=None): opens the in-place write window of the next
+// publication, or of publication `at` (> count; see Stream::begin_write_locked).
+PyObject* H_begin_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   Guard g(h, true);  // also marks an aborted view torn (see _commit_view)
   if (!g.ok) return nullptr;
+  unsigned long long at = 0;
+  if (nargs >= 1 && args[0] != Py_None) {
+    at = PyLong_AsUnsignedLongLong(args[0]);
+    if (at == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+    if (at == 0 || at >= (1ULL << 63)) {
+      PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: a write at count %llu: the count "
+                   "must be from 1 to 2**63 - 1", h->name, at);
+      return nullptr;
+    }
+  }
   if (h->s->held_depth() <= 0) {
     PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
                  h->name);
@@ -856,7 +868,11 @@ PyObject* H_begin_write(Handle* h, PyObject*) {
     return nullptr;
   }
   if (!slotted_writable(h)) return nullptr;
-  h->s->begin_write_locked();
+  try {
+    h->s->begin_write_locked(at);
+  } catch (const Error& e) {
+    return raise_core_error(h, e);
+  }
   Py_RETURN_NONE;
 }
 
@@ -949,6 +965,7 @@ PyStructSequence_Field info_fields[] = {
     {"create_time", "creation time, seconds since the epoch"},
     {"mode", "permission bits"},
     {"nslots", "payload slots (1: a single payload; attribute only)"},
+    {"device_index", "CUDA device of a GPU stream's slots (0 otherwise; attribute only)"},
     {nullptr, nullptr}};
 PyStructSequence_Field state_fields[] = {
     {"seq", "2 * count, odd while a write is in progress"},
@@ -1020,7 +1037,8 @@ PyObject* H_info(Handle* h, PyObject*) {
                     PyBytes_FromStringAndSize(reinterpret_cast<const char*>(hdr->instance_id), 16),
                     PyFloat_FromDouble(hdr->create_time_ns * 1e-9),
                     PyLong_FromUnsignedLong(hdr->mode),
-                    PyLong_FromUnsignedLong(hdr->nslots == 0 ? 1 : hdr->nslots)});
+                    PyLong_FromUnsignedLong(hdr->nslots == 0 ? 1 : hdr->nslots),
+                    PyLong_FromUnsignedLong(hdr->device_index)});
 }
 
 // state() -> State(seq, write_time_ns, frame_id, broken, unlinked, owner_pid,
@@ -1235,7 +1253,7 @@ PyMethodDef handle_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))H_acquire, METH_FASTCALL, nullptr},
     {"release", (PyCFunction)H_release, METH_NOARGS, nullptr},
     {"held_depth", (PyCFunction)H_held_depth, METH_NOARGS, nullptr},
-    {"begin_write", (PyCFunction)H_begin_write, METH_NOARGS, nullptr},
+    {"begin_write", (PyCFunction)(void (*)(void))H_begin_write, METH_FASTCALL, nullptr},
     {"commit_write", (PyCFunction)(void (*)(void))H_commit_write, METH_FASTCALL, nullptr},
     {"abort_write", (PyCFunction)H_abort_write, METH_NOARGS, nullptr},
     {"close", (PyCFunction)(void (*)(void))H_close, METH_FASTCALL, nullptr},

@@ -57,14 +57,14 @@ def random_words(rng, max_bytes):
 class Torture:
     """One stream under crash torture; accumulates the figures."""
 
-    def __init__(self, name, n, seed, readers=2):
+    def __init__(self, name, n, seed, readers=2, slots=1):
         self.ctx = rw.context()
         self.name = name
         self.n = n
         self.rng = random.Random(seed)
         self.frames = rw.Frames(n)
         self.buf = np.empty(n, dtype=np.uint64)
-        self.s = torch_shmem.create(name, shape=(n,), dtype=np.uint64)
+        self.s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=slots)
         self.s.write(self.frames.make(1))
         self.stop = self.ctx.Event()
         self.results = self.ctx.Queue()
@@ -179,12 +179,12 @@ def merge(total, fig):
             total[k] = total.get(k, 0) + v
 
 
-def run_torture(name, seed, sizes_words, kills_per_size, point_every=4):
+def run_torture(name, seed, sizes_words, kills_per_size, point_every=4, slots=1):
     rng = random.Random(seed)
     total: dict = {"sizes_bytes": []}
     t0 = time.monotonic()
     for i, n in enumerate(sizes_words):
-        t = Torture(f"{name}-{i}", n, rng.getrandbits(32))
+        t = Torture(f"{name}-{i}", n, rng.getrandbits(32), slots=slots)
         try:
             for j in range(kills_per_size):
                 if j % point_every == point_every - 1:
@@ -198,6 +198,7 @@ def run_torture(name, seed, sizes_words, kills_per_size, point_every=4):
         total["sizes_bytes"].append(n * 8)
         merge(total, fig)
     total["seconds"] = round(time.monotonic() - t0, 1)
+    total["slots"] = slots
     print(f"crash torture figures: {total}")
     assert total["torn_reads"] == 0
     assert total["regressions"] == 0
@@ -222,6 +223,17 @@ def test_writer_kill_torture_64mib_short(name, seed):
     assert fig["inconsistent_after_kill"] >= 2  # mid_view and view_filled
 
 
+@pytest.mark.cpu
+def test_writer_kill_torture_slotted_short(name, seed):
+    """The same torture on a slotted stream (create(slots=3)): writes go to a slot no
+    reader is copying, in-place views to the next publication's slot."""
+    rng = random.Random(seed)
+    sizes = [3, 512 + rng.randrange(512), random_words(rng, 1 * MiB), (4 * MiB) // 8]
+    fig = run_torture(name, seed, sizes, kills_per_size=10, point_every=2, slots=3)
+    assert fig["kills"] == 40
+    assert fig["inconsistent_after_kill"] >= 3  # the mid-view points at least
+
+
 @pytest.mark.slow
 def test_writer_kill_torture_full(name, seed):
     rng = random.Random(seed)
@@ -230,14 +242,16 @@ def test_writer_kill_torture_full(name, seed):
     rng.shuffle(sizes)
     fig = run_torture(name, seed, sizes, kills_per_size=50)
     assert fig["kills"] == 50 * len(sizes)
+    fig = run_torture(name + "-slots", seed, sizes[:6], kills_per_size=30, slots=4)
+    assert fig["kills"] == 30 * 6
 
 
-def reader_kill_torture(name, seed, n, kills):
+def reader_kill_torture(name, seed, n, kills, slots=1):
     """Readers looping on a payload written back to back get killed mid-read."""
     ctx = rw.context()
     rng = random.Random(seed)
     frames = rw.Frames(n)
-    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64)
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=slots)
     s.write(frames.make(1))
     stop = ctx.Event()
     wstate = ctx.Array("q", 3, lock=False)
@@ -277,7 +291,7 @@ def reader_kill_torture(name, seed, n, kills):
     assert writer.exitcode == 0
     _, _, (reads, verified, torn, inconsistent, regress, mismatch, _t) = results.get(timeout=60)
     witness.join(60)
-    fig = {"reader_kills": kills, "writes": int(wstate[2]), "witness_reads_verified": verified,
+    fig = {"slots": slots, "reader_kills": kills, "writes": int(wstate[2]), "witness_reads_verified": verified,
            "torn_reads": torn, "inconsistent": inconsistent, "max_lock_ms": round(max_ms, 3)}
     print(f"reader kill figures (n={n * 8} B): {fig}")
     assert torn == 0 and inconsistent == 0 and regress == 0 and mismatch == 0
@@ -289,6 +303,11 @@ def reader_kill_torture(name, seed, n, kills):
 @pytest.mark.cpu
 def test_reader_kill_torture_short(name, seed):
     reader_kill_torture(name, seed, (4 * MiB) // 8, kills=12)
+
+
+@pytest.mark.cpu
+def test_reader_kill_torture_slotted_short(name, seed):
+    reader_kill_torture(name, seed, (4 * MiB) // 8, kills=8, slots=3)
 
 
 @pytest.mark.slow

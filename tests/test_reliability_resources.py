@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import select
 import time
 
 import numpy as np
@@ -68,6 +69,8 @@ def cycles(prefix, count, sizes):
             if i % 10 == 0:
                 torch_shmem.stat(name)
                 s.clear(timeout=1)
+                fd = r.fileno()  # a readiness descriptor: closed with r below
+                assert select.select([fd], [], [], 5)[0] == [fd]
             if i % 100 == 0:
                 with pytest.raises(FileExistsError):
                     torch_shmem.create(name, shape=(n,), dtype=np.uint8)
@@ -120,6 +123,8 @@ def leak_check(name, count, sizes):
     mine = [e for e in shm1 if prefix in e]
     assert mine == [], f"/dev/shm entries left behind: {mine}"
     assert not [e for e in set(shm1) - set(shm0) if name in e]
+    notify = f"torch_shmem-notify.{os.getpid()}."
+    assert not [e for e in shm1 if e.startswith(notify)], "readiness sockets left behind"
     assert rss1 - rss0 < 64 * 1024, "resident memory grew by more than 64 MiB"
     return fig
 

@@ -105,11 +105,11 @@ def test_no_signal_without_an_armed_descriptor(name):
     w = torch_shmem.create(name, shape=(4,), dtype=np.int64)
     r = torch_shmem.open(name)
     w.write(value(1))
-    assert notify_files(os.getpid()) == []
+    before = notify_files(os.getpid())  # other tests' handles may still hold some
     fd = r.fileno()
-    assert len(notify_files(os.getpid())) == 1
+    assert len(notify_files(os.getpid())) == len(before) + 1
     r.close()  # closes the descriptor and removes its socket
-    assert notify_files(os.getpid()) == []
+    assert notify_files(os.getpid()) == before
     with pytest.raises(OSError):
         os.fstat(fd)
     w.write(value(2))  # no armed entry left: nothing to signal, nothing fails
@@ -233,6 +233,7 @@ def test_dead_holders_entries_are_reclaimed_and_purged(name):
     """A process killed while holding descriptors never blocks new ones, and
     purge removes the socket files it left."""
     w = torch_shmem.create(name, shape=(4,), dtype=np.int64)
+    mine = len(notify_files(os.getpid()))  # other tests' handles may still hold some
     ready = ctx.Event()
     p = ctx.Process(target=_workers.hold_descriptors, args=(name, 64, ready))
     p.start()
@@ -253,7 +254,7 @@ def test_dead_holders_entries_are_reclaimed_and_purged(name):
         report = _admin.purge_report(dead_only=True)
         assert set(left) <= set(report["leftovers_removed"])
         assert notify_files(p.pid) == []
-        assert len(notify_files(os.getpid())) == 1  # ours is alive: kept
+        assert len(notify_files(os.getpid())) == mine + 1  # ours is alive: kept
         r.close()
     finally:
         if p.is_alive():
@@ -267,3 +268,95 @@ def test_closed_handle_refuses(name):
     w.close()
     with pytest.raises(RuntimeError, match=name):
         w.fileno()
+
+
+# ---------------------------------------------------------------- asyncio waits
+
+
+def test_async_waits_park_no_thread(name, monkeypatch):
+    """Async waits sit on one readiness descriptor per handle and loop: 50 pending
+    waits over 10 streams start no thread, and each gets its publication."""
+    monkeypatch.delenv("TORCH_SHMEM_ASYNC_WAIT", raising=False)
+    import threading
+
+    names = [f"{name}-{i}" for i in range(10)]
+    writers = [torch_shmem.create(n, shape=(4,), dtype=np.int64) for n in names]
+    readers = [torch_shmem.open(n) for n in names]
+
+    async def main():
+        threads = threading.active_count()
+        tasks = [asyncio.create_task(r.read_after_async(0, timeout=30))
+                 for r in readers for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert threading.active_count() == threads  # nothing parked in a worker
+        assert all(len(w.waits) == 5 for r in readers for w in r._watches.values())
+        for i, w in enumerate(writers):
+            w.write(value(i))
+        got = await asyncio.gather(*tasks)
+        return [int(a[0]) for a in got]
+
+    try:
+        assert asyncio.run(main()) == [i for i in range(10) for _ in range(5)]
+    finally:
+        for h in readers + writers:
+            h.close()
+        for n in names:
+            torch_shmem.unlink(n)
+
+
+def test_finished_loops_release_their_descriptors(name):
+    import gc
+
+    w = torch_shmem.create(name, shape=(4,), dtype=np.int64)
+    r = torch_shmem.open(name)
+    before = len(notify_files(os.getpid()))
+    for k in range(1, 101):  # more loops than the stream has descriptor entries
+        loop_write = k
+
+        async def main():
+            asyncio.get_running_loop().call_later(0.001, w.write, value(loop_write))
+            return await r.read_after_async(loop_write - 1, timeout=10)
+
+        assert asyncio.run(main())[0] == k
+        gc.collect()
+    assert len(notify_files(os.getpid())) <= before + 1
+    assert torch_shmem.stat(name)["armed_descriptors"] == 0
+    r.close()
+    w.close()
+    assert len(notify_files(os.getpid())) == before
+
+
+def test_large_payload_async_read_copies_off_the_loop(name):
+    n = (4 << 20) // 8  # 4 MiB: above the inline-copy bound
+    w = torch_shmem.create(name, shape=(n,), dtype=np.int64)
+    r = torch_shmem.open(name)
+
+    async def main():
+        task = asyncio.create_task(r.read_new_publication_async(timeout=30))
+        await asyncio.sleep(0.02)
+        w.write(np.arange(n, dtype=np.int64))
+        return await task
+
+    pub = asyncio.run(main())
+    assert pub.count == 1 and pub.payload[-1] == n - 1
+    r.close()
+    w.close()
+
+
+def test_async_falls_back_to_threads_when_the_table_is_full(name):
+    w = torch_shmem.create(name, shape=(4,), dtype=np.int64)
+    holders = [torch_shmem.open(name) for _ in range(64)]
+    for h in holders:
+        h.fileno()
+    r = torch_shmem.open(name)
+
+    async def main():
+        task = asyncio.create_task(r.read_new_async(timeout=30))
+        await asyncio.sleep(0.05)
+        assert not r._watches  # no descriptor could be had
+        w.write(value(3))
+        return await task
+
+    assert asyncio.run(main())[0] == 3
+    for h in holders + [r, w]:
+        h.close()

@@ -38,9 +38,11 @@ def wait_until(predicate, timeout=60.0, what="condition"):
 
 
 def parked(name, n=1):
-    """True once at least n readers are parked on the stream's futex."""
+    """True once at least n waits are pending: readers parked on the stream's futex,
+    or (asyncio waits) a readiness descriptor armed for the next publication."""
     try:
-        return torch_shmem.stat(name)["waiters"] >= n
+        info = torch_shmem.stat(name)
+        return info["waiters"] + info["armed_descriptors"] >= n
     except FileNotFoundError:
         return False
 

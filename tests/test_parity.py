@@ -74,6 +74,20 @@ async def async_until(predicate, timeout=10.0, what="condition"):
         await asyncio.sleep(0.001)
 
 
+@pytest.fixture(params=["fd", "thread"])
+def async_mode(request, monkeypatch):
+    """Both ways async waits are made: on a readiness descriptor in the event loop
+    (the default), and in worker threads parked on the futex (the fallback)."""
+    monkeypatch.setenv("TORCH_SHMEM_ASYNC_WAIT", request.param)
+    return request.param
+
+
+def pending_waits(s):
+    """Waits pending on handle `s`: parked on its futex (threads, blocking calls)
+    plus those registered on its readiness descriptors (async, fd mode)."""
+    return s._h.state().waiters + sum(len(w.waits) for w in s._watches.values())
+
+
 def only_names(monkeypatch, *names):
     """Restrict discovery to `names` so the test never touches other streams."""
     real = _admin._candidate_names
@@ -757,7 +771,7 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-def test_async_waits_do_not_block_the_event_loop(name):
+def test_async_waits_do_not_block_the_event_loop(name, async_mode):
     s = torch_shmem.create(name, shape=(2,), dtype=np.int32)
     go = ctx.Event()
     p = start(_workers.write_on_event, name, go, [4, 5], 8)
@@ -771,7 +785,7 @@ def test_async_waits_do_not_block_the_event_loop(name):
             while True:
                 await asyncio.sleep(0.001)
                 ticks += 1
-                if s._h.state()[7] > 0:  # the worker is parked on the futex
+                if pending_waits(s) > 0:  # the wait is pending
                     parked.set()
 
         tk = asyncio.create_task(ticker())
@@ -790,7 +804,7 @@ def test_async_waits_do_not_block_the_event_loop(name):
     assert pub.payload.tolist() == [4, 5] and pub.count == 1 and pub.frame_id == 8
 
 
-def test_async_variants(name):
+def test_async_variants(name, async_mode):
     s = torch_shmem.create(name, shape=(1,), dtype=np.int64)
 
     async def main():
@@ -800,7 +814,7 @@ def test_async_variants(name):
         assert await s.wait_for_count_async(after=0) == 1
         out = np.empty(1, np.int64)
         task = asyncio.create_task(s.read_new_async(out=out, timeout=10))
-        await async_until(lambda: s._h.state()[7] > 0, what="the worker to park")
+        await async_until(lambda: pending_waits(s) > 0, what="the wait to be pending")
         s.write([2])
         assert (await task) is out and out.tolist() == [2]
         task = asyncio.create_task(s.wait_for_count_async(after=2, timeout=10))
@@ -819,20 +833,20 @@ def test_async_variants(name):
     _run(main())
 
 
-def test_async_cancellation_reads_nothing(name):
+def test_async_cancellation_reads_nothing(name, async_mode):
     s = torch_shmem.create(name, shape=(3,), dtype=np.int64)
 
     async def main():
         out = np.zeros(3, np.int64)
         task = asyncio.create_task(s.read_new_async(out=out))
-        await async_until(lambda: s._h.state()[7] > 0, what="the worker to park")
+        await async_until(lambda: pending_waits(s) > 0, what="the wait to be pending")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         s.write([1, 2, 3])
         # the worker wakes for this write, sees the cancellation and stops:
         # no read is recorded and `out` is untouched
-        await async_until(lambda: s._h.state()[7] == 0, what="the worker to leave")
+        await async_until(lambda: pending_waits(s) == 0, what="the wait to leave")
         return out
 
     out = _run(main())
@@ -842,7 +856,7 @@ def test_async_cancellation_reads_nothing(name):
         _run(asyncio.wait_for(s.read_new_async(), 0.05))
 
 
-def test_close_wakes_blocked_coroutines_and_threads(name):
+def test_close_wakes_blocked_coroutines_and_threads(name, async_mode):
     s = torch_shmem.create(name, shape=(1,))
     r = torch_shmem.open(name)
     errors = []
@@ -868,7 +882,7 @@ def test_close_wakes_blocked_coroutines_and_threads(name):
             r.read_new_async(), r.wait_for_count_async(after=5), r.read_after_async(5),
             r.read_new_publication_async(), r.read_after_publication_async(5),
         )]
-        await async_until(lambda: s._h.state()[7] >= len(threads) + len(tasks),
+        await async_until(lambda: pending_waits(r) >= len(threads) + len(tasks),
                           what="every waiter to park")
         t0 = time.monotonic()
         r.close()
@@ -1138,7 +1152,7 @@ def test_error_messages_carry_pyshmem_phrases(name):
                    lambda: asyncio.run(r.read_new_async(timeout=30)),))]
     for w in waiters:
         w.start()
-    until(lambda: torch_shmem.stat(name)["waiters"] >= 3, what="three parked waits")
+    until(lambda: pending_waits(r) >= 3, what="three parked waits")
     r.close()
     for w in waiters:
         w.join(10)

@@ -83,7 +83,9 @@ def _read_stat(name: str) -> dict[str, Any]:
         code, shape, nbytes, flags, creator_pid, instance_id, ctime, mode = info
         nslots = info.nslots
         device_index = info.device_index
-        seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = h.state()
+        state = h.state()
+        seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = state
+        armed = state.armed_readers
         importers = list(h.importers())
     finally:
         h.close(1.0)
@@ -117,6 +119,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         "lock_owner": lock_owner,
         "lock_owner_alive": lock_alive,
         "waiters": waiters,
+        "armed_descriptors": armed,
         "mode": mode,
         "uid": st.st_uid,
         "segment_bytes": st.st_size,
@@ -162,7 +165,9 @@ def stat(name: str) -> dict[str, Any]:
     ``write_sequence``, ``write_time`` (0.0 before the first write), ``age``
     (``math.inf`` before it), ``frame_id``, ``state`` (``"ok"``,
     ``"writing"`` or ``"inconsistent"``), ``lock_owner`` (pid or None),
-    ``lock_owner_alive``, ``waiters`` (parked readers), ``mode``, ``uid``,
+    ``lock_owner_alive``, ``waiters`` (parked readers), ``armed_descriptors``
+    (readiness descriptors waiting for the next publication: ``fileno()``
+    watchers and asyncio waits), ``mode``, ``uid``,
     ``segment_bytes`` (header + payload, page-rounded) and ``bridge`` (the
     link state of a bridge attachment feeding the stream, see
     :func:`bridge_link`; None for other streams).

@@ -407,6 +407,7 @@ class SharedMemory:
         "_held",
         "_create_time",
         "_auto_unlink",
+        "_watches",
         "__weakref__",
     )
 
@@ -424,6 +425,9 @@ class SharedMemory:
         self._auto_unlink = False
         # lock levels taken through this handle, per thread (for close())
         self._held: dict[int, int] = {}
+        # async waits on a readiness descriptor, per event loop (_aio.FdWatch);
+        # made on first use (a WeakKeyDictionary: finished loops drop out)
+        self._watches: Any = {}
 
     # ------------------------------------------------------------------ state
     def _check_open(self) -> None:
@@ -1090,6 +1094,9 @@ class SharedMemory:
         from . import _aio  # asyncio costs ~25 ms to import: only for async users
 
         h = self._h
+        watch = self._fd_watch(_aio)
+        if watch is not None:
+            return await self._wait_fd(_aio, watch, after, timeout, what, finish)
 
         def wait(slice_: float) -> int:
             try:
@@ -1106,14 +1113,67 @@ class SharedMemory:
             wait, finish, timeout=timeout, on_timeout=lambda: self._timeout_error(timeout, after)
         )
 
+    def _fd_watch(self, _aio: Any) -> Any:
+        """This handle's descriptor watch in the running loop (made on first
+        use), or None where waits fall back to worker threads: the header
+        cannot be pinned (unlinked, no write permission), the stream's table
+        of descriptors is full, or TORCH_SHMEM_ASYNC_WAIT=thread."""
+        import asyncio
+        import os
+
+        if os.environ.get("TORCH_SHMEM_ASYNC_WAIT", "fd") == "thread":
+            return None
+        import weakref
+
+        loop = asyncio.get_running_loop()
+        if not self._watches:
+            self._watches = weakref.WeakKeyDictionary()
+        watch = self._watches.get(loop)
+        if watch is not None and not watch.closed:
+            return watch
+        for other in [lp for lp in list(self._watches) if lp.is_closed()]:
+            self._watches.pop(other).close_threadsafe(None)  # closed, not yet collected
+        try:
+            notifier = _core.notifier(self._name, self._instance_id)
+        except RuntimeError:  # every descriptor of the stream is taken
+            return None
+        if notifier is None:
+            return None
+        watch = self._watches[loop] = _aio.FdWatch(loop, notifier)
+        return watch
+
+    async def _wait_fd(self, _aio: Any, watch: Any, after: int, timeout: float | None,
+                       what: str, finish: Any) -> Any:
+        import asyncio
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            count = await asyncio.wait_for(watch.wait(after), timeout)
+        except asyncio.TimeoutError:
+            raise self._timeout_error(timeout, after) from None
+        except _aio.Closed:
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r} was closed while a read was waiting on "
+                f"this handle ({what})"
+            ) from None
+        except _aio.Gone:
+            # unlinked: the synchronous wait raises the exact error (or returns
+            # a publication that a handle still mapping the old stream made)
+            count = self._h.wait_for_count(after, 0)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self._size > _aio.INLINE_COPY_BYTES:
+            return await _aio.run_in_thread(lambda: finish(count, remaining))
+        return finish(count, remaining)
+
     async def wait_for_count_async(
         self, *, after: int, timeout: float | None = None, poll_interval: float = 1e-5
     ) -> int:
         """Awaitable :meth:`wait_for_count`; never blocks the event loop.
 
-        The futex wait runs in a worker thread (see torch_shmem._aio);
-        cancelling the awaiting task returns at once and the worker stops
-        within 50 ms. :meth:`close` from any thread wakes it with RuntimeError.
+        The wait sits on a readiness descriptor registered with the running
+        loop (or, where none can be had, in a worker thread: see
+        torch_shmem._aio); cancelling the awaiting task returns at once.
+        :meth:`close` from any thread wakes it with RuntimeError.
         """
         after = self._after(after)
         self._check_open()
@@ -1130,8 +1190,8 @@ class SharedMemory:
     ) -> np.ndarray:
         """Awaitable :meth:`read_after` (safe reads only); never blocks the event loop.
 
-        The wait and the copy run in a worker thread; a task cancelled
-        before the wait completes reads nothing and leaves ``out`` untouched.
+        A task cancelled before the wait completes reads nothing and leaves
+        ``out`` untouched (see :meth:`wait_for_count_async` for how it waits).
         """
         return await self._read_async(self._after(after), safe, timeout, out, "read_after_async", False)
 
@@ -1146,11 +1206,10 @@ class SharedMemory:
         """Awaitable :meth:`read_new` (safe reads only); never blocks the event loop.
 
         Edge-triggered at the moment the coroutine starts running (when it is
-        awaited or its task first runs). The wait and the copy run in a
-        worker thread; cancelling the awaiting task returns at once, reads
-        nothing and leaves ``out`` untouched, and the worker stops within
-        50 ms. :meth:`close` wakes it with RuntimeError; TimeoutError after
-        ``timeout``.
+        awaited or its task first runs). Cancelling the awaiting task
+        returns at once, reads nothing and leaves ``out`` untouched (see
+        :meth:`wait_for_count_async` for how it waits). :meth:`close` wakes
+        it with RuntimeError; TimeoutError after ``timeout``.
         """
         return await self._read_async(None, safe, timeout, out, "read_new_async", False)
 
@@ -1203,7 +1262,7 @@ class SharedMemory:
     def _check_async(self, safe: bool) -> None:
         self._check_open()
         if not safe:
-            # the lock is per thread and the wait runs in a worker thread
+            # the lock is per thread, and an async read may complete in another one
             raise ValueError(
                 f"torch_shmem: stream {self._name!r}: async reads are safe reads only "
                 "(safe=False needs the lock, which belongs to a thread)"
@@ -1352,6 +1411,12 @@ class SharedMemory:
         for _ in range(mine):
             self._h.release()
         self._held.clear()
+        if self._watches:
+            from . import _aio
+
+            watches, self._watches = list(self._watches.values()), {}
+            for watch in watches:
+                watch.close_threadsafe(_aio.Closed())
         self._h.close(timeout)
 
     def unlink(self) -> None:

@@ -76,32 +76,46 @@ std::string notify_socket_path(int32_t pid, uint64_t token) {
 }
 
 std::unique_ptr<Notifier> Notifier::attach(const Stream& s) {
-  Header* h = const_cast<Header*>(s.header());
+  return claim(const_cast<Header*>(s.header()), s.geometry()->mode, s.name());
+}
+
+std::unique_ptr<Notifier> Notifier::attach_pinned(const std::string& name,
+                                                  const uint8_t instance_id[16], int* why) {
+  std::unique_ptr<HeaderPin> pin = HeaderPin::open(name, instance_id, why);
+  if (!pin) return nullptr;
+  // The mode from the pinned header: the geometry was validated when the
+  // caller's handle opened this generation (same instance id).
+  std::unique_ptr<Notifier> n = claim(pin->header(), pin->header()->mode, name);
+  n->pin_ = std::move(pin);
+  return n;
+}
+
+std::unique_ptr<Notifier> Notifier::claim(Header* h, uint32_t stream_mode, const std::string& name) {
   std::unique_ptr<Notifier> n(new Notifier());
   n->hdr_ = h;
   n->owner_ = getpid();
   uint64_t token = 0;
   while (token == 0) {
     if (getrandom(&token, sizeof(token), 0) != sizeof(token))
-      throw_os("stream '" + s.name() + "': getrandom for a readiness descriptor", errno);
+      throw_os("stream '" + name + "': getrandom for a readiness descriptor", errno);
   }
   Fd fd(socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (!fd.ok()) throw_os("stream '" + s.name() + "': socket for a readiness descriptor", errno);
+  if (!fd.ok()) throw_os("stream '" + name + "': socket for a readiness descriptor", errno);
   n->path_ = notify_socket_path(n->owner_, token);
   sockaddr_un addr;
   socklen_t len;
   if (!make_address(n->path_, &addr, &len))
-    throw Error(ErrorKind::kOS, "stream '" + s.name() + "': socket path too long: " + n->path_,
+    throw Error(ErrorKind::kOS, "stream '" + name + "': socket path too long: " + n->path_,
                 ENAMETOOLONG);
   if (bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), len) != 0)
-    throw_os("stream '" + s.name() + "': bind " + n->path_, errno);
+    throw_os("stream '" + name + "': bind " + n->path_, errno);
   // Writers need write permission on the socket file: give it the stream's
   // own read/write bits (whoever may write the stream may signal it).
-  const mode_t mode = static_cast<mode_t>(s.geometry()->mode) & 0666;
+  const mode_t mode = static_cast<mode_t>(stream_mode) & 0666;
   if (chmod(n->path_.c_str(), mode | S_IRUSR | S_IWUSR) != 0) {
     const int err = errno;
     unlink(n->path_.c_str());
-    throw_os("stream '" + s.name() + "': chmod " + n->path_, err);
+    throw_os("stream '" + name + "': chmod " + n->path_, err);
   }
 
   // Claim a free entry; when there is none, take over a dead owner's.
@@ -117,7 +131,7 @@ std::unique_ptr<Notifier> Notifier::attach(const Stream& s) {
         if (pass == 0 || !entry_dead(cur, e.token.load(std::memory_order_relaxed))) continue;
       }
       if (!e.pid.compare_exchange_strong(cur, pid, std::memory_order_acq_rel)) continue;
-      disarm(h, e);  // a dead owner's arming no longer counts
+      core::disarm(h, e);  // a dead owner's arming no longer counts
       e.token.store(token, std::memory_order_release);
       n->index_ = i;
       n->claimed_ = true;
@@ -126,7 +140,7 @@ std::unique_ptr<Notifier> Notifier::attach(const Stream& s) {
     }
   }
   unlink(n->path_.c_str());
-  throw Error(ErrorKind::kState, "stream '" + s.name() + "': all " + std::to_string(kMaxNotify) +
+  throw Error(ErrorKind::kState, "stream '" + name + "': all " + std::to_string(kMaxNotify) +
                                      " readiness descriptors of this stream are in use by live "
                                      "handles; close some handles' fileno() users first");
 }
@@ -136,7 +150,7 @@ Notifier::~Notifier() {
   if (!claimed_) return;  // attach failed before claiming an entry (it removed the socket)
   if (getpid() != owner_) return;  // a forked child's copy: the entry is the parent's
   NotifyEntry& e = hdr_->notify[index_];
-  disarm(hdr_, e);
+  core::disarm(hdr_, e);
   e.token.store(0, std::memory_order_relaxed);
   e.pid.store(0, std::memory_order_release);
   unlink(path_.c_str());
@@ -157,9 +171,14 @@ void Notifier::rearm(uint64_t after) {
   if ((hdr_->seq.load(std::memory_order_seq_cst) >> 1) > after) {
     // A publication is already there: readable now. Disarm first so no
     // writer queues a second datagram for the same arming.
-    disarm(hdr_, e);
+    core::disarm(hdr_, e);
     send_signal(static_cast<int32_t>(owner_), e.token.load(std::memory_order_relaxed));
   }
+}
+
+void Notifier::disarm() {
+  core::disarm(hdr_, hdr_->notify[index_]);
+  drain();  // after: a signal racing with the disarm is drained too
 }
 
 void signal_armed(Header* h) {

@@ -47,20 +47,34 @@ class Notifier {
   // it is full) and binds the socket. Throws kState when kMaxNotify live
   // handles already hold descriptors, kOS on socket errors.
   static std::unique_ptr<Notifier> attach(const Stream& s);
+  // The same over a private mapping of the header of generation
+  // `instance_id` of `name` (HeaderPin), so the notifier may outlive every
+  // handle of the stream (asyncio waits that close it from their loop).
+  // nullptr (with *why = errno) when the name no longer holds that
+  // generation or cannot be mapped writable.
+  static std::unique_ptr<Notifier> attach_pinned(const std::string& name,
+                                                 const uint8_t instance_id[16], int* why);
   ~Notifier();
   Notifier(const Notifier&) = delete;
   Notifier& operator=(const Notifier&) = delete;
 
   int fd() const { return fd_; }
+  // The count and unlinked flag of the stream it watches.
+  uint64_t count() const { return hdr_->seq.load(std::memory_order_acquire) >> 1; }
+  bool unlinked() const { return hdr_->unlinked.load(std::memory_order_acquire) != 0; }
   // Makes fd() readable exactly when count > after: drains what earlier
   // signals left, arms the entry, and signals itself when such a
   // publication is already there. (Unlinking the name also signals every
   // armed entry once, so a watcher can notice it.)
   void rearm(uint64_t after);
+  // Drains the descriptor and clears the arming: not readable, and no
+  // writer signals it, until the next rearm.
+  void disarm();
 
  private:
   Notifier() = default;
   void drain() const;
+  static std::unique_ptr<Notifier> claim(Header* h, uint32_t mode, const std::string& name);
 
   Header* hdr_ = nullptr;
   uint32_t index_ = 0;
@@ -68,6 +82,7 @@ class Notifier {
   int fd_ = -1;
   pid_t owner_ = 0;  // the process that bound the socket (a forked child must not release it)
   std::string path_;
+  std::unique_ptr<HeaderPin> pin_;  // attach_pinned: the mapping hdr_ points into
 };
 
 // Writer side: signals every armed entry of h's table. Cheap when none is

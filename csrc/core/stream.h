@@ -433,6 +433,8 @@ class HeaderPin {
   // after unlinking: with both orders sequentially consistent, an importer
   // that registers too late sees the flag and backs out.
   bool unlinked() const;
+  // The pinned header page (read-write).
+  Header* header() const { return h_; }
 
  private:
   HeaderPin() = default;

@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cmath>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -589,6 +590,106 @@ PyObject* mod_unlink_if(PyObject*, PyObject* args) {
                                                               : "replaced");
 }
 
+// ---------------------------------------------------------------------------
+// Notifier: a readiness descriptor over a pinned header (notify.h), for
+// asyncio waits. Independent of any Handle's lifetime; closed by close() or
+// when collected. Methods run with the GIL held and never block.
+// ---------------------------------------------------------------------------
+
+struct NotifierObject {
+  PyObject_HEAD
+  torch_shmem::core::Notifier* n;
+};
+
+PyTypeObject NotifierType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+torch_shmem::core::Notifier* notifier_of(NotifierObject* o) {
+  if (o->n == nullptr)
+    PyErr_SetString(PyExc_RuntimeError, "torch_shmem: the readiness descriptor is closed");
+  return o->n;
+}
+
+PyObject* N_fileno(NotifierObject* o, PyObject*) {
+  auto* n = notifier_of(o);
+  return n == nullptr ? nullptr : PyLong_FromLong(n->fd());
+}
+
+PyObject* N_arm(NotifierObject* o, PyObject* arg) {
+  auto* n = notifier_of(o);
+  if (n == nullptr) return nullptr;
+  unsigned long long after = PyLong_AsUnsignedLongLong(arg);
+  if (after == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  n->rearm(after);
+  Py_RETURN_NONE;
+}
+
+PyObject* N_disarm(NotifierObject* o, PyObject*) {
+  auto* n = notifier_of(o);
+  if (n == nullptr) return nullptr;
+  n->disarm();
+  Py_RETURN_NONE;
+}
+
+PyObject* N_count(NotifierObject* o, PyObject*) {
+  auto* n = notifier_of(o);
+  return n == nullptr ? nullptr : PyLong_FromUnsignedLongLong(n->count());
+}
+
+PyObject* N_unlinked(NotifierObject* o, PyObject*) {
+  auto* n = notifier_of(o);
+  if (n == nullptr) return nullptr;
+  return PyBool_FromLong(n->unlinked());
+}
+
+PyObject* N_close(NotifierObject* o, PyObject*) {
+  delete o->n;
+  o->n = nullptr;
+  Py_RETURN_NONE;
+}
+
+void N_dealloc(NotifierObject* o) {
+  delete o->n;
+  o->n = nullptr;
+  PyObject_Free(o);
+}
+
+PyMethodDef notifier_methods[] = {
+    {"fileno", (PyCFunction)N_fileno, METH_NOARGS, "the descriptor (readable when armed and due)"},
+    {"arm", (PyCFunction)N_arm, METH_O, "arm(after): readable once count > after"},
+    {"disarm", (PyCFunction)N_disarm, METH_NOARGS, "drain and stop signalling until arm()"},
+    {"count", (PyCFunction)N_count, METH_NOARGS, "the stream's count"},
+    {"unlinked", (PyCFunction)N_unlinked, METH_NOARGS, "whether the generation was unlinked"},
+    {"close", (PyCFunction)N_close, METH_NOARGS, "release the descriptor and its table entry"},
+    {nullptr, nullptr, 0, nullptr}};
+
+// notifier(name, instance_id) -> Notifier, or None when the name no longer
+// holds that generation or its header cannot be mapped writable.
+PyObject* mod_notifier(PyObject*, PyObject* args) {
+  PyObject* name;
+  const char* iid;
+  Py_ssize_t iid_len;
+  if (!PyArg_ParseTuple(args, "Uy#", &name, &iid, &iid_len)) return nullptr;
+  if (iid_len != 16) {
+    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
+    return nullptr;
+  }
+  std::string n;
+  if (!utf8_name(name, &n)) return nullptr;
+  std::unique_ptr<torch_shmem::core::Notifier> notifier;
+  try {
+    int why = 0;
+    notifier = torch_shmem::core::Notifier::attach_pinned(
+        n, reinterpret_cast<const uint8_t*>(iid), &why);
+  } catch (const Error& e) {
+    return raise_core_error(nullptr, e);
+  }
+  if (!notifier) Py_RETURN_NONE;
+  NotifierObject* o = PyObject_New(NotifierObject, &NotifierType);
+  if (o == nullptr) return nullptr;
+  o->n = notifier.release();
+  return reinterpret_cast<PyObject*>(o);
+}
+
 PyObject* mod_os_name(PyObject*, PyObject* arg) {
   std::string n;
   if (!utf8_name(arg, &n)) return nullptr;
@@ -976,6 +1077,7 @@ PyStructSequence_Field state_fields[] = {
     {"owner_pid", "pid of the last lock owner"},
     {"owner_tid", "thread id of the last lock owner"},
     {"waiters", "readers parked on the futex"},
+    {"armed_readers", "readiness descriptors armed for the next publication (attribute only)"},
     {nullptr, nullptr}};
 PyStructSequence_Field read_stats_fields[] = {
     {"last_read_count", "count of the publication this handle read last"},
@@ -1054,7 +1156,8 @@ PyObject* H_state(Handle* h, PyObject*) {
                                PyLong_FromUnsignedLong(hdr->unlinked.load()),
                                PyLong_FromLong(hdr->owner_pid.load()),
                                PyLong_FromLong(hdr->owner_tid.load()),
-                               PyLong_FromUnsignedLong(hdr->waiters.load())});
+                               PyLong_FromUnsignedLong(hdr->waiters.load()),
+                               PyLong_FromUnsignedLong(hdr->armed_readers.load())});
 }
 
 // importers() -> tuple of pids: the live processes other than the creator
@@ -1280,6 +1383,8 @@ PyMethodDef module_methods[] = {
     {"create", mod_create, METH_VARARGS, "create(name, dtype_code, shape, mode, flags)"},
     {"open", mod_open, METH_VARARGS, "open(name, readonly)"},
     {"unlink", mod_unlink, METH_O, "unlink(name) -> bool"},
+    {"notifier", mod_notifier, METH_VARARGS,
+     "notifier(name, instance_id) -> Notifier or None (a readiness descriptor for async waits)"},
     {"unlink_if", mod_unlink_if, METH_VARARGS,
      "unlink_if(name, instance_id) -> 'removed' | 'gone' | 'replaced'"},
     {"os_name", mod_os_name, METH_O, "os_name(name) -> str"},
@@ -1313,6 +1418,13 @@ PyMODINIT_FUNC PyInit__core(void) {
   HandleType.tp_as_buffer = &handle_buffer;
   HandleType.tp_dealloc = (destructor)H_dealloc;
   if (PyType_Ready(&HandleType) < 0) return nullptr;
+  NotifierType.tp_name = "torch_shmem._core.Notifier";
+  NotifierType.tp_basicsize = sizeof(NotifierObject);
+  NotifierType.tp_flags = Py_TPFLAGS_DEFAULT;
+  NotifierType.tp_doc = "A readiness descriptor over a pinned stream header (internal).";
+  NotifierType.tp_methods = notifier_methods;
+  NotifierType.tp_dealloc = (destructor)N_dealloc;
+  if (PyType_Ready(&NotifierType) < 0) return nullptr;
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
   InconsistentStreamError = PyErr_NewExceptionWithDoc(

@@ -6,6 +6,9 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <stdio.h>
+#include <string.h>
+
 #include <cstring>
 
 #include "slots.h"
@@ -39,9 +42,48 @@ RingSlotMeta* ring_meta(const Stream& s, uint32_t slot) {
   return reinterpret_cast<RingSlotMeta*>(s.slot_area() + kRingMetaOffset) + slot;
 }
 
-bool pid_alive(int32_t pid) {
+namespace {
+
+// State letter and start time of /proc/PID/stat; false if unreadable.
+bool proc_stat(int32_t pid, char* state, uint64_t* start) {
+  char path[64];
+  snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = fopen(path, "re");
+  if (f == nullptr) return false;
+  char buf[1024];
+  const size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  const char* p = strrchr(buf, ')');  // the command name may contain anything
+  if (p == nullptr) return false;
+  ++p;
+  // After ')': " S ppid ..." -- field 3 is the state, field 22 the start time.
+  unsigned long long st = 0;
+  char s = 0;
+  if (sscanf(p, " %c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+             &s, &st) != 2)
+    return false;
+  *state = s;
+  *start = st;
+  return true;
+}
+
+}  // namespace
+
+uint64_t pid_start(int32_t pid) {
+  char state;
+  uint64_t start = 0;
+  return proc_stat(pid, &state, &start) ? start : 0;
+}
+
+bool pid_alive(int32_t pid, uint64_t start) {
   if (pid <= 0) return false;
-  return kill(pid, 0) == 0 || errno == EPERM;
+  if (kill(pid, 0) != 0 && errno != EPERM) return false;
+  char state = 0;
+  uint64_t started = 0;
+  if (!proc_stat(pid, &state, &started)) return true;  // cannot tell: alive (the safe side)
+  if (state == 'Z' || state == 'X') return false;      // exited, not reaped yet
+  return start == 0 || started == start;
 }
 
 RingSpace ring_space(const Stream& s) {
@@ -60,7 +102,7 @@ RingSpace ring_space(const Stream& s) {
     // then this load) with the reader's CAS of consumed.
     const uint64_t consumed = c->consumed.load(std::memory_order_seq_cst);
     if (consumed >= need) continue;
-    if (!pid_alive(pid)) {
+    if (!pid_alive(pid, c->owner_start.load(std::memory_order_relaxed))) {
       // A dead consumer never holds the writer: release its cursor (it
       // keeps its name and position for a consumer that comes back).
       c->owner_pid.compare_exchange_strong(pid, 0, std::memory_order_acq_rel);
@@ -111,7 +153,9 @@ uint32_t ring_attach(Stream& s, const std::string& name) {
         break;
       }
       const int32_t pid = c->owner_pid.load(std::memory_order_acquire);
-      if (reclaim < 0 && (pid == 0 || !pid_alive(pid))) reclaim = static_cast<int>(i);
+      if (reclaim < 0 &&
+          (pid == 0 || !pid_alive(pid, c->owner_start.load(std::memory_order_relaxed))))
+        reclaim = static_cast<int>(i);
     } else if (free_entry < 0) {
       // kCursorSetup under the lock can only be a registration that died
       // half way (it held the lock): free.
@@ -121,11 +165,12 @@ uint32_t ring_attach(Stream& s, const std::string& name) {
   if (found >= 0) {
     RingCursor* c = ring_cursor(s, static_cast<uint32_t>(found));
     const int32_t pid = c->owner_pid.load(std::memory_order_acquire);
-    if (pid != 0 && pid != me && pid_alive(pid))
+    if (pid != 0 && pid != me && pid_alive(pid, c->owner_start.load(std::memory_order_relaxed)))
       throw Error(ErrorKind::kState, "stream '" + s.name() + "': cursor '" + name +
                                          "' is held by live process " + std::to_string(pid) +
                                          " (one process per cursor name)");
     // Resume where the previous owner stopped.
+    c->owner_start.store(pid_start(me), std::memory_order_relaxed);
     c->last_pid.store(me, std::memory_order_relaxed);
     c->owner_pid.store(me, std::memory_order_seq_cst);
     return static_cast<uint32_t>(found);
@@ -152,6 +197,7 @@ uint32_t ring_attach(Stream& s, const std::string& name) {
   // made from now on. (Lock held: no publication can land meanwhile.)
   c->consumed.store(s.header()->seq.load(std::memory_order_relaxed) >> 1,
                     std::memory_order_relaxed);
+  c->owner_start.store(pid_start(me), std::memory_order_relaxed);
   c->last_pid.store(me, std::memory_order_relaxed);
   c->owner_pid.store(me, std::memory_order_relaxed);
   c->state.store(kCursorNamed, std::memory_order_seq_cst);
@@ -178,7 +224,7 @@ std::vector<CursorInfo> ring_cursors(const Stream& s) {
     info.name.assign(c->name, len);
     info.owner_pid = c->owner_pid.load(std::memory_order_acquire);
     info.last_pid = c->last_pid.load(std::memory_order_relaxed);
-    info.alive = pid_alive(info.owner_pid);
+    info.alive = pid_alive(info.owner_pid, c->owner_start.load(std::memory_order_relaxed));
     info.consumed = c->consumed.load(std::memory_order_acquire);
     info.missed = c->missed.load(std::memory_order_relaxed);
     out.push_back(info);

@@ -94,12 +94,16 @@ struct alignas(128) RingCursor {
   uint32_t name_len;              // written under the lock while kCursorSetup
   uint64_t name_hash;             // FNV-1a 64 of the name
   std::atomic<uint64_t> missed;   // publications this cursor skipped (owner)
-  char name[88];                  // kMaxCursorNameBytes + NUL, padded
+  char name[80];                  // kMaxCursorNameBytes + NUL, padded
+  // The owner's start time (/proc/PID/stat field 22, clock ticks since
+  // boot), so that a recycled pid is not taken for the owner.
+  std::atomic<uint64_t> owner_start;
 };
 static_assert(sizeof(RingCursor) == 128, "cursor must be one 128-byte line");
 static_assert(offsetof(RingCursor, consumed) == 0 && offsetof(RingCursor, owner_pid) == 8 &&
                   offsetof(RingCursor, state) == 12 && offsetof(RingCursor, name_hash) == 24 &&
-                  offsetof(RingCursor, missed) == 32 && offsetof(RingCursor, name) == 40,
+                  offsetof(RingCursor, missed) == 32 && offsetof(RingCursor, name) == 40 &&
+                  offsetof(RingCursor, owner_start) == 120,
               "cursor layout changed");
 static_assert(kMaxCursors * sizeof(RingCursor) <= kRingMetaOffset - kRingCursorsOffset,
               "cursor table exceeds its page");
@@ -116,7 +120,11 @@ RingControl* ring_control(const Stream& s);
 RingCursor* ring_cursor(const Stream& s, uint32_t index);
 RingSlotMeta* ring_meta(const Stream& s, uint32_t slot);
 
-bool pid_alive(int32_t pid);
+// Whether process pid runs (a zombie is dead); with start != 0, also that
+// it is the process that started at that time (not a recycled pid).
+bool pid_alive(int32_t pid, uint64_t start = 0);
+// Start time of process pid (clock ticks since boot), 0 if unknown.
+uint64_t pid_start(int32_t pid);
 
 // Room for publication count + 1: every live cursor consumed count + 1 - N.
 // A cursor whose owner is dead is released here (owner_pid <- 0).

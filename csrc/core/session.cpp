@@ -168,10 +168,15 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
       held = false;
       LockGuard(s_).release();
     }
-    const double slice = std::max(0.0, std::min(kWaitSlice, d.remaining()));
-    if (slice > 0) futex_wait(&rc->space_epoch, e, slice);
+    // The hook first: a binding releases its global lock there (the NumPy
+    // binding: the GIL, which a consumer thread of this process needs).
+    bool go = interrupt();
+    if (go) {
+      const double slice = std::max(0.0, std::min(kWaitSlice, d.remaining()));
+      if (slice > 0) futex_wait(&rc->space_epoch, e, slice);
+    }
     rc->space_waiters.fetch_sub(1, std::memory_order_seq_cst);
-    if (!interrupt()) return Blocked::kInterrupted;
+    if (!go || !interrupt()) return Blocked::kInterrupted;
     if (d.passed() && !ring_space(s_).ok) {
       RingCursor* c = ring_cursor(s_, sp.lagging);
       const uint32_t len = c->name_len < kMaxCursorNameBytes ? c->name_len : kMaxCursorNameBytes;

@@ -703,8 +703,9 @@ PyObject* H_read_next(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   uint64_t missed = 0;
   const Deadline d = Deadline::after(timeout);
   const uint64_t after = torch_shmem::core::ring_cursor(*h->s, index)->consumed.load();
+  // GIL released at once: the wait may park (as read_after's).
   if (!blocking(
-          h, h->nbytes >= kReleaseGilBytes,
+          h, true,
           [&](torch_shmem::core::Interrupt i) {
             return session_of(h).ring_next(index, dst, d, i, &snap, &missed);
           },

@@ -9,6 +9,8 @@ Sections (``--only`` / ``--skip`` take these keys):
   idle      CPU time burnt by a reader blocked in read_new
   paced     CPU time of a reader in a read_new loop against a writer at 1 kHz (64 KiB)
   import    added import time of torch_shmem for a NumPy-only process
+  ring      rings (create(ring=N)): 4 readers under policy block at 10 kHz (lost, duplicated,
+            latency p50/p99), overwrite with a SIGSTOPped reader (writer rate, missed)
   bridge    a stream over ZeroMQ on loopback vs plain pyzmq PUB/SUB: MB/s, p50/p99 latency
             (needs pyzmq; skipped with a note without it)
 
@@ -40,6 +42,7 @@ from . import (
     bench_mvm,
     bench_paced,
     bench_pingpong,
+    bench_ring,
 )
 from .common import (
     DURATION,
@@ -68,6 +71,7 @@ SECTIONS = {
     "idle": bench_idle,
     "paced": bench_paced,
     "import": bench_import,
+    "ring": bench_ring,
     "bridge": bench_bridge,
 }
 GPU_SECTIONS = ("io", "mvm", "pingpong")

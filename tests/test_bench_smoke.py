@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "paced", "import", "bridge")
+SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "paced", "import", "ring", "bridge")
 HAVE_ZMQ = importlib.util.find_spec("zmq") is not None
 
 

@@ -120,6 +120,12 @@ def _mirror_copy_fake(src, dst):
     return None
 
 
+def _read_next_fake(stream, cursor, out, timeout=-1.0):
+    import torch
+
+    return torch.empty((4,), dtype=torch.int64)
+
+
 def _register_python_kernels() -> None:
     global _IMPL
     import torch
@@ -130,6 +136,6 @@ def _register_python_kernels() -> None:
     for op, fake in (("publish", _publish_fake), ("read_into", _read_into_fake),
                      ("read", _read_fake), ("wait_read_into", _wait_read_into_fake),
                      ("wait_device", _wait_device_fake), ("count", _count_fake),
-                     ("mirror_copy", _mirror_copy_fake)):
+                     ("mirror_copy", _mirror_copy_fake), ("read_next", _read_next_fake)):
         torch.library.register_fake(f"shmem::{op}", fake, lib=impl)
     _IMPL = impl

@@ -10,6 +10,8 @@ Sections (``--only`` / ``--skip`` take these keys):
   paced     CPU time of a reader in a read_new loop against a writer at 1 kHz (64 KiB)
   fileno    wake-up latency of one selector thread watching 1,000 streams' fileno()
   import    added import time of torch_shmem for a NumPy-only process
+  ring      rings (create(ring=N)): 4 readers under policy block at 10 kHz (lost, duplicated,
+            latency p50/p99), overwrite with a SIGSTOPped reader (writer rate, missed)
   bridge    a stream over ZeroMQ on loopback vs plain pyzmq PUB/SUB: MB/s, p50/p99 latency
             (needs pyzmq; skipped with a note without it)
 
@@ -42,6 +44,7 @@ from . import (
     bench_mvm,
     bench_paced,
     bench_pingpong,
+    bench_ring,
 )
 from .common import (
     DURATION,
@@ -71,6 +74,7 @@ SECTIONS = {
     "paced": bench_paced,
     "fileno": bench_fileno,
     "import": bench_import,
+    "ring": bench_ring,
     "bridge": bench_bridge,
 }
 GPU_SECTIONS = ("io", "mvm", "pingpong")

@@ -498,3 +498,10 @@ def test_write_at_a_given_count(name, slots):
             w._h.begin_write(13)
     w.close()
     r.close()
+
+
+def test_write_at_on_a_ring_publishes_the_next_count(name):
+    w = torch_shmem.create(name, shape=(4,), dtype=np.int64, ring=4)
+    assert w._write_at(np.full(4, 9, np.int64), 9, None, None) == 1
+    assert w.read().tolist() == [9] * 4
+    w.close()

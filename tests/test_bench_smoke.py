@@ -15,7 +15,8 @@ import uuid
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "paced", "fileno", "import", "bridge")
+SECTIONS = ("io", "mvm", "pingpong", "fanout", "idle", "paced", "fileno", "import", "ring",
+            "bridge")
 HAVE_ZMQ = importlib.util.find_spec("zmq") is not None
 
 

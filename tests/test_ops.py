@@ -279,3 +279,53 @@ def test_device_wait_is_kept_out_of_compiled_graphs(stream):
 
     with pytest.raises(Exception, match="(?i)disable|skip|unsupported"):
         step()
+
+
+# ---------------------------------------------------------------- rings
+
+def test_ring_ops_read_next_and_policy(name):
+    shm = torch_shmem.create(name, shape=(2, 3), dtype=np.float32, ring=4, policy="drop_newest")
+    s = O.open(name)
+    with pytest.raises(RuntimeError, match="not a ring"):
+        plain = O.create(name + "-plain", (2,), torch.float32)
+        try:
+            O.cursor(plain, "a")
+        finally:
+            O.close(plain)
+            O.unlink(name + "-plain")
+    with pytest.raises(ValueError, match="cursor name"):
+        O.cursor(s, "")
+    idx = O.cursor(s, "ops-reader")
+    with pytest.raises(ValueError, match="cursor index"):
+        O.read_next(s, 99, torch.empty(2, 3))
+    for k in range(1, 7):  # the ring holds 4 for the cursor: 5 and 6 are dropped
+        O.publish(s, torch.full((2, 3), float(k)), frame_id=k)
+    assert int(O.count(s)) == 4 and shm.drops == 2
+    out = torch.empty(2, 3)
+    for k in range(1, 5):
+        meta = O.read_next(s, idx, out, timeout=1)
+        assert meta.tolist()[:3] == [k, 0, k] and meta[3] > 0
+        assert torch.equal(out, torch.full((2, 3), float(k))) and s.last_count == k
+    with pytest.raises(RuntimeError, match="timed out"):
+        O.read_next(s, idx, out, timeout=0.05)
+    O.cursor_release(s, idx)
+    assert torch_shmem.stat(name)["ring"]["cursors"][0]["pid"] is None
+    O.close(s)
+    shm.close()
+
+
+def test_ring_read_next_opcheck(name):
+    shm = torch_shmem.create(name, shape=(3,), dtype=np.float32, ring=64)  # overwrite
+    s = O.open(name)
+    idx = O.cursor(s, "opcheck")
+    src = torch.arange(3, dtype=torch.float32)
+    # opcheck runs the op several times: each run consumes one publication.
+    # test_aot_dispatch_dynamic is left out: it compares the outputs of two
+    # runs, and two runs of a consuming read return different publications.
+    for _ in range(60):
+        O.publish(s, src)
+    torch.library.opcheck(torch.ops.shmem.read_next.default,
+                          (s.token, idx, torch.empty(3), 5.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    O.close(s)
+    shm.close()

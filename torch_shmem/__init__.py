@@ -7,6 +7,7 @@ Importing this package and using CPU streams never imports torch.
 from ._admin import list_streams, purge, stat
 from ._follow import Follower, follow
 from ._stream import (
+    Cursor,
     InconsistentStreamError,
     Publication,
     SharedMemory,
@@ -51,6 +52,7 @@ if "torch" in _sys.modules:  # torch users get torch.ops.shmem at once
 del _sys
 
 __all__ = [
+    "Cursor",
     "Follower",
     "InconsistentStreamError",
     "Publication",

@@ -26,7 +26,7 @@ from typing import Any
 from . import _core, _proc
 from ._labels import state_label
 from ._dtypes import code_dtype
-from ._stream import _check_name
+from ._stream import RING_POLICIES, _check_name
 
 __all__ = ["list_streams", "purge", "scan", "stat", "PREFIX"]
 
@@ -87,6 +87,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = state
         armed = state.armed_readers
         importers = list(h.importers())
+        ring_info = h.ring_info()
     finally:
         h.close(1.0)
     creator_alive = _proc.pid_alive(creator_pid, created_at=ctime)
@@ -95,6 +96,26 @@ def _read_stat(name: str) -> dict[str, Any]:
     state = state_label(seq, broken, lock_pid)
     write_time = write_ns * 1e-9
     gpu = bool(flags & _core.FLAG_GPU)
+    ring = None
+    if ring_info is not None:
+        nring, policy, drops, cursors = ring_info
+        ring = {
+            "size": nring,
+            "policy": RING_POLICIES[policy],
+            "drops": drops,
+            "cursors": [
+                {
+                    "name": cname,
+                    "pid": owner or None,
+                    "last_pid": last_pid,
+                    "alive": bool(alive),
+                    "consumed": consumed,
+                    "lag": max(0, (seq >> 1) - consumed),
+                    "missed": missed,
+                }
+                for _index, cname, owner, last_pid, alive, consumed, missed in cursors
+            ],
+        }
     return {
         "name": name,
         "shape": list(shape),
@@ -106,6 +127,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         "gpu_importers": importers,
         "notify": bool(flags & _core.FLAG_NOTIFY),
         "slots": nslots,
+        "ring": ring,
         "instance_id": instance_id.hex(),
         "creator_pid": creator_pid,
         "creator_alive": creator_alive,
@@ -168,9 +190,13 @@ def stat(name: str) -> dict[str, Any]:
     ``lock_owner_alive``, ``waiters`` (parked readers), ``armed_descriptors``
     (readiness descriptors waiting for the next publication: ``fileno()``
     watchers and asyncio waits), ``mode``, ``uid``,
-    ``segment_bytes`` (header + payload, page-rounded) and ``bridge`` (the
+    ``segment_bytes`` (header + payload, page-rounded), ``bridge`` (the
     link state of a bridge attachment feeding the stream, see
-    :func:`bridge_link`; None for other streams).
+    :func:`bridge_link`; None for other streams) and ``ring``: None except
+    for rings: ``{"size", "policy", "drops", "cursors"}`` where each
+    cursor is ``{"name", "pid"`` (owner now, None when released),
+    ``"last_pid", "alive", "consumed", "lag"`` (publications made that it
+    has not consumed), ``"missed"}``.
 
     Raises FileNotFoundError when it does not exist, PermissionError when
     this user may not open it, ValueError for a corrupted segment.

@@ -60,6 +60,8 @@ _DIRECT_CAST_BYTES = 64 * 1024
 # Payload slots of a new CPU stream (create(slots=)); see docs/design.md,
 # "Slotted CPU streams", for how it was chosen.
 DEFAULT_SLOTS = 1
+# Ring policies (create(ring=N, policy=...)), in header code order (csrc/core/ring.h).
+RING_POLICIES = ("overwrite", "block", "drop_newest")
 
 # write(casting=...): "checked" (the default rule, see _checked_cast), NumPy's
 # "unsafe" (pyshmem's conversion: wrap-around, truncation), and NumPy's
@@ -408,6 +410,8 @@ class SharedMemory:
         "_create_time",
         "_auto_unlink",
         "_watches",
+        "_cursors",
+        "_reader",
         "__weakref__",
     )
 
@@ -428,6 +432,9 @@ class SharedMemory:
         # async waits on a readiness descriptor, per event loop (_aio.FdWatch);
         # made on first use (a WeakKeyDictionary: finished loops drop out)
         self._watches: Any = {}
+        # ring cursors attached through this handle (released by close())
+        self._cursors: list[Cursor] = []
+        self._reader: Cursor | None = None
 
     # ------------------------------------------------------------------ state
     def _check_open(self) -> None:
@@ -474,6 +481,63 @@ class SharedMemory:
         """Payload slots of the stream: 1 for a single payload (see :func:`create`)."""
         self._check_open()
         return self._h.info().nslots
+
+    @property
+    def ring(self) -> int | None:
+        """Slots of a ring (``create(ring=N)``), None for other streams."""
+        info = self._h.ring_info()
+        return None if info is None else info[0]
+
+    @property
+    def policy(self) -> str | None:
+        """A ring's policy (``"overwrite"``, ``"block"``, ``"drop_newest"``), None for other streams."""
+        info = self._h.ring_info()
+        return None if info is None else RING_POLICIES[info[1]]
+
+    @property
+    def drops(self) -> int:
+        """Writes a ``drop_newest`` ring dropped so far (all writers; 0 for other streams)."""
+        info = self._h.ring_info()
+        return 0 if info is None else info[2]
+
+    def cursor(self, name: str, *, timeout: float | None = None) -> "Cursor":
+        """Attach the ring cursor ``name`` for this process (see :class:`Cursor`).
+
+        A new name starts at the current count (it consumes the publications
+        made from now on); a name left by an earlier consumer (closed, or its
+        process dead) resumes after the last publication that consumer read.
+        Takes the stream lock briefly (TimeoutError after ``timeout``).
+        Raises RuntimeError when the stream is not a ring, when a live
+        process holds the name, or when all 32 cursors are held by live
+        processes (cursors of dead ones are reclaimed first); ValueError
+        for an empty name or one over 64 bytes (UTF-8).
+        """
+        self._check_open()
+        cname = _check_cursor_name(name, self._name)
+        if self._h.ring_info() is None:
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r} is not a ring; cursors need a stream "
+                f"created with torch_shmem.create({self._name!r}, ..., ring=N)"
+            )
+        index = self._h.cursor_attach(cname, timeout)
+        cur = Cursor(self, cname, index)
+        self._cursors.append(cur)
+        return cur
+
+    def read_next(self, *, timeout: float | None = None, out: np.ndarray | None = None) -> Publication:
+        """The next publication for this handle's reader cursor (``open(name, reader=...)``).
+
+        See :meth:`Cursor.read_next`. RuntimeError when the handle was
+        opened without ``reader=``.
+        """
+        if self._reader is None:
+            self._check_open()
+            raise RuntimeError(
+                f"torch_shmem: stream {self._name!r}: read_next() needs a cursor: open the "
+                f"stream with torch_shmem.open({self._name!r}, reader='NAME') or use "
+                "shm.cursor('NAME').read_next()"
+            )
+        return self._reader.read_next(timeout=timeout, out=out)
 
     @property
     def gpu_enabled(self) -> bool:
@@ -729,7 +793,11 @@ class SharedMemory:
         if self._h.write(value, frame_id, timeout) is NotImplemented:
             self._check_open()
             array = self._validated(value)
-            direct = array.nbytes >= _DIRECT_CAST_BYTES and not self._h.readonly
+            direct = (
+                array.nbytes >= _DIRECT_CAST_BYTES
+                and not self._h.readonly
+                and self._h.ring_info() is None  # rings publish only whole copies
+            )
             converted = self._cast(array, casting, keep=not direct)
             if converted is None:
                 self._write_cast(array, _check_frame_id(frame_id, self._name), timeout)
@@ -1022,7 +1090,8 @@ class SharedMemory:
         (the bridge): readers' missed-publication counts then follow the
         source's. Takes the lock (TimeoutError after ``timeout``)."""
         with self.locked(timeout=timeout):
-            if count <= self._h.count():
+            if count <= self._h.count() or self.ring is not None:
+                # (a ring publishes through its policy: one count at a time)
                 self.write_locked(array, frame_id=frame_id)
                 return self._h.count()
             self._h.begin_write(count)
@@ -1323,6 +1392,10 @@ class SharedMemory:
         nslots = self._h.info().nslots
         if nslots != 1:  # slotted streams only: single-payload output stays as it was
             lines.insert(-1, f"slots:        {nslots}")
+        ring = self._h.ring_info()
+        if ring is not None:
+            lines.insert(-1, f"ring:         {ring[0]} ({RING_POLICIES[ring[1]]}, {ring[2]} dropped, "
+                             f"{len(ring[3])} cursors)")
         return "\n".join(lines)
 
     def to_config(self) -> dict:
@@ -1330,7 +1403,7 @@ class SharedMemory:
 
         Keys as in pyshmem: ``name``, ``shape`` (list), ``dtype`` (str),
         ``gpu_device``, ``cpu_mirror``, ``notify``; ``slots`` too for a
-        slotted CPU stream.
+        slotted CPU stream, ``ring`` and ``policy`` for a ring.
         """
         self._check_open()
         config = {
@@ -1342,7 +1415,11 @@ class SharedMemory:
             "notify": self.notify,
         }
         info = self._h.info()
-        if not info.flags & _core.FLAG_GPU and info.nslots != 1:
+        ring = self._h.ring_info()
+        if ring is not None:
+            config["ring"] = ring[0]
+            config["policy"] = RING_POLICIES[ring[1]]
+        elif not info.flags & _core.FLAG_GPU and info.nslots != 1:
             config["slots"] = info.nslots
         return config
 
@@ -1351,8 +1428,8 @@ class SharedMemory:
         """Create a new stream from a :meth:`to_config` dict (or a hand-written one).
 
         Needs ``name`` and ``shape``; ``dtype`` (default float32),
-        ``gpu_device``, ``cpu_mirror``, ``notify``, ``mode`` and ``slots``
-        are optional.
+        ``gpu_device``, ``cpu_mirror``, ``notify``, ``mode``, ``slots``,
+        ``ring`` and ``policy`` are optional.
         Raises as :func:`create`.
         """
         return create(
@@ -1364,6 +1441,8 @@ class SharedMemory:
             notify=config.get("notify", False),
             mode=config.get("mode", 0o600),
             slots=config.get("slots", DEFAULT_SLOTS),
+            ring=config.get("ring"),
+            policy=config.get("policy"),
         )
 
     # ----------------------------------------------------------------- DLPack
@@ -1417,6 +1496,8 @@ class SharedMemory:
             watches, self._watches = list(self._watches.values()), {}
             for watch in watches:
                 watch.close_threadsafe(_aio.Closed())
+        for cur in list(self._cursors):
+            cur.close()
         self._h.close(timeout)
 
     def unlink(self) -> None:
@@ -1490,6 +1571,8 @@ def create(
     auto_unlink: bool = False,
     notify: bool = False,
     slots: int = DEFAULT_SLOTS,
+    ring: int | None = None,
+    policy: str | None = None,
 ) -> SharedMemory:
     """Create a new stream and return its (owner) handle.
 
@@ -1518,9 +1601,22 @@ def create(
     reader copying the latest publication is not overtaken unless the writer
     completes N - 1 more writes meanwhile (docs/design.md, "Slotted CPU
     streams"). The guarantees are the same; the segment holds N payloads.
+
+    ``ring`` (CPU streams, 2 to 4096) makes a ring of N slots: readers
+    with named cursors (:meth:`SharedMemory.cursor`, ``open(reader=)``)
+    consume every publication in order with :meth:`Cursor.read_next`, and
+    ``policy`` says what a write does when the ring is full for a live
+    cursor: ``"overwrite"`` (default; the writer never waits, the reader
+    skips and is told how many it missed), ``"block"`` (the writer waits,
+    up to its ``timeout``, until the slowest live cursor consumed the
+    publication it would overwrite) or ``"drop_newest"`` (the write is
+    dropped and counted in :attr:`SharedMemory.drops`). A ring is a slotted
+    stream (``slots`` is then N; do not pass both). ``read()`` and
+    ``read_new()`` keep their latest-value meaning. docs/api.md, "Rings".
     """
     _check_name(name)
     nslots = _check_slots(slots, name)
+    nring, policy_code = _check_ring(ring, policy, nslots, name)
     dims = _normalize_shape(shape, name)
     try:
         dt = normalize_dtype(dtype, name=name)
@@ -1545,7 +1641,14 @@ def create(
             _set_auto_unlink(shm, auto_unlink)
             return shm
         flags = _core.FLAG_NOTIFY if notify else 0
-        if nslots > 1:
+        if nring:
+            if _wants_gpu(gpu_device):
+                raise ValueError(f"torch_shmem: stream {name!r}: rings are CPU streams")
+            handle = _core.create(
+                name, dtype_code(dt), dims, mode,
+                flags | _core.FLAG_HOST_SLOTS | _core.FLAG_RING, nring, policy_code,
+            )
+        elif nslots > 1:
             handle = _core.create(name, dtype_code(dt), dims, mode, flags | _core.FLAG_HOST_SLOTS, nslots)
         else:
             handle = _core.create(name, dtype_code(dt), dims, mode, flags)
@@ -1574,6 +1677,143 @@ def _check_slots(slots: Any, name: str) -> int:
     return n
 
 
+def _check_ring(ring: Any, policy: Any, nslots: int, name: str) -> tuple[int, int]:
+    """create()'s ring and policy: (0, 0) for no ring, else (N, policy code)."""
+    if ring is None:
+        if policy is not None:
+            raise ValueError(
+                f"torch_shmem: stream {name!r}: policy={policy!r} needs a ring (create(..., ring=N))"
+            )
+        return 0, 0
+    if isinstance(ring, bool) or not isinstance(ring, numbers.Integral):
+        raise TypeError(
+            f"torch_shmem: stream {name!r}: ring must be an int (slots of the ring), "
+            f"got {type(ring).__name__}"
+        )
+    n = int(ring)
+    if not 2 <= n <= _core.MAX_RING:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: ring must be between 2 and {_core.MAX_RING}, got {n}"
+        )
+    if nslots != DEFAULT_SLOTS:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: ring= and slots= exclude each other "
+            f"(a ring of N publications is a slotted stream of N slots)"
+        )
+    if policy is None:
+        policy = "overwrite"
+    if not isinstance(policy, str):
+        raise TypeError(
+            f"torch_shmem: stream {name!r}: policy must be a str, got {type(policy).__name__}"
+        )
+    if policy not in RING_POLICIES:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: policy must be one of {', '.join(map(repr, RING_POLICIES))}, "
+            f"got {policy!r}"
+        )
+    return n, RING_POLICIES.index(policy)
+
+
+def _check_cursor_name(cname: Any, name: str) -> str:
+    if not isinstance(cname, str):
+        raise TypeError(
+            f"torch_shmem: stream {name!r}: a cursor name must be a str, got {type(cname).__name__}"
+        )
+    raw = cname.encode("utf-8", "surrogatepass")
+    if not raw or len(raw) > _core.MAX_CURSOR_NAME_BYTES or b"\0" in raw:
+        raise ValueError(
+            f"torch_shmem: stream {name!r}: a cursor name must be 1 to "
+            f"{_core.MAX_CURSOR_NAME_BYTES} bytes (UTF-8) without NUL, got {cname!r}"
+        )
+    return cname
+
+
+class Cursor:
+    """A named reader position in a ring (``shm.cursor(name)``).
+
+    The position lives in the stream (its control area), with the name and
+    the owning process: every publication is delivered once per cursor, in
+    count order; a consumer that restarts under the same name resumes after
+    the last publication it consumed. One process holds a name at a time;
+    threads of that process may share the cursor (each publication goes to
+    exactly one of them). Under the ``block`` policy a live cursor holds
+    the writer when it lags a full ring; a closed cursor, or one whose
+    process died, no longer does (it keeps its place).
+    """
+
+    __slots__ = ("_shm", "_name", "_index", "_closed")
+
+    def __init__(self, shm: SharedMemory, name: str, index: int) -> None:
+        self._shm = shm
+        self._name = name
+        self._index = index
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._shm.closed
+
+    @property
+    def consumed(self) -> int:
+        """Count of the last publication this cursor consumed (0: none)."""
+        self._check()
+        return self._shm._h.cursor_consumed(self._index)
+
+    @property
+    def lag(self) -> int:
+        """Publications made that this cursor has not consumed yet."""
+        self._check()
+        return max(0, self._shm._h.count() - self._shm._h.cursor_consumed(self._index))
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"torch_shmem: cursor {self._name!r} of stream {self._shm.name!r} is closed"
+            )
+
+    def read_next(self, *, timeout: float | None = None, out: np.ndarray | None = None) -> Publication:
+        """The next publication this cursor has not consumed, as a :class:`Publication`.
+
+        Blocks (futex wait, GIL released; None waits forever) until one
+        exists; TimeoutError after ``timeout``. ``missed_publications`` is
+        the number of publications skipped because the writer overwrote
+        them before this cursor got to them (``overwrite`` policy, or a
+        cursor that was closed or dead under ``block``). ``count``,
+        ``frame_id`` and ``write_time`` are those of the publication
+        returned. Raises StreamUnlinkedError when the stream was unlinked
+        and nothing is left to consume.
+        """
+        self._check()
+        payload, count, write_time_ns, frame_id, missed = self._shm._h.read_next(
+            self._index, out, timeout
+        )
+        return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+
+    def close(self) -> None:
+        """Release the cursor (it keeps its name and position). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(ValueError):
+            self._shm._cursors.remove(self)
+        if not self._shm.closed:
+            self._shm._h.cursor_detach(self._index)
+
+    def __enter__(self) -> "Cursor":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"consumed={self.consumed}"
+        return f"<torch_shmem.Cursor {self._name!r} of {self._shm.name!r} {state}>"
+
+
 def _set_auto_unlink(shm: SharedMemory, auto_unlink: bool) -> None:
     shm._auto_unlink = bool(auto_unlink)
     if auto_unlink:
@@ -1587,6 +1827,7 @@ def open(  # noqa: A001
     gpu_device: str | None = None,
     readonly: bool = False,
     wait: float | None = 0.0,
+    reader: str | None = None,
 ) -> SharedMemory:
     """Attach to an existing stream.
 
@@ -1601,14 +1842,27 @@ def open(  # noqa: A001
     a backoff from 1 ms to 50 ms; Ctrl-C interrupts the wait. TimeoutError
     (naming the stream) when it does not appear in time. ``wait=0`` (the
     default) does not wait.
+
+    ``reader`` (rings only) attaches the cursor of that name
+    (:meth:`SharedMemory.cursor`) for :meth:`SharedMemory.read_next`; it
+    is released when the handle closes.
     """
     _check_name(name)
     wait = _check_wait(wait, name)
+    if reader is not None:
+        _check_cursor_name(reader, name)
     if _wants_gpu(gpu_device):
         gpu = _gpu_module(name)  # imports torch: only for GPU attachments
         return gpu.open_handle(_open_handle(name, bool(readonly), wait), name, gpu_device, bool(readonly))
     handle = _open_handle(name, bool(readonly), wait)
-    return SharedMemory(handle, owner=False)
+    shm = SharedMemory(handle, owner=False)
+    if reader is not None:
+        try:
+            shm._reader = shm.cursor(reader)
+        except BaseException:
+            shm.close()
+            raise
+    return shm
 
 
 # Polling of open(wait=...): the first retry after 1 ms, the delay doubling
@@ -1716,6 +1970,8 @@ def stream(
     mode: int = 0o600,
     notify: bool = False,
     slots: int = DEFAULT_SLOTS,
+    ring: int | None = None,
+    policy: str | None = None,
 ) -> Iterator[SharedMemory]:
     """Create a stream for the duration of a ``with`` block, then unlink it.
 
@@ -1728,6 +1984,7 @@ def stream(
     shm = create(
         name, shape=shape, dtype=dtype, size=size, gpu_device=gpu_device,
         cpu_mirror=cpu_mirror, mode=mode, notify=notify, auto_unlink=True, slots=slots,
+        ring=ring, policy=policy,
     )
     try:
         yield shm

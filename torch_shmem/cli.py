@@ -134,6 +134,14 @@ def cmd_stat(args: argparse.Namespace) -> int:
     shown["size"] = f"{info['size']} bytes ({fmt_bytes(info['size'])})"
     shown["mode"] = oct(info["mode"])
     shown["age"] = _fmt_age(info["age"])
+    ring = shown.pop("ring", None)
+    if ring is not None:  # rings only: the policy, drops and one line per cursor
+        shown["ring"] = f"{ring['size']} slots, policy {ring['policy']}, {ring['drops']} dropped"
+        for c in ring["cursors"]:
+            owner = f"pid {c['pid']} ({'alive' if c['alive'] else 'dead'})" if c["pid"] else (
+                f"released (last pid {c['last_pid']})")
+            shown[f"cursor {c['name']}"] = (
+                f"{owner}, consumed {c['consumed']}, lag {c['lag']}, missed {c['missed']}")
     for key in ("create_time", "write_time"):
         if info[key]:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info[key]))

@@ -37,10 +37,13 @@ __all__ = [
     "count",
     "create",
     "create_gpu",
+    "cursor",
+    "cursor_release",
     "open",
     "publish",
     "read",
     "read_into",
+    "read_next",
     "slot_view",
     "unlink",
     "wait_device",
@@ -228,6 +231,37 @@ def wait_read_into(stream: Stream, out: torch.Tensor, timeout: float | None = No
     """
     torch.ops.shmem.wait_read_into(stream.token, out, -1.0 if timeout is None else float(timeout))
     return out
+
+
+@_eager_only
+def cursor(stream: Stream, name: str) -> int:
+    """Attach the ring cursor ``name`` for this process; returns its index for :func:`read_next`.
+
+    As :meth:`torch_shmem.SharedMemory.cursor` (a new name starts at the
+    current count, an earlier consumer's name resumes; RuntimeError when a
+    live process holds it, all 32 are held, or the stream is not a ring).
+    """
+    return torch.ops.shmem.cursor(stream.token, str(name))
+
+
+@_eager_only
+def cursor_release(stream: Stream, cursor: int) -> None:
+    """Release a cursor this process holds (it keeps its name and position)."""
+    torch.ops.shmem.cursor_release(stream.token, int(cursor))
+
+
+def read_next(stream: Stream, cursor: int, out: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+    """The ring cursor's next publication into ``out``; returns int64[4] ``(count, missed, frame_id, write_time_ns)``.
+
+    ``missed``: publications skipped because they were overwritten before
+    the cursor got to them; ``frame_id`` is the uint64 bit pattern as int64.
+    Blocks until one exists (None: forever); RuntimeError after ``timeout``
+    or when the stream is closed; StreamUnlinkedError when it is unlinked
+    with nothing left. Records the count in ``stream.token[3]``. ``out``:
+    contiguous CPU tensor of the stream's shape and dtype.
+    """
+    return torch.ops.shmem.read_next(stream.token, int(cursor), out,
+                                     -1.0 if timeout is None else float(timeout))
 
 
 @_eager_only

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "notify.h"
+#include "ring.h"
 #include "slots.h"
 #include "stream_internal.h"
 
@@ -52,9 +53,10 @@ void Stream::begin_locked() {
   // it stays odd and this write repairs it.
 }
 
-uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id) {
+uint64_t Stream::publish_locked(bool has_frame_id, uint64_t frame_id, int64_t write_time_ns) {
   uint64_t s = hdr_->seq.load(std::memory_order_relaxed);  // odd
-  hdr_->write_time_ns.store(now_realtime_ns(), std::memory_order_relaxed);
+  hdr_->write_time_ns.store(write_time_ns != 0 ? write_time_ns : now_realtime_ns(),
+                            std::memory_order_relaxed);
   if (has_frame_id) hdr_->frame_id.store(frame_id, std::memory_order_relaxed);
   hdr_->broken.store(0, std::memory_order_relaxed);
   hdr_->seq.store(s + 1, std::memory_order_release);
@@ -80,6 +82,7 @@ void Stream::require_cpu_payload(bool writing) const {
 }
 
 uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
+  if (geometry()->flags & kFlagRing) return ring_write_locked(*this, src, has_frame_id, frame_id);
   if (host_slots_) return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id);
   require_cpu_payload(true);
   begin_locked();
@@ -90,6 +93,7 @@ uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame
 uint64_t Stream::clear_locked() {
   if (host_slots_) {
     std::vector<uint8_t> zeros(payload_bytes_);
+    if (geometry()->flags & kFlagRing) return ring_write_locked(*this, zeros.data(), false, 0);
     return slot_write_locked(*this, *host_slots_, zeros.data(), false, false, 0);
   }
   require_cpu_payload(true);
@@ -136,7 +140,7 @@ void Stream::begin_write_locked_at(uint64_t c) {
   std::atomic_thread_fence(std::memory_order_release);
 }
 
-uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
+uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id, int64_t write_time_ns) {
   // The slot of an in-place write (begin_write_locked). slot_write_locked
   // also ends here, after storing the same generation and count itself.
   if (host_slots_) {
@@ -145,7 +149,7 @@ uint64_t Stream::commit_write_locked(bool has_frame_id, uint64_t frame_id) {
     host_slots_->store_gen(k, 2 * c);
     host_slots_->store_count(c);
   }
-  return publish_locked(has_frame_id, frame_id);
+  return publish_locked(has_frame_id, frame_id, write_time_ns);
 }
 
 void Stream::abort_write_locked() {

@@ -1,5 +1,8 @@
 #include "session.h"
 
+#include "ring.h"
+#include "stream_internal.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -109,6 +112,140 @@ Blocked Session::read(void* dst, bool dst_on_device, const Deadline& d, Interrup
   if (b != Blocked::kDone) return b;
   LockGuard held(s_);
   *snap = read_locked(dst, dst_on_device);
+  return Blocked::kDone;
+}
+
+// ---------------------------------------------------------------------------
+// Rings
+// ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr int kRingTries = 8;  // lapped copies before a reader takes the lock
+
+}  // namespace
+
+Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_id,
+                            const Deadline& d, Interrupt interrupt, uint64_t* count) const {
+  const Header* g = s_.geometry();
+  RingControl* rc = ring_control(s_);
+  bool held = false;
+  struct Release {
+    const Session* self;
+    bool* held;
+    ~Release() {
+      if (*held) LockGuard(self->s_).release();
+    }
+  } release{this, &held};
+  for (;;) {
+    if (!held) {
+      Blocked b = lock_until(d, interrupt);
+      if (b != Blocked::kDone) return b;
+      held = true;
+    }
+    RingSpace sp = g->ring_policy == kRingOverwrite ? RingSpace() : ring_space(s_);
+    if (sp.ok) {
+      *count = s_.write_locked(src, has_frame_id, frame_id);
+      return Blocked::kDone;
+    }
+    if (g->ring_policy == kRingDropNewest) {
+      rc->drops.fetch_add(1, std::memory_order_relaxed);  // counter only (stat)
+      *count = 0;
+      return Blocked::kDone;
+    }
+    // block: register as a waiter, re-check (Dekker pair with the reader's
+    // CAS of consumed and its load of space_waiters, both seq_cst), park.
+    const uint32_t e = rc->space_epoch.load(std::memory_order_acquire);
+    rc->space_waiters.fetch_add(1, std::memory_order_seq_cst);
+    sp = ring_space(s_);
+    if (sp.ok) {
+      rc->space_waiters.fetch_sub(1, std::memory_order_seq_cst);
+      continue;
+    }
+    // Only this call's own lock level: let other writers and registering
+    // readers in while waiting. An outer level of this thread keeps it.
+    if (s_.held_depth() == 1) {
+      held = false;
+      LockGuard(s_).release();
+    }
+    // The hook first: a binding releases its global lock there (the NumPy
+    // binding: the GIL, which a consumer thread of this process needs).
+    bool go = interrupt();
+    if (go) {
+      const double slice = std::max(0.0, std::min(kWaitSlice, d.remaining()));
+      if (slice > 0) futex_wait(&rc->space_epoch, e, slice);
+    }
+    rc->space_waiters.fetch_sub(1, std::memory_order_seq_cst);
+    if (!go || !interrupt()) return Blocked::kInterrupted;
+    if (d.passed() && !ring_space(s_).ok) {
+      RingCursor* c = ring_cursor(s_, sp.lagging);
+      const uint32_t len = c->name_len < kMaxCursorNameBytes ? c->name_len : kMaxCursorNameBytes;
+      throw Error(ErrorKind::kTimeout,
+                  "stream '" + s_.name() + "': timed out after " + seconds_text(d.timeout) +
+                      " s waiting for room in the ring (policy 'block'): cursor '" +
+                      std::string(c->name, len) + "' (pid " + std::to_string(sp.pid) +
+                      ") has consumed count " + std::to_string(sp.consumed) +
+                      ", and publication " + std::to_string(sp.next) + " would overwrite count " +
+                      std::to_string(sp.next - g->nslots));
+    }
+  }
+}
+
+Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interrupt interrupt,
+                           Snapshot* snap, uint64_t* missed) const {
+  const uint64_t n = s_.geometry()->nslots;
+  RingCursor* cur = ring_cursor(s_, index);
+  int tries = 0;
+  for (;;) {
+    uint64_t consumed = cur->consumed.load(std::memory_order_acquire);
+    const uint64_t latest = s_.seq() >> 1;  // acquire: slots up to latest are complete
+    if (latest <= consumed) {
+      Blocked b = wait_until(consumed, d, interrupt);
+      if (b != Blocked::kDone) return b;
+      continue;
+    }
+    // The oldest publication the ring may still hold.
+    uint64_t c = consumed + 1;
+    if (latest >= n && c < latest - n + 1) c = latest - n + 1;
+    bool got = false;
+    while (c <= latest && tries < kRingTries) {
+      if (ring_copy(s_, c, dst, snap)) {
+        got = true;
+        break;
+      }
+      ++c;  // slot rewritten by c + N or later: c is gone
+      ++tries;
+    }
+    if (!got && tries >= kRingTries) {
+      // The writer keeps lapping this reader: take the newest publication
+      // under the lock, where no writer can move.
+      Blocked b = lock_until(d, interrupt);
+      if (b != Blocked::kDone) return b;
+      LockGuard held(s_);
+      c = s_.seq() >> 1;
+      if (!ring_copy(s_, c, dst, snap)) throw_torn(s_.name());
+      tries = 0;
+      got = true;
+    }
+    if (!got) continue;
+    // Claim c for this cursor. seq_cst: the reader's half of the Dekker
+    // pair with a writer blocked for room (ring_wake_writers loads
+    // space_waiters after it). A failed CAS: another thread sharing the
+    // cursor consumed meanwhile; start again from its position.
+    if (!cur->consumed.compare_exchange_strong(consumed, c, std::memory_order_seq_cst)) continue;
+    *missed = c - consumed - 1;
+    if (*missed) cur->missed.fetch_add(*missed, std::memory_order_relaxed);
+    ring_wake_writers(s_);
+    return Blocked::kDone;
+  }
+}
+
+Blocked Session::ring_attach(const std::string& name, const Deadline& d, Interrupt interrupt,
+                             uint32_t* index) const {
+  Blocked b = lock_until(d, interrupt);
+  if (b != Blocked::kDone) return b;
+  LockGuard held(s_);
+  *index = core::ring_attach(s_, name);
   return Blocked::kDone;
 }
 

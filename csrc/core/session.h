@@ -115,6 +115,24 @@ class Session {
   Blocked read(void* dst, bool dst_on_device, const Deadline& d, Interrupt interrupt,
                Snapshot* snap) const;
 
+  // ---- rings (ring.h) -------------------------------------------------
+  // A whole write to a ring: takes the lock (re-entrant), applies the
+  // policy, publishes, releases. *count is the new count, 0 when the policy
+  // dropped the write (drop_newest). Under `block` it waits, in slices,
+  // until every live cursor consumed the publication the write would
+  // overwrite; while waiting it releases the lock unless the calling thread
+  // also holds it in an outer scope. Throws kTimeout naming the lagging
+  // cursor.
+  Blocked ring_write(const void* src, bool has_frame_id, uint64_t frame_id, const Deadline& d,
+                     Interrupt interrupt, uint64_t* count) const;
+  // The next publication for cursor `index` (blocks until there is one);
+  // *missed: publications the cursor skipped because they were overwritten.
+  Blocked ring_next(uint32_t index, void* dst, const Deadline& d, Interrupt interrupt,
+                    Snapshot* snap, uint64_t* missed) const;
+  // Registers (or resumes) the cursor `name` for this process, under the lock.
+  Blocked ring_attach(const std::string& name, const Deadline& d, Interrupt interrupt,
+                      uint32_t* index) const;
+
  private:
   Stream& s_;
   SlotMemory* slots_;

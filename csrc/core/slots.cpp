@@ -79,8 +79,12 @@ HostSlotMemory* HostSlotMemory::open(const std::string& name, uint64_t bytes,
 }
 
 HostSlotMemory* HostSlotMemory::over(uint8_t* base, uint64_t bytes, uint64_t slot_stride,
-                                     uint64_t payload_bytes) {
+                                     uint64_t payload_bytes, uint64_t gen_base,
+                                     uint64_t gen_stride, uint64_t slots_base) {
   auto* m = new HostSlotMemory();
+  m->gen_base_ = gen_base;
+  m->gen_stride_ = gen_stride;
+  m->slots_base_ = slots_base;
   m->owns_mapping_ = false;
   m->base_ = base;
   m->bytes_ = bytes;
@@ -98,15 +102,15 @@ HostSlotMemory::~HostSlotMemory() {
 // per slot.
 void HostSlotMemory::store_gen(uint32_t slot, uint64_t gen) {
   if (gen & 1) {
-    word(base_, gen_offset(slot))->store(gen, std::memory_order_relaxed);
+    word(base_, gen_at(slot))->store(gen, std::memory_order_relaxed);
     std::atomic_thread_fence(std::memory_order_release);
   } else {
-    word(base_, gen_offset(slot))->store(gen, std::memory_order_release);
+    word(base_, gen_at(slot))->store(gen, std::memory_order_release);
   }
 }
 
 void HostSlotMemory::copy_in(uint32_t slot, const void* src, bool) {
-  std::memcpy(base_ + kDeviceCountersBytes + slot_stride_ * slot, src, payload_bytes_);
+  std::memcpy(base_ + slots_base_ + slot_stride_ * slot, src, payload_bytes_);
 }
 
 void HostSlotMemory::store_count(uint64_t count) {
@@ -118,9 +122,9 @@ void HostSlotMemory::finish_writer() { std::atomic_thread_fence(std::memory_orde
 // The copy happens-before the gen re-load (acquire fence), as in a seqlock
 // reader.
 uint64_t HostSlotMemory::copy_out_then_gen(uint32_t slot, void* dst, bool) {
-  std::memcpy(dst, base_ + kDeviceCountersBytes + slot_stride_ * slot, payload_bytes_);
+  std::memcpy(dst, base_ + slots_base_ + slot_stride_ * slot, payload_bytes_);
   std::atomic_thread_fence(std::memory_order_acquire);
-  return word(base_, gen_offset(slot))->load(std::memory_order_relaxed);
+  return word(base_, gen_at(slot))->load(std::memory_order_relaxed);
 }
 
 void HostSlotMemory::mirror_out(uint32_t slot, void* host_dst) {
@@ -129,7 +133,7 @@ void HostSlotMemory::mirror_out(uint32_t slot, void* host_dst) {
 }
 
 void* HostSlotMemory::slot_ptr(uint32_t slot) {
-  return base_ + kDeviceCountersBytes + slot_stride_ * slot;
+  return base_ + slots_base_ + slot_stride_ * slot;
 }
 
 // Stands in for a device-side wait (cuStreamWaitValue64 on a GPU): polls
@@ -162,7 +166,7 @@ uint64_t HostSlotMemory::unresolved_park() {
 }
 
 uint64_t HostSlotMemory::load_gen(uint32_t slot) const {
-  return word(base_, gen_offset(slot))->load(std::memory_order_acquire);
+  return word(base_, gen_at(slot))->load(std::memory_order_acquire);
 }
 
 uint64_t HostSlotMemory::load_count() const {

@@ -114,8 +114,12 @@ class HostSlotMemory : public SlotMemory {
                               const uint8_t instance_id[16]);
   // The slot area of a kFlagHostSlots stream: `bytes` at `base`, inside the
   // stream's own mapping (not owned, never unmapped here).
+  // gen[k] lives at gen_base + gen_stride * k and slot k at slots_base +
+  // slot_stride * k (defaults: the layout above; rings: ring.h).
   static HostSlotMemory* over(uint8_t* base, uint64_t bytes, uint64_t slot_stride,
-                              uint64_t payload_bytes);
+                              uint64_t payload_bytes, uint64_t gen_base = 128,
+                              uint64_t gen_stride = 128,
+                              uint64_t slots_base = kDeviceCountersBytes);
   ~HostSlotMemory() override;
 
   void store_gen(uint32_t slot, uint64_t gen) override;
@@ -154,6 +158,10 @@ class HostSlotMemory : public SlotMemory {
   uint64_t bytes_ = 0;
   uint64_t slot_stride_ = 0;
   uint64_t payload_bytes_ = 0;
+  uint64_t gen_base_ = 128;
+  uint64_t gen_stride_ = 128;
+  uint64_t slots_base_ = kDeviceCountersBytes;
+  uint64_t gen_at(uint32_t slot) const { return gen_base_ + gen_stride_ * slot; }
   std::function<bool(void*, void*, uint64_t)> mirror_copier_;
   std::mutex parks_mu_;
   std::map<std::thread::id, uint64_t> parks_;  // park(): per calling thread

@@ -5,6 +5,7 @@
 
 #include "notify.h"
 #include "os_handles.h"
+#include "ring.h"
 #include "slots.h"
 #include "stream_internal.h"
 
@@ -247,14 +248,26 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   if (host_slots && (g.flags & (kFlagGpu | kFlagCpuMirror | kFlagSimDevice)))
     throw Error(ErrorKind::kValue, "stream '" + name + "': CPU slots and GPU flags exclude each other");
   const bool slotted = is_slotted(g.flags);
+  const bool ring = (g.flags & kFlagRing) != 0;
+  if (ring && !host_slots)
+    throw Error(ErrorKind::kValue, "stream '" + name + "': a ring is a CPU slotted stream");
+  if (ring && (g.nslots < kMinSlots || g.nslots > kMaxRingSlots))
+    throw Error(ErrorKind::kValue, "stream '" + name + "': rings need " +
+                                       std::to_string(kMinSlots) + " to " +
+                                       std::to_string(kMaxRingSlots) + " slots");
+  if (ring && g.ring_policy > kRingDropNewest)
+    throw Error(ErrorKind::kValue, "stream '" + name + "': unknown ring policy");
   if (slotted != (g.nslots != 0) ||
-      (slotted && (g.nslots < kMinSlots || g.nslots > kMaxSlots)))
+      (slotted && !ring && (g.nslots < kMinSlots || g.nslots > kMaxSlots)))
     throw Error(ErrorKind::kValue, "stream '" + name + "': slotted streams need " +
                                        std::to_string(kMinSlots) + " to " +
                                        std::to_string(kMaxSlots) + " slots");
   const bool cpu_payload = has_cpu_payload(g.flags);
   const uint64_t slot_stride = round_up(nbytes == 0 ? 1 : nbytes, kSlotAlign);
-  const uint64_t device_bytes = kDeviceCountersBytes + slot_stride * g.nslots;
+  // Rings: control, cursors and per-slot metadata before the slots.
+  // (slot_stride <= 2**46 and nslots <= 4096: no overflow.)
+  const uint64_t device_bytes =
+      (ring ? ring_slots_base(g.nslots) : kDeviceCountersBytes) + slot_stride * g.nslots;
   const uint64_t total =
       kHeaderBytes + (host_slots ? round_up(device_bytes, 4096)
                                  : cpu_payload ? round_up(nbytes, 4096) : 0);
@@ -316,6 +329,7 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
     h->nslots = g.nslots;
     h->slot_stride = slot_stride;
     h->device_bytes = device_bytes;
+    if (ring) h->ring_policy = g.ring_policy;
     if (g.init_device && !host_slots) g.init_device(h);
   }
 
@@ -371,13 +385,20 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   const bool host_slots = (h->flags & kFlagHostSlots) != 0;
   if (host_slots && (h->flags & (kFlagGpu | kFlagCpuMirror | kFlagSimDevice)))
     bad("CPU slots together with GPU flags");
+  const bool ring = (h->flags & kFlagRing) != 0;
+  if (ring && !host_slots) bad("ring flag without CPU slots");
+  if (!ring && (h->ring_policy != 0 || h->ring_reserved != 0)) bad("ring fields on a non-ring stream");
   if (is_slotted(h->flags)) {
-    if (h->nslots < kMinSlots || h->nslots > kMaxSlots) bad("invalid slot count");
+    if (h->nslots < kMinSlots || h->nslots > (ring ? kMaxRingSlots : kMaxSlots))
+      bad("invalid slot count");
     if (h->slot_stride < h->payload_bytes || h->slot_stride % kSlotAlign != 0 ||
         h->slot_stride > kMaxPayloadBytes)
       bad("invalid slot stride");
-    if (h->device_bytes != kDeviceCountersBytes + h->slot_stride * h->nslots)
+    if (h->device_bytes !=
+        (ring ? ring_slots_base(h->nslots) : kDeviceCountersBytes) + h->slot_stride * h->nslots)
       bad("invalid device allocation size");
+    if (ring && (h->ring_policy > kRingDropNewest || h->ring_reserved != 0))
+      bad("invalid ring policy");
   } else if (h->nslots != 0) {
     bad("slots on a CPU stream");
   }
@@ -466,8 +487,11 @@ Stream* Stream::open(const std::string& name, bool readonly) {
     // The header stays writable (waiters and the lock fallback need it);
     // the payload pages (a slotted stream's whole slot area) are mapped
     // read-only for this handle.
-    if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes, file_bytes - kHeaderBytes,
-                 PROT_READ) != 0)
+    // A ring's control area (cursors included) stays writable: a read-only
+    // consumer advances its own cursor there.
+    const uint64_t keep = (g->flags & kFlagRing) ? ring_slots_base(g->nslots) : 0;
+    if (mprotect(static_cast<uint8_t*>(base) + kHeaderBytes + keep,
+                 file_bytes - kHeaderBytes - keep, PROT_READ) != 0)
       throw_os("mprotect", errno);
   }
   Stream* s = new Stream();
@@ -606,7 +630,14 @@ Stream::~Stream() { unmap(); }
 void Stream::attach_host_slots(uint8_t* area) {
   const Header* g = geometry();
   slot_area_ = area;
-  host_slots_.reset(HostSlotMemory::over(area, g->device_bytes, g->slot_stride, g->payload_bytes));
+  if (g->flags & kFlagRing) {
+    slots_base_ = ring_slots_base(g->nslots);
+    host_slots_.reset(HostSlotMemory::over(area, g->device_bytes, g->slot_stride,
+                                           g->payload_bytes, kRingMetaOffset, kRingMetaBytes,
+                                           slots_base_));
+  } else {
+    host_slots_.reset(HostSlotMemory::over(area, g->device_bytes, g->slot_stride, g->payload_bytes));
+  }
 }
 
 SlotMemory* Stream::host_slots() const { return host_slots_.get(); }

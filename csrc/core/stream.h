@@ -65,8 +65,12 @@ constexpr uint32_t kFlagNotify = 1u << 3;     // created with notify=True (infor
 // CPU stream whose payload lives in nslots slots inside the segment, after
 // a counters page (the slot protocol of slots.h over the segment itself).
 constexpr uint32_t kFlagHostSlots = 1u << 4;
+// Ring (with kFlagHostSlots): publications are kept in order for readers
+// with named cursors; a ring control area (ring.h) precedes the slots and
+// Header::ring_policy says what a write does when a cursor lags a full ring.
+constexpr uint32_t kFlagRing = 1u << 5;
 constexpr uint32_t kKnownFlags =
-    kFlagGpu | kFlagCpuMirror | kFlagSimDevice | kFlagNotify | kFlagHostSlots;
+    kFlagGpu | kFlagCpuMirror | kFlagSimDevice | kFlagNotify | kFlagHostSlots | kFlagRing;
 
 // Slotted streams: slot count bounds and slot alignment.
 constexpr uint32_t kMinSlots = 2;
@@ -128,7 +132,11 @@ struct alignas(128) Header {
   uint64_t device_bytes;
   uint8_t device_uuid[16];
   uint8_t ipc_handle[64];
-  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4) - 104 - 8];
+  uint8_t reserved_geometry[1024 - 88 - 8 * kMaxDims - 4 - (kMaxNameBytes + 4) - 104 - 8 - 8];
+  // kFlagRing streams only (zero otherwise, as in every segment made before
+  // rings existed): RingPolicy (ring.h) and a reserved word.
+  uint32_t ring_policy;
+  uint32_t ring_reserved;
   // FNV-1a 64 of bytes [8, 1016) (everything above except magic), stored
   // before magic. Detects accidental corruption of any immutable field,
   // including those no range check can catch (a same-size dtype swap,
@@ -190,6 +198,7 @@ struct alignas(128) Header {
 };
 
 static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout changed");
+static_assert(offsetof(Header, ring_policy) == 1008, "header layout changed");
 static_assert(offsetof(Header, seq) == 1024, "header layout changed");
 static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
 static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
@@ -234,6 +243,7 @@ struct CreateOptions {
   uint32_t flags = 0;
   uint32_t mode = 0600;
   uint32_t nslots = 0;  // > 0 with kFlagGpu or kFlagHostSlots: slotted stream
+  uint32_t ring_policy = 0;  // kFlagRing: RingPolicy (ring.h)
   // Called after the header geometry is filled in and before `magic` is
   // published: allocates the device memory and records its handle. If it
   // throws, the segment is removed.
@@ -306,11 +316,13 @@ class Stream {
     if (slot_area_ == nullptr || hdr_ == nullptr) return payload_;
     const Header* g = geometry();
     const uint32_t k = hdr_->latest_slot.load(std::memory_order_relaxed) % g->nslots;
-    return slot_area_ + kDeviceCountersBytes + g->slot_stride * k;
+    return slot_area_ + slots_base_ + g->slot_stride * k;
   }
   // The slot memory of a kFlagHostSlots stream (its own segment), nullptr
   // for other streams. Session uses it when the binding gives no other.
   SlotMemory* host_slots() const;
+  // kFlagHostSlots: the slot area (segment offset 4096), nullptr otherwise.
+  uint8_t* slot_area() const { return slot_area_; }
   uint64_t payload_bytes() const { return payload_bytes_; }
   bool readonly() const { return readonly_; }
   bool mapped() const { return hdr_ != nullptr; }
@@ -345,7 +357,8 @@ class Stream {
   // count may already have reached c (see slot_write_locked): then c skips
   // past it. c must exceed count.
   void begin_write_locked_at(uint64_t c);
-  uint64_t commit_write_locked(bool has_frame_id, uint64_t frame_id);
+  // write_time_ns 0: now (a ring passes the time it stored in the slot).
+  uint64_t commit_write_locked(bool has_frame_id, uint64_t frame_id, int64_t write_time_ns = 0);
   void abort_write_locked();  // leaves the stream broken until the next write
 
   // ---- snapshot ---------------------------------------------------------
@@ -383,7 +396,7 @@ class Stream {
  private:
   Stream() = default;
   void begin_locked();
-  uint64_t publish_locked(bool has_frame_id, uint64_t frame_id);
+  uint64_t publish_locked(bool has_frame_id, uint64_t frame_id, int64_t write_time_ns = 0);
   // Throws kState for a GPU stream when writing (slots are written through a
   // device attachment) or when it has no CPU payload to read.
   void require_cpu_payload(bool writing) const;
@@ -399,6 +412,7 @@ class Stream {
   Header* hdr_ = nullptr;
   uint8_t* payload_ = nullptr;
   uint8_t* slot_area_ = nullptr;
+  uint64_t slots_base_ = kDeviceCountersBytes;  // slot 0, from slot_area_ (rings: ring.h)
   std::unique_ptr<HostSlotMemory> host_slots_;
   uint64_t payload_bytes_ = 0;
   size_t map_bytes_ = 0;

@@ -37,6 +37,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "../core/ring.h"
 #include "../core/session.h"
 #include "../core/slots.h"
 #include "../core/stream.h"
@@ -353,6 +354,20 @@ void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid
                    uint64_t fid = 0) {
   TORCH_CHECK(!e.stream->readonly(), "shmem::", op, ": stream '", e.name, "' is open read-only");
   at::Tensor c = src.contiguous();
+  if (core::is_ring(e.stream->geometry())) {
+    // A ring applies its policy (block: wait for the slowest live cursor,
+    // in slices that honour close() and signals; drop_newest: drop).
+    OpSlices slices{e};
+    uint64_t count = 0;
+    Blocked b;
+    try {
+      b = session_of(e).ring_write(c.data_ptr(), has_fid, fid, Deadline(), slices, &count);
+    } catch (const Error& err) {
+      rethrow(op, e.name, err);
+    }
+    check_blocked(b, e, op);
+    return;
+  }
   lock_stream(e, op, Deadline());
   core::LockGuard held(*e.stream);
   try {
@@ -566,6 +581,87 @@ void wait_read_into_impl(at::Tensor& token, at::Tensor& out, double timeout) {
   token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
 }
 
+// ---------------------------------------------------------------------------
+// Rings (csrc/core/ring.h)
+// ---------------------------------------------------------------------------
+
+void check_ring(const Entry& e, const char* op) {
+  TORCH_CHECK(core::is_ring(e.stream->geometry()), "shmem::", op, ": stream '", e.name,
+              "' is not a ring; create it with torch_shmem.create(..., ring=N)");
+}
+
+int64_t check_cursor(const Entry& e, int64_t cursor, const char* op) {
+  TORCH_CHECK_VALUE(cursor >= 0 && cursor < static_cast<int64_t>(core::kMaxCursors), "shmem::",
+                    op, ": stream '", e.name, "': expected a cursor index in [0, ",
+                    core::kMaxCursors, "), got ", cursor);
+  return cursor;
+}
+
+// cursor(stream, name) -> index: attaches the ring cursor `name` for this
+// process (eager only; under the stream lock, in slices).
+int64_t op_cursor(const at::Tensor& token, c10::string_view name) {
+  auto e = lookup(token, "cursor");
+  check_ring(*e, "cursor");
+  const std::string n(name);
+  TORCH_CHECK_VALUE(!n.empty() && n.size() <= core::kMaxCursorNameBytes &&
+                        n.find('\0') == std::string::npos,
+                    "shmem::cursor: stream '", e->name, "': a cursor name must be 1 to ",
+                    core::kMaxCursorNameBytes, " bytes without NUL, got '", n, "'");
+  OpSlices slices{*e};
+  uint32_t index = 0;
+  Blocked b;
+  try {
+    b = session_of(*e).ring_attach(n, Deadline(), slices, &index);
+  } catch (const Error& err) {
+    rethrow("cursor", e->name, err);
+  }
+  check_blocked(b, *e, "cursor");
+  return index;
+}
+
+// cursor_release(stream, cursor): releases a cursor this process holds.
+void op_cursor_release(const at::Tensor& token, int64_t cursor) {
+  auto e = lookup(token, "cursor_release");
+  check_ring(*e, "cursor_release");
+  core::ring_detach(*e->stream,
+                    static_cast<uint32_t>(check_cursor(*e, cursor, "cursor_release")));
+}
+
+// read_next(stream, cursor, out, timeout) -> int64[4] (count, missed,
+// frame_id bit pattern, write_time_ns): the cursor's next publication into
+// out; blocks (slices, close() and signals honoured) up to timeout (< 0:
+// forever). Records the count in token[3].
+at::Tensor read_next_impl(at::Tensor& token, int64_t cursor, at::Tensor& out, double timeout) {
+  auto e = lookup(token, "read_next");
+  check_ring(*e, "read_next");
+  check_cursor(*e, cursor, "read_next");
+  check_payload_tensor(*e, out, "read_next", "out");
+  TORCH_CHECK_VALUE(out.is_contiguous() && out.device().is_cpu(), "shmem::read_next: stream '",
+                    e->name, "': out must be a contiguous CPU tensor");
+  const uint32_t index = static_cast<uint32_t>(cursor);
+  const uint64_t after =
+      core::ring_cursor(*e->stream, index)->consumed.load(std::memory_order_acquire);
+  OpSlices slices{*e};
+  core::Snapshot snap;
+  uint64_t missed = 0;
+  Blocked b;
+  try {
+    b = session_of(*e).ring_next(index, out.data_ptr(), Deadline::after(timeout), slices, &snap,
+                                 &missed);
+  } catch (const Error& err) {
+    rethrow("read_next", e->name, err);
+  }
+  check_blocked(b, *e, "read_next", after);
+  token.data_ptr<int64_t>()[3] = static_cast<int64_t>(snap.count);
+  at::Tensor meta = at::empty({4}, at::TensorOptions().dtype(at::kLong));
+  int64_t* m = meta.data_ptr<int64_t>();
+  m[0] = static_cast<int64_t>(snap.count);
+  m[1] = static_cast<int64_t>(missed);
+  m[2] = static_cast<int64_t>(snap.frame_id);
+  m[3] = snap.write_time_ns;
+  return meta;
+}
+
 // live_view(stream, count=-1) -> a slot of a GPU stream, aliased (eager
 // only); the view keeps the device mapping alive. count < 1: the latest
 // slot, meaningful while the caller holds the stream's lock (no writer can
@@ -644,6 +740,11 @@ TORCH_LIBRARY(shmem, m) {
   // (torch_shmem/ops.py: the Triton kernel, or torch's copy); the write path
   // of mirrored GPU streams calls it through the dispatcher.
   m.def("mirror_copy(Tensor src, Tensor(a!) dst) -> ()");
+  // Rings: cursor/cursor_release are control ops (eager only); read_next
+  // is a data op (CPU).
+  m.def("cursor(Tensor stream, str name) -> int");
+  m.def("cursor_release(Tensor stream, int cursor) -> ()");
+  m.def("read_next(Tensor(a!) stream, int cursor, Tensor(b!) out, float timeout=-1.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
@@ -658,12 +759,14 @@ TORCH_LIBRARY_IMPL(shmem, CompositeExplicitAutograd, m) {
   m.impl("count", &op_count);
   m.impl("live_view", &op_live_view);
   m.impl("wait_device", &wait_device_impl);
+  m.impl("cursor", &op_cursor);
+  m.impl("cursor_release", &op_cursor_release);
 }
 
 // The data ops are not differentiable: publishing or reading a tensor that
 // requires grad works, and a backward through the result raises.
 TORCH_LIBRARY_IMPL(shmem, Autograd, m) {
-  for (const char* op : {"publish", "read_into", "read", "wait_read_into"})
+  for (const char* op : {"publish", "read_into", "read", "wait_read_into", "read_next"})
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
@@ -672,6 +775,7 @@ TORCH_LIBRARY_IMPL(shmem, CPU, m) {
   m.impl("read_into", &read_into_impl);
   m.impl("read", &read_impl);
   m.impl("wait_read_into", &wait_read_into_impl);
+  m.impl("read_next", &read_next_impl);
 }
 
 #ifdef TORCH_SHMEM_WITH_CUDA

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../core/notify.h"
+#include "../core/ring.h"
 #include "../core/session.h"
 #include "../core/slots.h"
 #include "../core/stream.h"
@@ -427,10 +428,10 @@ bool utf8_name(PyObject* name, std::string* out) {
 // device memory (GPU streams are created through torch.ops.shmem).
 PyObject* mod_create(PyObject*, PyObject* args) {
   PyObject* name;
-  unsigned int code, mode, flags, nslots = 0;
+  unsigned int code, mode, flags, nslots = 0, ring_policy = 0;
   PyObject* shape;
-  if (!PyArg_ParseTuple(args, "UIO!II|I", &name, &code, &PyTuple_Type, &shape, &mode, &flags,
-                        &nslots))
+  if (!PyArg_ParseTuple(args, "UIO!II|II", &name, &code, &PyTuple_Type, &shape, &mode, &flags,
+                        &nslots, &ring_policy))
     return nullptr;
   using torch_shmem::core::kFlagGpu;
   using torch_shmem::core::kFlagSimDevice;
@@ -459,6 +460,7 @@ PyObject* mod_create(PyObject*, PyObject* args) {
   }
   torch_shmem::core::HostSlotMemory* sim = nullptr;
   if (flags & torch_shmem::core::kFlagHostSlots) g.nslots = nslots;
+  g.ring_policy = ring_policy;
   if (flags & kFlagSimDevice) {
     g.nslots = nslots;
     g.init_device = [&](torch_shmem::core::Header* hdr) {
@@ -705,6 +707,154 @@ PyObject* mod_os_name(PyObject*, PyObject* arg) {
 // Handle methods
 // ---------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------
+// Rings (csrc/core/ring.h)
+// ---------------------------------------------------------------------------
+
+PyObject* read_target(Handle* h, PyObject* out);
+
+bool is_ring(Handle* h) { return torch_shmem::core::is_ring(h->s->geometry()); }
+
+// A write or clear of a ring: the policy, the publication and the lock in
+// one blocking session call. Returns the count, or 0 when drop_newest
+// dropped the write.
+PyObject* ring_publish(Handle* h, const void* src, bool has_fid, uint64_t fid, double timeout) {
+  uint64_t count = 0;
+  const Deadline d = Deadline::after(timeout);
+  if (!blocking(h, h->nbytes >= kReleaseGilBytes, [&](torch_shmem::core::Interrupt i) {
+        return session_of(h).ring_write(src, has_fid, fid, d, i, &count);
+      }))
+    return nullptr;
+  return PyLong_FromUnsignedLongLong(count);
+}
+
+bool require_ring(Handle* h) {
+  if (is_ring(h)) return true;
+  PyErr_Format(PyExc_RuntimeError,
+               "torch_shmem: stream %R is not a ring; cursors need a stream created with "
+               "torch_shmem.create(..., ring=N)",
+               h->name);
+  return false;
+}
+
+bool parse_cursor(Handle* h, PyObject* obj, uint32_t* index) {
+  long v = PyLong_AsLong(obj);
+  if (v == -1 && PyErr_Occurred()) return false;
+  if (v < 0 || v >= static_cast<long>(torch_shmem::core::kMaxCursors)) {
+    PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: invalid cursor index %ld", h->name, v);
+    return false;
+  }
+  *index = static_cast<uint32_t>(v);
+  return true;
+}
+
+// cursor_attach(name, timeout=None) -> index (takes the lock briefly)
+PyObject* H_cursor_attach(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "cursor_attach(name, timeout=None)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok || !require_ring(h)) return nullptr;
+  std::string cname;
+  if (!utf8_name(args[0], &cname)) return nullptr;
+  double timeout = -1;
+  if (nargs >= 2 && !parse_timeout(h, args[1], &timeout)) return nullptr;
+  uint32_t index = 0;
+  const Deadline d = Deadline::after(timeout);
+  if (!blocking(h, false, [&](torch_shmem::core::Interrupt i) {
+        return session_of(h).ring_attach(cname, d, i, &index);
+      }))
+    return nullptr;
+  return PyLong_FromUnsignedLong(index);
+}
+
+// cursor_detach(index): releases the cursor if this process owns it.
+PyObject* H_cursor_detach(Handle* h, PyObject* arg) {
+  Guard g(h, true);
+  if (!g.ok || !require_ring(h)) return nullptr;
+  uint32_t index;
+  if (!parse_cursor(h, arg, &index)) return nullptr;
+  torch_shmem::core::ring_detach(*h->s, index);
+  Py_RETURN_NONE;
+}
+
+// cursor_consumed(index) -> count of the cursor's last consumed publication
+PyObject* H_cursor_consumed(Handle* h, PyObject* arg) {
+  Guard g(h);
+  if (!g.ok || !require_ring(h)) return nullptr;
+  uint32_t index;
+  if (!parse_cursor(h, arg, &index)) return nullptr;
+  return PyLong_FromUnsignedLongLong(
+      torch_shmem::core::ring_cursor(*h->s, index)->consumed.load(std::memory_order_acquire));
+}
+
+// read_next(index, out=None, timeout=None)
+//   -> (ndarray, count, write_time_ns, frame_id, missed)
+PyObject* H_read_next(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 3) {
+    PyErr_SetString(PyExc_TypeError, "read_next(index, out=None, timeout=None)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok || !require_ring(h)) return nullptr;
+  uint32_t index;
+  if (!parse_cursor(h, args[0], &index)) return nullptr;
+  PyObject* out = nargs >= 2 ? args[1] : Py_None;
+  double timeout = -1;
+  if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
+  PyObject* result = read_target(h, out);
+  if (result == nullptr) return nullptr;
+  void* dst = PyArray_DATA(reinterpret_cast<PyArrayObject*>(result));
+  Snapshot snap;
+  uint64_t missed = 0;
+  const Deadline d = Deadline::after(timeout);
+  const uint64_t after = torch_shmem::core::ring_cursor(*h->s, index)->consumed.load();
+  // GIL released at once: the wait may park (as read_after's).
+  if (!blocking(
+          h, true,
+          [&](torch_shmem::core::Interrupt i) {
+            return session_of(h).ring_next(index, dst, d, i, &snap, &missed);
+          },
+          after, "read_next")) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  return Py_BuildValue("(NKLKK)", result, static_cast<unsigned long long>(snap.count),
+                       static_cast<long long>(snap.write_time_ns),
+                       static_cast<unsigned long long>(snap.frame_id),
+                       static_cast<unsigned long long>(missed));
+}
+
+// ring_info() -> (nslots, policy, drops, ((index, name, owner_pid, last_pid,
+//                 alive, consumed, missed), ...)); None for other streams.
+PyObject* H_ring_info(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (!is_ring(h)) Py_RETURN_NONE;
+  const auto* geo = h->s->geometry();
+  auto cursors = torch_shmem::core::ring_cursors(*h->s);
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(cursors.size()));
+  if (t == nullptr) return nullptr;
+  for (size_t i = 0; i < cursors.size(); ++i) {
+    const auto& c = cursors[i];
+    PyObject* v = Py_BuildValue(
+        "(Is#iiOKK)", c.index, c.name.data(), static_cast<Py_ssize_t>(c.name.size()),
+        c.owner_pid, c.last_pid, c.alive ? Py_True : Py_False,
+        static_cast<unsigned long long>(c.consumed), static_cast<unsigned long long>(c.missed));
+    if (v == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), v);
+  }
+  return Py_BuildValue(
+      "(IIKN)", geo->nslots, geo->ring_policy,
+      static_cast<unsigned long long>(
+          torch_shmem::core::ring_control(*h->s)->drops.load(std::memory_order_relaxed)),
+      t);
+}
+
 // write(value, frame_id=None, timeout=None) -> count, or NotImplemented when
 // value is not an exact-match ndarray (the Python layer converts and calls
 // again).
@@ -736,6 +886,7 @@ PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   double timeout = -1;
   if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
   const void* src = PyArray_DATA(reinterpret_cast<PyArrayObject*>(args[0]));
+  if (is_ring(h)) return ring_publish(h, src, has_fid, fid, timeout);
   if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   uint64_t count = 0;
   const Session session = session_of(h);
@@ -891,6 +1042,10 @@ PyObject* H_clear(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   }
   double timeout = -1;
   if (nargs >= 1 && !parse_timeout(h, args[0], &timeout)) return nullptr;
+  if (is_ring(h)) {
+    std::vector<uint8_t> zeros(h->nbytes);
+    return ring_publish(h, zeros.data(), false, 0, timeout);
+  }
   if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   uint64_t count = 0;
   const Session session = session_of(h);
@@ -969,6 +1124,13 @@ PyObject* H_begin_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   if (!slotted_writable(h)) return nullptr;
+  if (is_ring(h)) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "torch_shmem: stream %R is a ring: in-place write views are not supported; "
+                 "publish with write()",
+                 h->name);
+    return nullptr;
+  }
   try {
     h->s->begin_write_locked(at);
   } catch (const Error& e) {
@@ -1369,6 +1531,11 @@ PyMethodDef handle_methods[] = {
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
     {"live_array", (PyCFunction)H_live_array, METH_NOARGS, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
+    {"cursor_attach", (PyCFunction)(void (*)(void))H_cursor_attach, METH_FASTCALL, nullptr},
+    {"cursor_detach", (PyCFunction)H_cursor_detach, METH_O, nullptr},
+    {"cursor_consumed", (PyCFunction)H_cursor_consumed, METH_O, nullptr},
+    {"read_next", (PyCFunction)(void (*)(void))H_read_next, METH_FASTCALL, nullptr},
+    {"ring_info", (PyCFunction)H_ring_info, METH_NOARGS, nullptr},
     {nullptr, nullptr, 0, nullptr}};
 
 PyGetSetDef handle_getset[] = {
@@ -1475,6 +1642,10 @@ PyMODINIT_FUNC PyInit__core(void) {
   PyModule_AddIntConstant(m, "FLAG_GPU", torch_shmem::core::kFlagGpu);
   PyModule_AddIntConstant(m, "FLAG_HOST_SLOTS", torch_shmem::core::kFlagHostSlots);
   PyModule_AddIntConstant(m, "MAX_SLOTS", torch_shmem::core::kMaxSlots);
+  PyModule_AddIntConstant(m, "FLAG_RING", torch_shmem::core::kFlagRing);
+  PyModule_AddIntConstant(m, "MAX_RING", torch_shmem::core::kMaxRingSlots);
+  PyModule_AddIntConstant(m, "MAX_CURSORS", torch_shmem::core::kMaxCursors);
+  PyModule_AddIntConstant(m, "MAX_CURSOR_NAME_BYTES", torch_shmem::core::kMaxCursorNameBytes);
   PyModule_AddIntConstant(m, "FLAG_CPU_MIRROR", torch_shmem::core::kFlagCpuMirror);
   PyModule_AddIntConstant(m, "FLAG_SIM_DEVICE", torch_shmem::core::kFlagSimDevice);
   PyModule_AddIntConstant(m, "FLAG_NOTIFY", torch_shmem::core::kFlagNotify);

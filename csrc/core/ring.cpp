@@ -1,0 +1,266 @@
+// Rings (see ring.h): the writer's room check and publication, the cursor
+// table, and the reader's copy of one publication.
+#include "ring.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <stdio.h>
+#include <string.h>
+
+#include <cstring>
+
+#include "slots.h"
+#include "stream_internal.h"
+
+namespace torch_shmem {
+namespace core {
+
+namespace {
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+}  // namespace
+
+RingControl* ring_control(const Stream& s) {
+  return reinterpret_cast<RingControl*>(s.slot_area());
+}
+
+RingCursor* ring_cursor(const Stream& s, uint32_t index) {
+  return reinterpret_cast<RingCursor*>(s.slot_area() + kRingCursorsOffset) + index;
+}
+
+RingSlotMeta* ring_meta(const Stream& s, uint32_t slot) {
+  return reinterpret_cast<RingSlotMeta*>(s.slot_area() + kRingMetaOffset) + slot;
+}
+
+namespace {
+
+// State letter and start time of /proc/PID/stat; false if unreadable.
+bool proc_stat(int32_t pid, char* state, uint64_t* start) {
+  char path[64];
+  snprintf(path, sizeof(path), "/proc/%d/stat", static_cast<int>(pid));
+  FILE* f = fopen(path, "re");
+  if (f == nullptr) return false;
+  char buf[1024];
+  const size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  const char* p = strrchr(buf, ')');  // the command name may contain anything
+  if (p == nullptr) return false;
+  ++p;
+  // After ')': " S ppid ..." -- field 3 is the state, field 22 the start time.
+  unsigned long long st = 0;
+  char s = 0;
+  if (sscanf(p, " %c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d %*d %*d %llu",
+             &s, &st) != 2)
+    return false;
+  *state = s;
+  *start = st;
+  return true;
+}
+
+}  // namespace
+
+uint64_t pid_start(int32_t pid) {
+  char state;
+  uint64_t start = 0;
+  return proc_stat(pid, &state, &start) ? start : 0;
+}
+
+bool pid_alive(int32_t pid, uint64_t start) {
+  if (pid <= 0) return false;
+  if (kill(pid, 0) != 0 && errno != EPERM) return false;
+  char state = 0;
+  uint64_t started = 0;
+  if (!proc_stat(pid, &state, &started)) return true;  // cannot tell: alive (the safe side)
+  if (state == 'Z' || state == 'X') return false;      // exited, not reaped yet
+  return start == 0 || started == start;
+}
+
+RingSpace ring_space(const Stream& s) {
+  RingSpace r;
+  const Header* g = s.geometry();
+  const uint64_t n = g->nslots;
+  r.next = (s.header()->seq.load(std::memory_order_relaxed) >> 1) + 1;  // lock held
+  if (r.next <= n) return r;
+  const uint64_t need = r.next - n;  // publication that slot r.next % N holds now
+  for (uint32_t i = 0; i < kMaxCursors; ++i) {
+    RingCursor* c = ring_cursor(s, i);
+    if (c->state.load(std::memory_order_acquire) != kCursorNamed) continue;
+    int32_t pid = c->owner_pid.load(std::memory_order_acquire);
+    if (pid == 0) continue;
+    // seq_cst: the writer's half of the Dekker pair (space_waiters += 1,
+    // then this load) with the reader's CAS of consumed.
+    const uint64_t consumed = c->consumed.load(std::memory_order_seq_cst);
+    if (consumed >= need) continue;
+    if (!pid_alive(pid, c->owner_start.load(std::memory_order_relaxed))) {
+      // A dead consumer never holds the writer: release its cursor (it
+      // keeps its name and position for a consumer that comes back).
+      c->owner_pid.compare_exchange_strong(pid, 0, std::memory_order_acq_rel);
+      continue;
+    }
+    r.ok = false;
+    r.lagging = i;
+    r.consumed = consumed;
+    r.pid = pid;
+    return r;
+  }
+  return r;
+}
+
+uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64_t frame_id) {
+  Header* h = s.header();
+  const Header* g = s.geometry();
+  SlotMemory* m = s.host_slots();
+  // An odd seq (a writer that died in the host window) names the same c.
+  const uint64_t c = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
+  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  RingSlotMeta* meta = ring_meta(s, k);
+  m->store_gen(k, 2 * c - 1);  // relaxed store + release fence: odd before any byte
+  m->copy_in(k, src, false);
+  const int64_t t = now_realtime_ns();
+  // frame_id is sticky (as the header's): a write without one keeps the last.
+  const uint64_t fid = has_frame_id ? frame_id : h->frame_id.load(std::memory_order_relaxed);
+  meta->write_time_ns.store(t, std::memory_order_relaxed);
+  meta->frame_id.store(fid, std::memory_order_relaxed);
+  m->store_gen(k, 2 * c);  // release: slot bytes and metadata before gen even
+  m->store_count(c);
+  s.begin_write_locked_at(c);
+  h->latest_slot.store(k, std::memory_order_relaxed);
+  return s.commit_write_locked(has_frame_id, frame_id, t);
+}
+
+uint32_t ring_attach(Stream& s, const std::string& name) {
+  const int32_t me = static_cast<int32_t>(getpid());
+  const uint64_t hash = fnv1a(name);
+  int found = -1, free_entry = -1, reclaim = -1;
+  for (uint32_t i = 0; i < kMaxCursors; ++i) {
+    RingCursor* c = ring_cursor(s, i);
+    const uint32_t st = c->state.load(std::memory_order_acquire);
+    if (st == kCursorNamed) {
+      if (c->name_hash == hash && c->name_len == name.size() &&
+          std::memcmp(c->name, name.data(), name.size()) == 0) {
+        found = static_cast<int>(i);
+        break;
+      }
+      const int32_t pid = c->owner_pid.load(std::memory_order_acquire);
+      if (reclaim < 0 &&
+          (pid == 0 || !pid_alive(pid, c->owner_start.load(std::memory_order_relaxed))))
+        reclaim = static_cast<int>(i);
+    } else if (free_entry < 0) {
+      // kCursorSetup under the lock can only be a registration that died
+      // half way (it held the lock): free.
+      free_entry = static_cast<int>(i);
+    }
+  }
+  if (found >= 0) {
+    RingCursor* c = ring_cursor(s, static_cast<uint32_t>(found));
+    const int32_t pid = c->owner_pid.load(std::memory_order_acquire);
+    if (pid != 0 && pid != me && pid_alive(pid, c->owner_start.load(std::memory_order_relaxed)))
+      throw Error(ErrorKind::kState, "stream '" + s.name() + "': cursor '" + name +
+                                         "' is held by live process " + std::to_string(pid) +
+                                         " (one process per cursor name)");
+    // Resume where the previous owner stopped.
+    c->owner_start.store(pid_start(me), std::memory_order_relaxed);
+    c->last_pid.store(me, std::memory_order_relaxed);
+    c->owner_pid.store(me, std::memory_order_seq_cst);
+    return static_cast<uint32_t>(found);
+  }
+  int idx = free_entry >= 0 ? free_entry : reclaim;
+  if (idx < 0)
+    throw Error(ErrorKind::kState,
+                "stream '" + s.name() + "': all " + std::to_string(kMaxCursors) +
+                    " cursors are held by live processes; close a cursor (or end its process) "
+                    "to free one");
+  RingCursor* c = ring_cursor(s, static_cast<uint32_t>(idx));
+  // kCursorSetup first (release fence: readers of the table that see a new
+  // name also see the state change), then the fields, then kCursorNamed
+  // (release): stat() never shows a half-written name as valid.
+  c->state.store(kCursorSetup, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
+  c->owner_pid.store(0, std::memory_order_relaxed);
+  std::memset(c->name, 0, sizeof(c->name));
+  std::memcpy(c->name, name.data(), name.size());
+  c->name_len = static_cast<uint32_t>(name.size());
+  c->name_hash = hash;
+  c->missed.store(0, std::memory_order_relaxed);
+  // A new cursor starts at the current count: it consumes the publications
+  // made from now on. (Lock held: no publication can land meanwhile.)
+  c->consumed.store(s.header()->seq.load(std::memory_order_relaxed) >> 1,
+                    std::memory_order_relaxed);
+  c->owner_start.store(pid_start(me), std::memory_order_relaxed);
+  c->last_pid.store(me, std::memory_order_relaxed);
+  c->owner_pid.store(me, std::memory_order_relaxed);
+  c->state.store(kCursorNamed, std::memory_order_seq_cst);
+  return static_cast<uint32_t>(idx);
+}
+
+void ring_detach(const Stream& s, uint32_t index) {
+  if (index >= kMaxCursors) return;
+  int32_t me = static_cast<int32_t>(getpid());
+  // acq_rel: the cursor's last consumed count is visible to the next owner.
+  ring_cursor(s, index)->owner_pid.compare_exchange_strong(me, 0, std::memory_order_acq_rel);
+  // A writer blocked on this cursor may go on now.
+  ring_wake_writers(s);
+}
+
+std::vector<CursorInfo> ring_cursors(const Stream& s) {
+  std::vector<CursorInfo> out;
+  for (uint32_t i = 0; i < kMaxCursors; ++i) {
+    RingCursor* c = ring_cursor(s, i);
+    if (c->state.load(std::memory_order_acquire) != kCursorNamed) continue;
+    CursorInfo info;
+    info.index = i;
+    const uint32_t len = c->name_len < kMaxCursorNameBytes ? c->name_len : kMaxCursorNameBytes;
+    info.name.assign(c->name, len);
+    info.owner_pid = c->owner_pid.load(std::memory_order_acquire);
+    info.last_pid = c->last_pid.load(std::memory_order_relaxed);
+    info.alive = pid_alive(info.owner_pid, c->owner_start.load(std::memory_order_relaxed));
+    info.consumed = c->consumed.load(std::memory_order_acquire);
+    info.missed = c->missed.load(std::memory_order_relaxed);
+    out.push_back(info);
+  }
+  return out;
+}
+
+bool ring_copy(const Stream& s, uint64_t c, void* dst, Snapshot* snap) {
+  const Header* g = s.geometry();
+  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  const RingSlotMeta* meta = ring_meta(s, k);
+  racy_copy(dst, s.host_slots()->slot_ptr(k), g->payload_bytes);
+  const int64_t t = meta->write_time_ns.load(std::memory_order_relaxed);
+  const uint64_t fid = meta->frame_id.load(std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_acquire);  // copy and metadata before the re-load
+  const uint64_t gen = meta->gen.load(std::memory_order_relaxed);
+  if (gen != 2 * c) {
+    if (gen < 2 * c)  // c was published, so its slot's generation reached 2c
+      throw Error(ErrorKind::kValue, "stream '" + s.name() + "': corrupted ring slot generation");
+    return false;
+  }
+  snap->seq = 2 * c;
+  snap->count = c;
+  snap->write_time_ns = t;
+  snap->frame_id = fid;
+  return true;
+}
+
+void ring_wake_writers(const Stream& s) {
+  RingControl* rc = ring_control(s);
+  // seq_cst: the reader's half of the Dekker pair (CAS of consumed, then
+  // this load) with a writer registering in space_waiters.
+  if (rc->space_waiters.load(std::memory_order_seq_cst) == 0) return;
+  rc->space_epoch.fetch_add(1, std::memory_order_seq_cst);
+  futex_wake(&rc->space_epoch);
+}
+
+}  // namespace core
+}  // namespace torch_shmem

@@ -1,0 +1,169 @@
+// Rings: a slotted CPU stream (kFlagHostSlots | kFlagRing) whose readers
+// consume every publication in order through named cursors kept in the
+// segment, with a policy for a writer that would overwrite a publication a
+// live cursor has not consumed yet.
+//
+// Slot area (from segment offset 4096; device_bytes = ring_slots_base(N) +
+// N * slot_stride, the segment rounds it up to a page):
+//
+//   +0        RingControl: count word (the slots' count, unused by CPU
+//             readers) | drops | space_epoch + space_waiters (futex of a
+//             writer waiting for room), each on its own 128-byte line
+//   +4096     RingCursor[32], 128 bytes each (one line per reader)
+//   +8192     RingSlotMeta[N], 32 bytes each: gen (odd while slot k is
+//             written, 2c once it holds publication c), write_time_ns and
+//             frame_id of that publication
+//   +8192 + round_up(32 N, 4096)
+//             slot 0 .. slot N-1, slot_stride apart; publication c in
+//             slot c % N
+//
+// Writer (holds the stream lock), publication c, k = c % N:
+//   [block / drop_newest] every live cursor must have consumed c - N
+//   gen[k] <- 2c - 1 (relaxed) ; fence(release)   -- odd before any byte
+//   copy ; meta write_time, frame_id (relaxed)
+//   gen[k] <- 2c (release)                        -- bytes + meta before even
+//   host window as for slots (seq odd, latest_slot, seq even, wake)
+// Reader (cursor consumed L, no lock):
+//   latest <- seq / 2 (acquire); wait on the epoch futex while latest <= L
+//   c <- max(L + 1, latest - N + 1); copy slot c % N, meta (relaxed);
+//   fence(acquire); g <- gen (relaxed): g == 2c means exactly publication
+//   c (gen was >= 2c when latest was published, and only grows). g > 2c:
+//   slot rewritten by c + N or later: c is lost, try c + 1.
+//   consumed: CAS L -> c (seq_cst); missed = c - L - 1; then, if
+//   space_waiters (seq_cst) != 0: space_epoch += 1, futex wake.
+// Blocked writer: e <- space_epoch (acquire); space_waiters += 1 (seq_cst);
+//   re-check the cursors (seq_cst loads); futex_wait(space_epoch, e) in
+//   slices (a dead reader never wakes it: each slice re-checks liveness).
+//   The CAS / waiters pair is a Dekker pair, as publish / wait_slice.
+#pragma once
+
+#include <stdint.h>
+
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "stream.h"
+
+namespace torch_shmem {
+namespace core {
+
+enum RingPolicy : uint32_t { kRingOverwrite = 0, kRingBlock = 1, kRingDropNewest = 2 };
+
+constexpr uint32_t kMaxRingSlots = 4096;
+constexpr uint32_t kMaxCursors = 32;
+constexpr uint32_t kMaxCursorNameBytes = 64;
+constexpr uint64_t kRingCursorsOffset = 4096;
+constexpr uint64_t kRingMetaOffset = 8192;
+constexpr uint64_t kRingMetaBytes = 32;
+
+inline uint64_t ring_slots_base(uint32_t nslots) {
+  return kRingMetaOffset + (kRingMetaBytes * nslots + 4095) / 4096 * 4096;
+}
+inline bool is_ring(const Header* g) { return (g->flags & kFlagRing) != 0; }
+
+struct RingControl {
+  // The slots' count word (HostSlotMemory::store_count); not read by rings.
+  alignas(128) std::atomic<uint64_t> count;
+  // drop_newest: writes dropped so far (lock holder, relaxed; stat only).
+  alignas(128) std::atomic<uint64_t> drops;
+  // Futex word of writers waiting for room (block policy), bumped by a
+  // reader that advances while space_waiters != 0.
+  alignas(128) std::atomic<uint32_t> space_epoch;
+  std::atomic<uint32_t> space_waiters;
+};
+static_assert(sizeof(RingControl) <= kRingCursorsOffset, "ring control exceeds its page");
+
+// Cursor states.
+constexpr uint32_t kCursorFree = 0;
+constexpr uint32_t kCursorSetup = 1;  // being (re)named under the stream lock
+constexpr uint32_t kCursorNamed = 2;
+
+struct alignas(128) RingCursor {
+  // Count of the last publication this cursor consumed (0: none). Advanced
+  // only by CAS (seq_cst: the Dekker pair with a blocked writer), so
+  // threads sharing the cursor never deliver one publication twice.
+  std::atomic<uint64_t> consumed;
+  // Process that holds the cursor now (0: none; the cursor then keeps its
+  // place, for a consumer that comes back, but never holds the writer).
+  // Set under the stream lock; cleared by its owner (close) or by a writer
+  // that finds the process dead (CAS).
+  std::atomic<int32_t> owner_pid;
+  std::atomic<uint32_t> state;  // kCursorFree / kCursorSetup / kCursorNamed
+  std::atomic<int32_t> last_pid;  // last owner (for stat after a release)
+  uint32_t name_len;              // written under the lock while kCursorSetup
+  uint64_t name_hash;             // FNV-1a 64 of the name
+  std::atomic<uint64_t> missed;   // publications this cursor skipped (owner)
+  char name[80];                  // kMaxCursorNameBytes + NUL, padded
+  // The owner's start time (/proc/PID/stat field 22, clock ticks since
+  // boot), so that a recycled pid is not taken for the owner.
+  std::atomic<uint64_t> owner_start;
+};
+static_assert(sizeof(RingCursor) == 128, "cursor must be one 128-byte line");
+static_assert(offsetof(RingCursor, consumed) == 0 && offsetof(RingCursor, owner_pid) == 8 &&
+                  offsetof(RingCursor, state) == 12 && offsetof(RingCursor, name_hash) == 24 &&
+                  offsetof(RingCursor, missed) == 32 && offsetof(RingCursor, name) == 40 &&
+                  offsetof(RingCursor, owner_start) == 120,
+              "cursor layout changed");
+static_assert(kMaxCursors * sizeof(RingCursor) <= kRingMetaOffset - kRingCursorsOffset,
+              "cursor table exceeds its page");
+
+struct RingSlotMeta {
+  std::atomic<uint64_t> gen;
+  std::atomic<int64_t> write_time_ns;
+  std::atomic<uint64_t> frame_id;
+  uint64_t reserved;
+};
+static_assert(sizeof(RingSlotMeta) == kRingMetaBytes, "slot meta layout changed");
+
+RingControl* ring_control(const Stream& s);
+RingCursor* ring_cursor(const Stream& s, uint32_t index);
+RingSlotMeta* ring_meta(const Stream& s, uint32_t slot);
+
+// Whether process pid runs (a zombie is dead); with start != 0, also that
+// it is the process that started at that time (not a recycled pid).
+bool pid_alive(int32_t pid, uint64_t start = 0);
+// Start time of process pid (clock ticks since boot), 0 if unknown.
+uint64_t pid_start(int32_t pid);
+
+// Room for publication count + 1: every live cursor consumed count + 1 - N.
+// A cursor whose owner is dead is released here (owner_pid <- 0).
+struct RingSpace {
+  bool ok = true;
+  uint32_t lagging = 0;   // cursor index, when !ok
+  uint64_t consumed = 0;  // its consumed count
+  int32_t pid = 0;        // its owner
+  uint64_t next = 0;      // the publication that has no room
+};
+RingSpace ring_space(const Stream& s);
+
+// Caller holds the lock; publishes src as count + 1 (no room check).
+uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64_t frame_id);
+
+// Cursor table. Caller holds the lock. attach: the cursor named `name`
+// (created at the current count, or the one left by an earlier owner), now
+// owned by this process; throws kState when a live process owns it or
+// every entry is held by a live process.
+uint32_t ring_attach(Stream& s, const std::string& name);
+// Releases the cursor if this process owns it (no lock needed).
+void ring_detach(const Stream& s, uint32_t index);
+
+struct CursorInfo {
+  uint32_t index;
+  std::string name;
+  int32_t owner_pid;
+  int32_t last_pid;
+  bool alive;
+  uint64_t consumed;
+  uint64_t missed;
+};
+std::vector<CursorInfo> ring_cursors(const Stream& s);
+
+// The publication c of the ring (c <= the published count): copies it into
+// dst and fills *snap; false when slot c % N no longer holds it.
+bool ring_copy(const Stream& s, uint64_t c, void* dst, Snapshot* snap);
+// A consumer advanced: wake writers blocked for room.
+void ring_wake_writers(const Stream& s);
+
+}  // namespace core
+}  // namespace torch_shmem

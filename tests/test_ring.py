@@ -1,0 +1,387 @@
+"""Rings: create(ring=N, policy=), named cursors, read_next (csrc/core/ring.h).
+
+Every publication c goes to slot c % N with a generation (odd while
+written, 2c once complete); cursors in the segment hold each reader's
+position, so every reader gets every publication once, in order, or is
+told exactly how many it missed.
+"""
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import _ring_workers as rw
+import torch_shmem
+from torch_shmem import cli
+
+pytestmark = pytest.mark.cpu
+
+ctx = mp.get_context("spawn")
+
+
+def _join(*procs, timeout=60):
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+            pytest.fail(f"process {p.pid} did not finish within {timeout} s")
+
+
+def _stop(p):
+    if p.is_alive():
+        p.kill()
+    p.join(10)
+
+
+# ----------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("ring,exc", [
+    (1, ValueError), (0, ValueError), (-3, ValueError), (4097, ValueError),
+    ("4", TypeError), (True, TypeError), (2.0, TypeError),
+])
+def test_ring_size_refused(name, ring, exc):
+    with pytest.raises(exc, match=name):
+        torch_shmem.create(name, shape=(2,), ring=ring)
+    assert name not in torch_shmem.list_streams()
+
+
+def test_policy_and_slots_refused(name):
+    with pytest.raises(ValueError, match="policy must be one of"):
+        torch_shmem.create(name, shape=(2,), ring=4, policy="newest")
+    with pytest.raises(TypeError, match="policy must be a str"):
+        torch_shmem.create(name, shape=(2,), ring=4, policy=1)
+    with pytest.raises(ValueError, match="needs a ring"):
+        torch_shmem.create(name, shape=(2,), policy="block")
+    with pytest.raises(ValueError, match="exclude each other"):
+        torch_shmem.create(name, shape=(2,), ring=4, slots=4)
+    assert name not in torch_shmem.list_streams()
+
+
+def test_bounds_and_properties(name):
+    s = torch_shmem.create(name, shape=(2,), dtype=np.int64, ring=4096, policy="drop_newest")
+    assert (s.ring, s.policy, s.slots, s.drops) == (4096, "drop_newest", 4096, 0)
+    s.unlink()
+    s = torch_shmem.create(name, shape=(2,), ring=2)
+    assert (s.ring, s.policy) == (2, "overwrite")
+    config = s.to_config()
+    assert config["ring"] == 2 and config["policy"] == "overwrite" and "slots" not in config
+    s.unlink()
+
+
+def test_cursor_misuse(name):
+    plain = torch_shmem.create(name, shape=(2,))
+    assert plain.ring is None and plain.policy is None and plain.drops == 0
+    with pytest.raises(RuntimeError, match="not a ring"):
+        plain.cursor("a")
+    with pytest.raises(RuntimeError, match="not a ring"):
+        torch_shmem.open(name, reader="a")
+    with pytest.raises(RuntimeError, match="read_next"):
+        plain.read_next()
+    plain.unlink()
+    s = torch_shmem.create(name, shape=(2,), ring=4)
+    for bad, exc in [("", ValueError), ("x" * 65, ValueError), ("a\0b", ValueError), (3, TypeError)]:
+        with pytest.raises(exc, match="cursor name"):
+            s.cursor(bad)
+    assert len(torch_shmem.stat(name)["ring"]["cursors"]) == 0
+    with pytest.raises(RuntimeError, match="ring"):
+        with s.write_view():
+            pass
+    c = s.cursor("a")
+    c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.read_next()
+    with pytest.raises(ValueError, match="out must be"):
+        s.cursor("b").read_next(out=np.empty(3, np.float32))
+
+
+# --------------------------------------------------------- one process: order
+
+def test_order_and_exactness(name):
+    n = 5
+    s = torch_shmem.create(name, shape=(n,), dtype=np.int64, ring=8, policy="block")
+    r = torch_shmem.open(name, reader="a", readonly=True)  # a read-only consumer advances too
+    b = s.cursor("b")
+    with pytest.raises(TimeoutError):
+        r.read_next(timeout=0.05)
+    for c in range(1, 9):
+        s.write(rw.make_payload(c, n), frame_id=100 + c if c % 2 else None)
+    for c in range(1, 9):
+        pub = r.read_next(timeout=1)
+        assert pub.count == c and pub.missed_publications == 0
+        assert pub.frame_id == (100 + c if c % 2 else 100 + c - 1)  # sticky, per publication
+        assert rw.payload_ok(pub.payload, c)
+        assert pub.write_time > 0
+    # latest-value reads are unchanged on a ring
+    np.testing.assert_array_equal(r.read(), rw.make_payload(8, n))
+    assert r.read_publication().count == 8
+    # b lags by 8 = N: the ring is full for b; block times out naming it
+    with pytest.raises(TimeoutError, match="cursor 'b'") as exc:
+        s.write(rw.make_payload(9, n), timeout=0.2)
+    assert name in str(exc.value)
+    out = np.empty(n, np.int64)
+    pub = b.read_next(out=out)
+    assert pub.payload is out and pub.count == 1 and rw.payload_ok(out, 1)
+    s.write(rw.make_payload(9, n), timeout=1)
+    assert [b.read_next().count for _ in range(8)] == list(range(2, 10))
+    assert b.consumed == 9 and b.lag == 0 and r._reader.lag == 1
+    st = torch_shmem.stat(name)["ring"]
+    assert st["size"] == 8 and st["policy"] == "block" and st["drops"] == 0
+    cur = {c["name"]: c for c in st["cursors"]}
+    assert cur["a"]["pid"] == os.getpid() and cur["a"]["alive"] and cur["a"]["lag"] == 1
+    assert cur["b"]["consumed"] == 9 and cur["b"]["missed"] == 0
+    s.clear()
+    assert r.read_next(timeout=1).count == 9
+    pub = r.read_next(timeout=1)
+    assert pub.count == 10 and not pub.payload.any()
+
+
+def test_overwrite_missed_exact(name):
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=4)
+    c = s.cursor("slow")
+    for k in range(1, 11):
+        s.write(rw.make_payload(k, 3))  # never blocks
+    pub = c.read_next()
+    assert (pub.count, pub.missed_publications) == (7, 6)  # 7..10 are what 4 slots hold
+    assert [c.read_next().count for _ in range(3)] == [8, 9, 10]
+    assert torch_shmem.stat(name)["ring"]["cursors"][0]["missed"] == 6
+
+
+def test_drop_newest_counts_drops(name):
+    s = torch_shmem.create(name, shape=(2,), dtype=np.int64, ring=4, policy="drop_newest")
+    c = s.cursor("a")
+    for k in range(1, 5):
+        s.write(rw.make_payload(k, 2))
+    assert s.count == 4 and s.drops == 0
+    for k in range(5, 8):
+        s.write(rw.make_payload(k, 2))  # dropped: not published
+    assert s.count == 4 and s.drops == 3
+    assert torch_shmem.stat(name)["ring"]["drops"] == 3
+    assert s._h.write(rw.make_payload(99, 2), None, None) == 0  # the binding says "dropped"
+    assert [c.read_next().count for _ in range(4)] == [1, 2, 3, 4]
+    s.write(rw.make_payload(5, 2))
+    pub = c.read_next()
+    assert pub.count == 5 and rw.payload_ok(pub.payload, 5) and pub.missed_publications == 0
+    assert s.drops == 4
+    c.close()  # a released cursor never holds the ring
+    for k in range(6, 20):
+        s.write(rw.make_payload(k, 2))
+    assert s.count == 19 and s.drops == 4
+
+
+def test_cursor_table_full_and_reclaim(name, seed):
+    s = torch_shmem.create(name, shape=(), dtype=np.int64, ring=2)
+    mine = [s.cursor(f"c{i}") for i in range(31)]
+    ready, results = ctx.Event(), ctx.Queue()
+    s.write(np.int64(1))
+    p = ctx.Process(target=rw.consume_n, args=(name, "child", 1, ready, results))
+    p.start()
+    assert ready.wait(30)
+    s.write(np.int64(2))
+    assert results.get(timeout=30) == [2]
+    _join(p)
+    assert p.exitcode == 0
+    child = [c for c in torch_shmem.stat(name)["ring"]["cursors"] if c["name"] == "child"][0]
+    assert not child["alive"]
+    mine.append(s.cursor("new"))  # reclaims the dead child's entry
+    with pytest.raises(RuntimeError, match="all 32 cursors"):
+        s.cursor("one-too-many")
+    mine[0].close()
+    s.cursor("one-too-many")  # a released entry is reclaimed too
+
+
+# --------------------------------------------------------------- processes
+
+def test_block_four_readers_every_count_once(name, seed):
+    n, total, readers = 64, 3000, 4
+    s = torch_shmem.create(name, shape=(n,), dtype=np.int64, ring=16, policy="block")
+    results = ctx.Queue()
+    events = [ctx.Event() for _ in range(readers)]
+    procs = [ctx.Process(target=rw.consume, args=(name, f"r{i}", total, events[i], results))
+             for i in range(readers)]
+    for p in procs:
+        p.start()
+    for e in events:
+        assert e.wait(60)
+    for c in range(1, total + 1):  # full rate, no pacing
+        s.write(rw.make_payload(c, n), timeout=30)
+    got = sorted(results.get(timeout=60) for _ in range(readers))
+    _join(*procs)
+    assert [p.exitcode for p in procs] == [0] * readers
+    for reader, received, disorder, torn, missed, first, last in got:
+        assert (received, disorder, torn, missed, first, last) == (total, 0, 0, 0, 1, total), reader
+
+
+def test_overwrite_stopped_reader_missed_exact(name, seed):
+    n, ring, total = 16, 32, 3000
+    s = torch_shmem.create(name, shape=(n,), dtype=np.int64, ring=ring)
+    ready, results = ctx.Event(), ctx.Queue()
+    p = ctx.Process(target=rw.consume, args=(name, "r", total, ready, results))
+    p.start()
+    try:
+        assert ready.wait(60)
+        stopped_at = None
+        for c in range(1, total + 1):
+            s.write(rw.make_payload(c, n))
+            if c == 500:
+                os.kill(p.pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                writes_at_stop = c
+            if stopped_at is not None and time.monotonic() - stopped_at >= 0.5:
+                written_while_stopped = c - writes_at_stop
+                os.kill(p.pid, signal.SIGCONT)
+                stopped_at = None
+            time.sleep(0.0002)
+        if stopped_at is not None:
+            written_while_stopped = total - writes_at_stop
+            os.kill(p.pid, signal.SIGCONT)
+        reader, received, disorder, torn, missed, first, last = results.get(timeout=60)
+        _join(p)
+    finally:
+        _stop(p)
+    assert p.exitcode == 0
+    assert written_while_stopped > ring  # the writer kept going past a full ring
+    assert (disorder, torn, first, last) == (0, 0, 1, total)
+    assert missed > 0 and received + missed == total  # every count delivered or reported
+    assert torch_shmem.stat(name)["ring"]["cursors"][0]["missed"] == missed
+
+
+def test_reader_sigkill_does_not_wedge_block_writer(name, seed):
+    s = torch_shmem.create(name, shape=(4,), dtype=np.int64, ring=4, policy="block")
+    ready = ctx.Event()
+    p = ctx.Process(target=rw.attach_and_wait, args=(name, "victim", ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        for c in range(1, 5):
+            s.write(rw.make_payload(c, 4), timeout=5)
+        with pytest.raises(RuntimeError, match="held by live process"):
+            s.cursor("victim")  # one process per cursor name
+        with pytest.raises(TimeoutError, match="victim"):  # the live reader holds it
+            s.write(rw.make_payload(5, 4), timeout=0.3)
+        # a writer parked on the ring when its reader dies goes on
+        import threading
+        done = []
+        t = threading.Thread(target=lambda: done.append(s.write(rw.make_payload(5, 4), timeout=20)))
+        t.start()
+        time.sleep(0.2)
+        assert t.is_alive()
+        os.kill(p.pid, signal.SIGKILL)
+        t.join(30)
+        assert not t.is_alive() and s.count == 5
+    finally:
+        _stop(p)
+    for c in range(6, 50):
+        s.write(rw.make_payload(c, 4), timeout=5)
+    victim = torch_shmem.stat(name)["ring"]["cursors"][0]
+    assert victim["name"] == "victim" and victim["pid"] is None and victim["consumed"] == 0
+    # the victim's name resumes, and learns what it missed
+    r = torch_shmem.open(name, reader="victim")
+    pub = r.read_next(timeout=1)
+    assert pub.count == 46 and pub.missed_publications == 45 and rw.payload_ok(pub.payload, 46)
+
+
+def test_writer_sigkill_mid_write_no_torn_read(name, seed):
+    n = 1 << 20  # 8 MiB payloads: a kill lands inside a copy most of the time
+    s = torch_shmem.create(name, shape=(n,), dtype=np.int64, ring=4)
+    cur = s.cursor("r")
+    rng = np.random.default_rng(seed)
+    for round_ in range(3):
+        ready = ctx.Event()
+        p = ctx.Process(target=rw.write_forever, args=(name, n, ready))
+        p.start()
+        try:
+            assert ready.wait(60)
+            time.sleep(0.2 + rng.random() * 0.2)
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(30)
+        finally:
+            _stop(p)
+        assert p.exitcode == -signal.SIGKILL
+        count = s.count
+        # every read returns a whole publication (or an error), never a torn one
+        try:
+            latest = s.read_publication()
+            assert rw.payload_ok(latest.payload, latest.count)
+        except torch_shmem.InconsistentStreamError:
+            pass  # died in the short host window: reported, not returned
+        while cur.consumed < count:
+            pub = cur.read_next(timeout=5)
+            assert rw.payload_ok(pub.payload, pub.count), (round_, pub.count)
+        # the next good write repairs the stream
+        s.write(rw.make_payload(count + 1, n))
+        pub = cur.read_next(timeout=5)
+        assert pub.count == count + 1 and rw.payload_ok(pub.payload, count + 1)
+        assert torch_shmem.stat(name)["state"] == "ok"
+
+
+def test_cursor_resume_after_exit(name, seed):
+    s = torch_shmem.create(name, shape=(2,), dtype=np.int64, ring=8, policy="block")
+    ready, results = ctx.Event(), ctx.Queue()
+    p = ctx.Process(target=rw.consume_n, args=(name, "worker", 3, ready, results))
+    p.start()
+    assert ready.wait(60)
+    for c in range(1, 6):
+        s.write(rw.make_payload(c, 2), timeout=10)
+    assert results.get(timeout=30) == [1, 2, 3]
+    _join(p)
+    assert p.exitcode == 0
+    for c in range(6, 9):  # 8 publications, the cursor consumed 3: the ring still holds 4..8
+        s.write(rw.make_payload(c, 2), timeout=1)
+    p = ctx.Process(target=rw.consume_n, args=(name, "worker", 5, ready, results))
+    p.start()
+    assert results.get(timeout=30) == [4, 5, 6, 7, 8]
+    _join(p)
+    assert p.exitcode == 0
+
+
+def test_threads_share_a_cursor(name):
+    import threading
+    s = torch_shmem.create(name, shape=(), dtype=np.int64, ring=64, policy="block")
+    c = s.cursor("shared")
+    got = [[], []]
+
+    def take(i):
+        while True:
+            pub = c.read_next(timeout=10)
+            if pub.payload == -1:
+                got[i].append(pub.count)
+                return
+            got[i].append(pub.count)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for k in range(1, 2001):
+        s.write(np.int64(k), timeout=10)
+    s.write(np.int64(-1), timeout=10)
+    s.write(np.int64(-1), timeout=10)
+    for t in threads:
+        t.join(30)
+    assert sorted(got[0] + got[1]) == list(range(1, 2003))  # each exactly once
+
+
+def test_unlink_ends_read_next(name):
+    s = torch_shmem.create(name, shape=(), dtype=np.int64, ring=4)
+    r = torch_shmem.open(name, reader="a")
+    s.unlink()
+    with pytest.raises(torch_shmem.StreamUnlinkedError):
+        r.read_next(timeout=5)
+
+
+def test_cli_stat_shows_ring(name, capsys):
+    s = torch_shmem.create(name, shape=(2,), dtype=np.int64, ring=4, policy="drop_newest")
+    c = s.cursor("consumer-a")
+    for k in range(1, 7):
+        s.write(rw.make_payload(k, 2))
+    assert cli.main(["stat", name]) == 0
+    out = capsys.readouterr().out
+    assert "4 slots, policy drop_newest, 2 dropped" in out
+    assert f"cursor consumer-a: pid {os.getpid()} (alive), consumed 0, lag 4, missed 0" in out
+    c.close()
+    assert cli.main(["stat", name]) == 0
+    assert "released (last pid" in capsys.readouterr().out

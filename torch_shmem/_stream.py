@@ -382,6 +382,114 @@ def _check_frame_id(frame_id: Any, name: str) -> int | None:
     return value
 
 
+class HostPayload:
+    """A handle's payload in host memory, moved by the native handle (``_core``).
+
+    What a :class:`SharedMemory` delegates to its payload: snapshots (as
+    ndarrays or :class:`Publication`), the live view, publication of a
+    value, the DLPack device and the ``gpu_device`` the handle reports.
+    This one serves CPU streams (one payload, or slots in the segment) and
+    handles of GPU streams opened without ``gpu_device`` (the native handle
+    reads a CPU mirror and refuses the rest with its own message); the
+    device payload (``torch_shmem._gpu.DevicePayload``) serves GPU
+    attachments. Stateless: every host handle shares ``_HOST``, and the
+    handle's hot methods (``read``, ``read_new``, ``write``) call the
+    native handle directly when their payload is ``_HOST``, saving a Python
+    call per frame.
+    """
+
+    __slots__ = ()
+
+    #: the handle's ``gpu_device``: host memory belongs to no CUDA device
+    device = None
+
+    def read(self, shm: "SharedMemory", after: int | None, out: Any, timeout: float | None) -> np.ndarray:
+        """A snapshot: the latest publication (``after`` None) or the first with
+        ``count > after`` (-1: newer than the count at the call), waited for
+        within ``timeout`` together with the copy."""
+        h = shm._h
+        return h.read(out, timeout) if after is None else h.read_after(after, out, timeout)
+
+    def read_publication(
+        self, shm: "SharedMemory", after: int | None, out: Any, timeout: float | None, what: str
+    ) -> Publication:
+        """:meth:`read` with the metadata captured in the same seqlock window."""
+        h = shm._h
+        if after is None:
+            payload, count, write_time_ns, frame_id, missed = h.read_pub(out, timeout)
+        else:
+            payload, count, write_time_ns, frame_id, missed = h.read_after_pub(after, out, timeout)
+        return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+
+    def live(self, shm: "SharedMemory") -> np.ndarray:
+        """The live payload (an ndarray whose base holds a buffer export)."""
+        return shm._h.live_array()
+
+    def write(
+        self, shm: "SharedMemory", value: Any, frame_id: int | None, timeout: float | None, casting: str
+    ) -> None:
+        """Publish ``value``; see :meth:`SharedMemory.write`."""
+        if casting != "checked":
+            _check_casting(casting, shm._name)
+        if shm._h.write(value, frame_id, timeout) is NotImplemented:
+            self.write_converted(shm, value, frame_id, timeout, casting)
+
+    def write_converted(
+        self, shm: "SharedMemory", value: Any, frame_id: int | None, timeout: float | None, casting: str
+    ) -> None:
+        """:meth:`write` of a value the native write refused: not an ndarray of
+        exactly the stream's dtype, shape and C layout. Validates and converts
+        it under ``casting`` (already checked to be a known rule)."""
+        h = shm._h
+        shm._check_open()
+        array = shm._validated(value)
+        direct = array.nbytes >= _DIRECT_CAST_BYTES and not h.readonly
+        converted = shm._cast(array, casting, keep=not direct)
+        if converted is None:
+            self._write_cast(shm, array, _check_frame_id(frame_id, shm._name), timeout)
+        elif h.write(converted, frame_id, timeout) is NotImplemented:
+            raise AssertionError("torch_shmem: internal error: coerced value rejected")
+
+    def _write_cast(
+        self, shm: "SharedMemory", array: np.ndarray, frame_id: int | None, timeout: float | None
+    ) -> None:
+        """Cast or re-layout a large value straight into the payload (one pass, no temporary)."""
+        h = shm._h
+        h.acquire(timeout)
+        try:
+            h.begin_write()
+            try:
+                # the casting rule was applied by _cast: the copy cannot fail midway
+                np.copyto(h.live_array(), array, casting="unsafe")
+            except BaseException:
+                h.abort_write()
+                raise
+            h.commit_write(frame_id)
+        finally:
+            h.release()
+
+    def clear(self, shm: "SharedMemory", timeout: float | None) -> None:
+        shm._h.clear(timeout)
+
+    def unsupported(self, shm: "SharedMemory", what: str) -> None:
+        """Raise if ``what`` is not offered on this payload: everything is."""
+
+    def dlpack_device(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+    def config(self, info: Any) -> dict:
+        """Keys of :meth:`SharedMemory.to_config` that depend on the payload."""
+        if not info.flags & _core.FLAG_GPU and info.nslots != 1:
+            return {"slots": info.nslots}
+        return {}
+
+    def close(self) -> None:
+        """Release what the payload holds beyond the native handle: nothing."""
+
+
+_HOST = HostPayload()
+
+
 class SharedMemory:
     """A handle to a named shared-memory stream.
 
@@ -393,10 +501,16 @@ class SharedMemory:
 
     Handles are cheap, not thread-bound, and may be shared by threads. They
     pickle by name: a child process that unpickles one opens the stream again.
+
+    A handle holds the native handle (``_core``: header, lock, waits, read
+    statistics) and a payload object that moves the data: :class:`HostPayload`
+    (ndarrays; CPU streams) or, for a GPU stream attached with
+    ``gpu_device=``, ``torch_shmem._gpu.DevicePayload`` (CUDA tensors).
     """
 
     __slots__ = (
         "_h",
+        "_payload",
         "_name",
         "_shape",
         "_dtype",
@@ -410,9 +524,10 @@ class SharedMemory:
         "__weakref__",
     )
 
-    def __init__(self, handle: Any, *, owner: bool) -> None:
+    def __init__(self, handle: Any, *, owner: bool, payload: Any = None) -> None:
         code, shape, nbytes, _flags, creator_pid, instance_id, ctime, _mode = handle.info()
         self._h = handle
+        self._payload = _HOST if payload is None else payload
         self._name = handle.name
         self._shape = shape
         self._dtype = code_dtype(code)
@@ -463,7 +578,7 @@ class SharedMemory:
     def gpu_device(self) -> str | None:
         """The CUDA device this handle is attached to (None: not attached)."""
         self._check_open()
-        return None
+        return self._payload.device
 
     @property
     def slots(self) -> int:
@@ -608,7 +723,7 @@ class SharedMemory:
             return f"SharedMemory(name={self._name!r}, closed)"
         return (
             f"SharedMemory(name={self._name!r}, shape={self._shape!r}, "
-            f"dtype={str(self._dtype)!r}, gpu_device=None)"
+            f"dtype={str(self._dtype)!r}, gpu_device={self._payload.device!r})"
         )
 
     # ------------------------------------------------------------------ lock
@@ -720,32 +835,10 @@ class SharedMemory:
         Raises ValueError for a wrong shape or a refused dtype, TimeoutError
         if the lock is not free within ``timeout``.
         """
-        if casting != "checked":
-            _check_casting(casting, self._name)
-        if self._h.write(value, frame_id, timeout) is NotImplemented:
-            self._check_open()
-            array = self._validated(value)
-            direct = array.nbytes >= _DIRECT_CAST_BYTES and not self._h.readonly
-            converted = self._cast(array, casting, keep=not direct)
-            if converted is None:
-                self._write_cast(array, _check_frame_id(frame_id, self._name), timeout)
-            elif self._h.write(converted, frame_id, timeout) is NotImplemented:
-                raise AssertionError("torch_shmem: internal error: coerced value rejected")
-
-    def _write_cast(self, array: np.ndarray, frame_id: int | None, timeout: float | None) -> None:
-        """Cast or re-layout a large value straight into the payload (one pass, no temporary)."""
-        self._h.acquire(timeout)
-        try:
-            self._h.begin_write()
-            try:
-                # the casting rule was applied by _cast: the copy cannot fail midway
-                np.copyto(self._payload_view(), array, casting="unsafe")
-            except BaseException:
-                self._h.abort_write()
-                raise
-            self._h.commit_write(frame_id)
-        finally:
-            self._h.release()
+        if self._payload is not _HOST or casting != "checked":
+            self._payload.write(self, value, frame_id, timeout, casting)
+        elif self._h.write(value, frame_id, timeout) is NotImplemented:
+            _HOST.write_converted(self, value, frame_id, timeout, casting)
 
     def read(
         self,
@@ -768,9 +861,9 @@ class SharedMemory:
         while it does. Editing it in place is not a publication: ``count`` does
         not move and concurrent safe readers may see a partial edit.
         """
-        if safe:
+        if safe and self._payload is _HOST:
             return self._h.read(out, timeout)
-        return self._read(None, False, out, timeout, "read", False)
+        return self._read(None, safe, out, timeout, "read", False)
 
     def _check_live(self, out: Any, what: str) -> None:
         """Preconditions of a live-payload read: open, writable, no out, lock held."""
@@ -794,27 +887,23 @@ class SharedMemory:
     ) -> Any:
         """Every synchronous read: wait until ``count > after`` (None: no wait;
         -1: a write newer than the call), then a snapshot (``safe``) or the
-        live payload (lock held), as an array or a :class:`Publication`."""
-        h = self._h
+        live payload (lock held), as an array or tensor, or a
+        :class:`Publication`. The payload makes snapshots and live views."""
+        payload = self._payload
         if safe:
-            if not publication:
-                return h.read(out, timeout) if after is None else h.read_after(after, out, timeout)
-            if after is None:
-                payload, count, write_time_ns, frame_id, missed = h.read_pub(out, timeout)
-            else:
-                payload, count, write_time_ns, frame_id, missed = h.read_after_pub(after, out, timeout)
-            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+            if publication:
+                return payload.read_publication(self, after, out, timeout, what)
+            return payload.read(self, after, out, timeout)
+        if publication:
+            payload.unsupported(self, f"{what}()")
         self._check_live(out, what)
+        h = self._h
         if after is not None:
             h.wait_for_count(after, timeout)
         count, write_time_ns, frame_id, missed = h.note_read()
         if not publication:
-            return self._payload_view()
-        return Publication(self._payload_view(), count, frame_id, write_time_ns * 1e-9, missed)
-
-    def _payload_view(self) -> np.ndarray:
-        # an ndarray over the live payload whose base holds a buffer export
-        return self._h.live_array()
+            return payload.live(self)
+        return Publication(payload.live(self), count, frame_id, write_time_ns * 1e-9, missed)
 
     def _after(self, after: Any) -> int:
         try:
@@ -871,9 +960,9 @@ class SharedMemory:
         holding it keeps other writers out, so it only returns for writes of
         this thread's own making or times out.
         """
-        if safe:
+        if safe and self._payload is _HOST:
             return self._h.read_after(-1, out, timeout)
-        return self._read(-1, False, out, timeout, "read_new", False)
+        return self._read(-1, safe, out, timeout, "read_new", False)
 
     def read_new_publication(
         self,
@@ -936,7 +1025,7 @@ class SharedMemory:
         Takes the write lock like :meth:`write`: TimeoutError if it is not
         free within ``timeout`` (None waits, as pyshmem's ``clear()`` did).
         """
-        self._h.clear(timeout)
+        self._payload.clear(self, timeout)
 
     # ----------------------------------------------------------- in place
     def write_locked(self, value: Any, *, frame_id: int | None = None, casting: str = "checked") -> None:
@@ -974,6 +1063,7 @@ class SharedMemory:
         is marked inconsistent and RuntimeError is raised. The view must not
         be used after the block.
         """
+        self._payload.unsupported(self, "write_view_locked()")
         return _WriteView(self, _check_frame_id(frame_id, self._name))
 
     def write_view(self, *, timeout: float | None = None, frame_id: int | None = None) -> _LockedWriteView:
@@ -984,6 +1074,7 @@ class SharedMemory:
         ``timeout``. See :meth:`write_view_locked` for the commit/abort
         contract.
         """
+        self._payload.unsupported(self, "write_view()")
         return _LockedWriteView(self, _check_frame_id(frame_id, self._name), timeout)
 
     def _begin_view(self) -> np.ndarray:
@@ -1005,7 +1096,7 @@ class SharedMemory:
             )
         self._h.begin_write()
         try:
-            return self._payload_view()
+            return self._h.live_array()
         except BaseException:
             self._h.abort_write()
             raise
@@ -1143,7 +1234,7 @@ class SharedMemory:
         read what the synchronous form of the same read returns."""
         self._check_async(safe)
         if publication:
-            self._check_publications(what)
+            self._payload.unsupported(self, f"{what}()")
 
             def finish(_: int, rem: float | None) -> Any:
                 return self.read_publication(out=out, timeout=rem)
@@ -1153,9 +1244,6 @@ class SharedMemory:
         if after is None:
             after = self._h.count()
         return await self._wait_async(after, timeout, what, finish)
-
-    def _check_publications(self, what: str) -> None:
-        """Raise when this handle cannot return a :class:`Publication` (GPU handles)."""
 
     def _check_async(self, safe: bool) -> None:
         self._check_open()
@@ -1235,13 +1323,11 @@ class SharedMemory:
             "name": self._name,
             "shape": list(self._shape),
             "dtype": str(self._dtype),
-            "gpu_device": self.gpu_device,
+            "gpu_device": self._payload.device,
             "cpu_mirror": self.cpu_mirror,
             "notify": self.notify,
         }
-        info = self._h.info()
-        if not info.flags & _core.FLAG_GPU and info.nslots != 1:
-            config["slots"] = info.nslots
+        config.update(self._payload.config(self._h.info()))
         return config
 
     @classmethod
@@ -1269,7 +1355,7 @@ class SharedMemory:
         """``(1, 0)``: kDLCPU. CPU streams live in host memory (a GPU handle
         names its device: ``(2, index)``, kDLCUDA)."""
         self._check_open()
-        return (1, 0)
+        return self._payload.dlpack_device()
 
     def __dlpack__(self, *, stream: Any = None, **kwargs: Any) -> Any:
         """Export a snapshot (a :meth:`read` copy) as a DLPack capsule.
@@ -1310,6 +1396,7 @@ class SharedMemory:
             self._h.release()
         self._held.clear()
         self._h.close(timeout)
+        self._payload.close()
 
     def unlink(self) -> None:
         """Close this handle and destroy the stream (other handles keep their mapping).
@@ -1349,7 +1436,7 @@ class SharedMemory:
             self.close()
 
     def __reduce__(self):
-        return (_reopen, (self._name, self._h.readonly))
+        return (_reopen, (self._name, self._h.readonly, self._payload.device))
 
     def __del__(self) -> None:
         # Drop lock levels this thread still holds through a forgotten handle.
@@ -1366,8 +1453,8 @@ class SharedMemory:
             pass
 
 
-def _reopen(name: str, readonly: bool) -> SharedMemory:
-    return open(name, readonly=readonly)
+def _reopen(name: str, readonly: bool, gpu_device: str | None = None) -> SharedMemory:
+    return open(name, readonly=readonly, gpu_device=gpu_device)
 
 
 def create(
@@ -1410,6 +1497,8 @@ def create(
     reader copying the latest publication is not overtaken unless the writer
     completes N - 1 more writes meanwhile (docs/design.md, "Slotted CPU
     streams"). The guarantees are the same; the segment holds N payloads.
+    A GPU stream keeps 2 to 16 slots in device memory (docs/gpu.md); it has
+    no single-payload form, so 1 (the default) gives it 3.
     """
     _check_name(name)
     nslots = _check_slots(slots, name)
@@ -1433,7 +1522,9 @@ def create(
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
         if _wants_gpu(gpu_device):
-            shm = _gpu_module(name).create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
+            module = _gpu_module(name)
+            shm = module.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
+                                       module.DEFAULT_SLOTS if nslots == 1 else nslots)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         flags = _core.FLAG_NOTIFY if notify else 0

@@ -34,7 +34,7 @@ def sim_handle(name, shape=(4,), dtype=np.float32, nslots=3, cpu_mirror=False, m
 
     flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror else 0)
     handle = _core.create(name, dtype_code(np.dtype(dtype)), tuple(shape), mode, flags, nslots)
-    return torch_shmem.SharedMemory(handle, owner=True, payload=_gpu.DevicePayload(O.open(name)))
+    return torch_shmem.SharedMemory(handle, owner=True, payload=_gpu.DevicePayload(handle, O.open(name)))
 
 
 @pytest.fixture
@@ -116,22 +116,22 @@ def test_to_config_round_trip_recreates_the_gpu_stream(name, monkeypatch, nslots
     create_from_config() hands all three to the GPU stream's creation (here a
     simulated-device stream in place of cudaMalloc'd slots)."""
     from torch_shmem import _gpu
+    from torch_shmem import ops as O
 
     calls = []
 
-    def create(cls, name_, shape, np_dtype, gpu_device, cpu_mirror_, mode, nslots_=_gpu.DEFAULT_SLOTS):
+    def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror_, mode, nslots_=_gpu.DEFAULT_SLOTS):
         calls.append((gpu_device, cpu_mirror_, nslots_))
-        shm = sim_handle(name_, shape, np_dtype, nslots_, cpu_mirror_, mode)
-        payload, shm._payload = shm._payload, torch_shmem._stream._HOST
-        shm.close()  # create_handle opens its own native handle
-        return payload
+        flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror_ else 0)
+        _core.create(name_, dtype_code(np_dtype), tuple(shape), mode, flags, nslots_).close(1.0)
+        return O.open(name_)
 
     shm = sim_handle(name, (2, 3), np.int32, nslots=nslots, cpu_mirror=cpu_mirror)
     config = shm.to_config()
     assert config == {"name": name, "shape": [2, 3], "dtype": "int32", "gpu_device": shm.gpu_device,
                       "cpu_mirror": cpu_mirror, "notify": False, "slots": nslots}
     shm.unlink()
-    monkeypatch.setattr(_gpu.DevicePayload, "create", classmethod(create))
+    monkeypatch.setattr(_gpu.DevicePayload, "create_stream", staticmethod(create_stream))
     again = torch_shmem.SharedMemory.create_from_config(config)
     try:
         assert calls == [(config["gpu_device"], cpu_mirror, nslots)]
@@ -151,11 +151,11 @@ def test_create_gives_a_gpu_stream_its_slots(name, monkeypatch, slots, nslots):
 
     seen = []
 
-    def create(cls, name_, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots_=_gpu.DEFAULT_SLOTS):
+    def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots_=_gpu.DEFAULT_SLOTS):
         seen.append(nslots_)
         raise RuntimeError("no device here")
 
-    monkeypatch.setattr(_gpu.DevicePayload, "create", classmethod(create))
+    monkeypatch.setattr(_gpu.DevicePayload, "create_stream", staticmethod(create_stream))
     with pytest.raises(RuntimeError, match="no device here"):
         torch_shmem.create(name, shape=(4,), gpu_device="cuda:0", slots=slots)
     assert seen == [nslots]
@@ -334,3 +334,25 @@ def test_clear_and_write_locked(gpu_handle):
         gpu_handle.write_locked([1, 2, 3, 4], frame_id=7)
         assert gpu_handle.read(safe=False).tolist() == [1.0, 2.0, 3.0, 4.0]
     assert gpu_handle.frame_id == 7 and gpu_handle.count == 3
+
+
+def test_host_values_are_converted_by_the_casting_rule(name):
+    """A host value of another dtype or layout is converted by the handle (the CPU
+    streams' rule) and then uploaded; large ones too (no live host payload to cast into)."""
+    n = 64 * 1024  # 64 KiB of uint8 and more: the CPU path would cast in place
+    shm = sim_handle(name, (n,), np.uint8)
+    try:
+        shm.write(np.arange(n, dtype=np.int64) % 200)  # int64 -> uint8, every value fits
+        assert shm.read().numpy().tolist()[:3] == [0, 1, 2] and shm.count == 1
+        shm.write(np.arange(n, dtype=np.uint8)[::-1].copy()[::1])  # exact dtype
+        bad = np.full(n, 300)
+        with pytest.raises(ValueError, match=f"{name}.*300"):
+            shm.write(bad)
+        shm.write(bad, casting="unsafe")
+        assert int(shm.read()[0]) == 300 % 256 and shm.count == 3
+        with pytest.raises(ValueError, match="casting must be one of"):
+            shm.write(bad, casting="nope")
+        with pytest.raises(ValueError, match=name):
+            shm.write(np.zeros(3, np.uint8))  # wrong shape
+    finally:
+        shm.close()

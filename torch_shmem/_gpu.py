@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import _C
+from ._dtypes import code_dtype
 from . import ops as _ops
 
 DEFAULT_SLOTS = 3
@@ -69,77 +70,88 @@ def torch_dtype(np_dtype: np.dtype) -> torch.dtype:
 class DevicePayload:
     """A GPU attachment's payload: the stream's device slots, moved by torch.ops.shmem.
 
-    The payload object of a :class:`~torch_shmem.SharedMemory` opened or
-    created with ``gpu_device=`` (see ``_stream.HostPayload`` for the
-    interface). Metadata, the lock and the waits of such a handle use the
-    stream's CPU header through the native handle, exactly as for CPU
-    streams; here only the data moves: snapshots and live views are CUDA
-    tensors on the stream's device, writes take CUDA tensors (device to
-    device) or host values (uploaded). In-place publication
-    (``write_view``) and the ``*_publication`` reads are not offered.
+    The payload of a :class:`~torch_shmem.SharedMemory` created or opened
+    with ``gpu_device=`` (the interface is described at
+    ``_stream.HostPayload``). Metadata, the lock and the waits of such a
+    handle use the stream's CPU header through the native handle, exactly
+    as for CPU streams; this object moves the data with the native handle's
+    signatures, so the handle's code is the same for both: snapshots and
+    live views are tensors on the stream's device, writes take tensors
+    (device to device, or from the CPU) and host values (uploaded after the
+    handle's casting rule). In-place publication (``write_view``) and the
+    ``*_publication`` reads are not offered.
     """
 
-    __slots__ = ("stream", "device")
+    __slots__ = ("_h", "_name", "_np_dtype", "stream", "device")
 
-    def __init__(self, stream: _ops.Stream) -> None:
+    #: no live host payload to cast a large value into: values are converted first
+    cast_in_place = False
+
+    def __init__(self, handle: Any, stream: _ops.Stream) -> None:
+        self._h = handle  # the native handle of the same stream (header, lock, waits)
+        self._name = handle.name
+        self._np_dtype = code_dtype(handle.info()[0])
         self.stream = stream
-        #: the handle's ``gpu_device``: "cuda:N" (the host stands in for the
-        #: device on simulated-device streams: "cpu")
+        #: the handle's ``gpu_device``: "cuda:N" ("cpu" on simulated device memory)
         self.device = str(stream.device)
 
-    @classmethod
-    def create(cls, name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS):
+    @staticmethod
+    def create_stream(name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS) -> _ops.Stream:
         require(name)
         index = device_index(gpu_device, name)
-        return cls(_ops.create_gpu(name, shape, torch_dtype(np_dtype), device=index,
-                                   nslots=nslots, cpu_mirror=cpu_mirror, mode=mode))
+        return _ops.create_gpu(name, shape, torch_dtype(np_dtype), device=index,
+                               nslots=nslots, cpu_mirror=cpu_mirror, mode=mode)
 
-    @classmethod
-    def attach(cls, name, gpu_device, readonly=False):
+    @staticmethod
+    def attach_stream(name, gpu_device, readonly=False) -> _ops.Stream:
         require(name)
         index = device_index(gpu_device, name)
         stream = _ops.open(name, readonly=readonly, device=index)
         if stream.device.type != "cuda":
             _ops.close(stream)
             raise ValueError(f"torch_shmem: stream {name!r} is a CPU stream; open it without gpu_device")
-        return cls(stream)
+        return stream
 
     # ------------------------------------------------------------- reads
-    def read(self, shm: Any, after: int | None, out: Any, timeout: float | None) -> torch.Tensor:
-        """A snapshot on the stream's device (or into ``out``): the latest
-        publication (``after`` None) or the first with ``count > after`` (-1:
-        newer than the count at the call); the wait and the copy share
+    def read(self, out: torch.Tensor | None, timeout: float | None) -> torch.Tensor:
+        """The latest publication, on the stream's device (or into ``out``)."""
+        return self.read_after(None, out, timeout)
+
+    def read_after(self, after: int | None, out: torch.Tensor | None, timeout: float | None) -> torch.Tensor:
+        """The first publication with ``count > after`` (-1: newer than the count
+        at the call; None: the latest, no wait). The wait and the copy share
         ``timeout`` (TimeoutError naming the stream).
 
         The untimed latest read is the op ``read``/``read_into``. Every other
-        read is one ``wait_read_into`` (a deadline over the wait and the
+        read is one ``wait_read_into`` (one deadline over the wait and the
         copy's lock fallback) on a private copy of the token whose
         ``last_count`` is ``after``: the op finds the stream by the token's
-        handle, and a private copy keeps threads that share this handle
-        from moving each other's ``after``. A timed latest read waits for
+        handle, and a private copy keeps threads that share this handle from
+        moving each other's ``after``. A timed latest read waits for
         ``count > count - 1``, which is there at once. Before the first
-        publication (count 0) that cannot be said: with the sequence still
-        0 the untimed read copies without the lock (the fallback is taken
-        only when a first write's host window opens during the copy, and
-        ends with that window); while the first write is in its host window
-        it waits for that write within ``timeout``.
+        publication (sequence 0) that cannot be said: the untimed read
+        copies the zeroed slot without the lock (it falls back to the lock
+        only if a first write's host window opens during the copy, and then
+        only for that window); while the first write is inside its host
+        window (sequence 1) it waits for that write within ``timeout``.
         """
-        shm._check_open()
+        h = self._h
+        if h.closed:
+            raise _closed_error(self._name)
         stream = self.stream
         try:
             if after is None:
                 if timeout is None:
                     return _ops.read(stream) if out is None else _ops.read_into(stream, out)
-                h = shm._h
                 seq = h.seq()
                 if seq <= 1:
-                    if seq == 0 or h.state()[3]:  # never written, or broken: the op says so
+                    if seq == 0 or h.state()[3]:  # never written, or torn: the op says so
                         return _ops.read(stream) if out is None else _ops.read_into(stream, out)
-                    after = 0  # the first write is in its host window
+                    after = 0  # the first write is inside its host window
                 else:
                     after = (seq >> 1) - 1
             elif after < 0:
-                after = shm._h.count()
+                after = h.count()
             token = stream.token.clone()
             token[3] = after
             if out is None:
@@ -147,48 +159,60 @@ class DevicePayload:
             torch.ops.shmem.wait_read_into(token, out, -1.0 if timeout is None else float(timeout))
             return out
         except (RuntimeError, ValueError) as exc:
-            raise _mapped(exc, shm) from None
+            raise _mapped(exc, self._name) from None
 
-    def read_publication(self, shm: Any, after: int | None, out: Any, timeout: float | None, what: str):
-        self.unsupported(shm, f"{what}()")
+    def read_pub(self, out: Any, timeout: float | None):
+        raise self._unsupported("read_publication()")
 
-    def live(self, shm: Any) -> torch.Tensor:
+    def read_after_pub(self, after: int, out: Any, timeout: float | None):
+        raise self._unsupported("read_after_publication()")
+
+    def live_array(self) -> torch.Tensor:
         """The latest slot itself (the caller holds the lock)."""
         return torch.ops.shmem.live_view(self.stream.token)
 
     # ------------------------------------------------------------- writes
-    def write(self, shm: Any, value: Any, frame_id: int | None, timeout: float | None, casting: str) -> None:
-        """Publish a CUDA tensor (device to device) or a host value (uploaded).
+    def write(self, value: Any, frame_id: int | None, timeout: float | None) -> Any:
+        """Publish a tensor (device to device, or an upload from the CPU) or an
+        ndarray of exactly the stream's dtype, shape and C layout (uploaded);
+        NotImplemented for anything else, which the handle converts first.
 
-        A host value goes through the CPU streams' validation and ``casting``
-        rule first; a tensor must have the stream's dtype. The lock is taken
-        through the handle (``timeout`` bounds the wait; the op re-enters
-        it), then the op copies into the next slot on the current CUDA
-        stream, waits for that copy only and publishes.
+        A tensor must have the stream's dtype and shape (ValueError). Takes
+        the lock (``timeout`` bounds the wait; the op re-enters it), then the
+        op copies into the next slot on the current CUDA stream, waits for
+        that copy only and publishes.
         """
-        if casting != "checked":
-            _check_casting(casting, shm._name)
         if isinstance(value, torch.Tensor):
             src = value.detach()
+        elif (type(value) is np.ndarray and value.shape == self.stream.shape
+              and value.dtype == self._np_dtype and value.flags.c_contiguous):
+            src = torch.from_numpy(value)
         else:
-            src = torch.from_numpy(shm._coerce(value, casting))
-        shm.acquire(timeout=timeout)
+            return NotImplemented
+        h = self._h
+        if h.closed:
+            raise _closed_error(self._name)
+        h.acquire(timeout)
         try:
             _ops.publish(self.stream, src, frame_id)
         except (RuntimeError, ValueError) as exc:
-            raise _mapped(exc, shm) from None
+            raise _mapped(exc, self._name) from None
         finally:
-            shm.release()
+            h.release()
+        return None
 
-    def clear(self, shm: Any, timeout: float | None) -> None:
+    def clear(self, timeout: float | None) -> None:
         stream = self.stream
-        zeros = torch.zeros(stream.shape, dtype=stream.dtype, device=stream.device)
-        self.write(shm, zeros, None, timeout, "checked")
+        self.write(torch.zeros(stream.shape, dtype=stream.dtype, device=stream.device), None, timeout)
 
     # -------------------------------------------------------------- other
+    def _unsupported(self, what: str) -> RuntimeError:
+        if self._h.closed:
+            return _closed_error(self._name)
+        return RuntimeError(f"torch_shmem: stream {self._name!r} is a GPU stream: {what} is not supported")
+
     def unsupported(self, shm: Any, what: str) -> None:
-        shm._check_open()
-        raise RuntimeError(f"torch_shmem: stream {shm._name!r} is a GPU stream: {what} is not supported")
+        raise self._unsupported(what)
 
     def dlpack_device(self) -> tuple[int, int]:
         device = self.stream.device
@@ -206,10 +230,9 @@ class DevicePayload:
 # torn publication InconsistentStreamError, a close during a wait says so as
 # CPU reads do; messages start "torch_shmem: stream 'x'" (the ops' own start
 # "shmem::<op>: stream 'x'"). Other exceptions keep their type.
-def _mapped(exc: BaseException, shm: Any) -> BaseException:
+def _mapped(exc: BaseException, name: str) -> BaseException:
     from ._stream import InconsistentStreamError, StaleStreamError
 
-    name = shm._name
     msg = str(exc)
     marker = f"stream '{name}'"
     at = msg.find(marker)
@@ -233,19 +256,19 @@ def _mapped(exc: BaseException, shm: Any) -> BaseException:
 
 # ------------------------------------------------------------ SharedMemory API
 from . import _core  # noqa: E402
-from ._stream import SharedMemory, _check_casting  # noqa: E402
+from ._stream import SharedMemory, _closed_error  # noqa: E402
 
 
 def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify, nslots=DEFAULT_SLOTS) -> SharedMemory:
     """``torch_shmem.create(..., gpu_device=...)``."""
-    payload = DevicePayload.create(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots)
+    stream = DevicePayload.create_stream(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots)
     try:
         handle = _core.open(name, False)
     except BaseException:
-        payload.close()
+        _ops.close(stream)
         _ops.unlink(name)
         raise
-    return SharedMemory(handle, owner=True, payload=payload)
+    return SharedMemory(handle, owner=True, payload=DevicePayload(handle, stream))
 
 
 def open_handle(handle: Any, name: str, gpu_device: Any, readonly: bool) -> SharedMemory:
@@ -254,8 +277,8 @@ def open_handle(handle: Any, name: str, gpu_device: Any, readonly: bool) -> Shar
         handle.close(1.0)
         raise ValueError(f"torch_shmem: stream {name!r} is a CPU stream; open it without gpu_device")
     try:
-        payload = DevicePayload.attach(name, gpu_device, readonly)
+        stream = DevicePayload.attach_stream(name, gpu_device, readonly)
     except BaseException:
         handle.close(1.0)
         raise
-    return SharedMemory(handle, owner=False, payload=payload)
+    return SharedMemory(handle, owner=False, payload=DevicePayload(handle, stream))

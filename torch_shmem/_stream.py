@@ -1,4 +1,4 @@
-"""CPU streams: the pyshmem-compatible API over the native core.
+"""Streams: the pyshmem-compatible API over the native core.
 
 This module owns policy (argument checking, dtype casting, friendly error
 messages, per-handle lock bookkeeping); the native ``_core`` module only moves
@@ -382,97 +382,42 @@ def _check_frame_id(frame_id: Any, name: str) -> int | None:
     return value
 
 
-class HostPayload:
-    """A handle's payload in host memory, moved by the native handle (``_core``).
+def _closed_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"torch_shmem: stream {name!r} is closed on this handle (closed shared "
+        f"memory cannot be used); reopen it with torch_shmem.open({name!r})"
+    )
 
-    What a :class:`SharedMemory` delegates to its payload: snapshots (as
-    ndarrays or :class:`Publication`), the live view, publication of a
-    value, the DLPack device and the ``gpu_device`` the handle reports.
-    This one serves CPU streams (one payload, or slots in the segment) and
-    handles of GPU streams opened without ``gpu_device`` (the native handle
-    reads a CPU mirror and refuses the rest with its own message); the
-    device payload (``torch_shmem._gpu.DevicePayload``) serves GPU
-    attachments. Stateless: every host handle shares ``_HOST``, and the
-    handle's hot methods (``read``, ``read_new``, ``write``) call the
-    native handle directly when their payload is ``_HOST``, saving a Python
-    call per frame.
+
+class HostPayload:
+    """The payload of a handle whose data is in host memory.
+
+    A :class:`SharedMemory` holds a payload object and delegates to it what
+    depends on where the data lives. Its data operations have the native
+    handle's signatures (``read(out, timeout)``, ``read_after(after, out,
+    timeout)``, ``read_pub``, ``read_after_pub``, ``write(value, frame_id,
+    timeout)`` returning NotImplemented for a value that needs converting,
+    ``clear(timeout)``, ``live_array()``), and the handle calls them on its
+    ``_io``: for host data that is the native handle itself (``_core``: the
+    stream's segment, one payload or slots in it, or a GPU stream's CPU
+    mirror, refusing the rest with its own message), so no Python frame
+    sits between a CPU read or write and C. This object holds the rest:
+    the ``gpu_device`` the handle reports, the DLPack device, the config
+    keys, what is not supported, and whether a large value may be cast
+    straight into the live payload. Stateless: host handles share ``_HOST``.
+    The device payload (``torch_shmem._gpu.DevicePayload``, CUDA tensors)
+    is its own ``_io``.
     """
 
     __slots__ = ()
 
     #: the handle's ``gpu_device``: host memory belongs to no CUDA device
     device = None
-
-    def read(self, shm: "SharedMemory", after: int | None, out: Any, timeout: float | None) -> np.ndarray:
-        """A snapshot: the latest publication (``after`` None) or the first with
-        ``count > after`` (-1: newer than the count at the call), waited for
-        within ``timeout`` together with the copy."""
-        h = shm._h
-        return h.read(out, timeout) if after is None else h.read_after(after, out, timeout)
-
-    def read_publication(
-        self, shm: "SharedMemory", after: int | None, out: Any, timeout: float | None, what: str
-    ) -> Publication:
-        """:meth:`read` with the metadata captured in the same seqlock window."""
-        h = shm._h
-        if after is None:
-            payload, count, write_time_ns, frame_id, missed = h.read_pub(out, timeout)
-        else:
-            payload, count, write_time_ns, frame_id, missed = h.read_after_pub(after, out, timeout)
-        return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
-
-    def live(self, shm: "SharedMemory") -> np.ndarray:
-        """The live payload (an ndarray whose base holds a buffer export)."""
-        return shm._h.live_array()
-
-    def write(
-        self, shm: "SharedMemory", value: Any, frame_id: int | None, timeout: float | None, casting: str
-    ) -> None:
-        """Publish ``value``; see :meth:`SharedMemory.write`."""
-        if casting != "checked":
-            _check_casting(casting, shm._name)
-        if shm._h.write(value, frame_id, timeout) is NotImplemented:
-            self.write_converted(shm, value, frame_id, timeout, casting)
-
-    def write_converted(
-        self, shm: "SharedMemory", value: Any, frame_id: int | None, timeout: float | None, casting: str
-    ) -> None:
-        """:meth:`write` of a value the native write refused: not an ndarray of
-        exactly the stream's dtype, shape and C layout. Validates and converts
-        it under ``casting`` (already checked to be a known rule)."""
-        h = shm._h
-        shm._check_open()
-        array = shm._validated(value)
-        direct = array.nbytes >= _DIRECT_CAST_BYTES and not h.readonly
-        converted = shm._cast(array, casting, keep=not direct)
-        if converted is None:
-            self._write_cast(shm, array, _check_frame_id(frame_id, shm._name), timeout)
-        elif h.write(converted, frame_id, timeout) is NotImplemented:
-            raise AssertionError("torch_shmem: internal error: coerced value rejected")
-
-    def _write_cast(
-        self, shm: "SharedMemory", array: np.ndarray, frame_id: int | None, timeout: float | None
-    ) -> None:
-        """Cast or re-layout a large value straight into the payload (one pass, no temporary)."""
-        h = shm._h
-        h.acquire(timeout)
-        try:
-            h.begin_write()
-            try:
-                # the casting rule was applied by _cast: the copy cannot fail midway
-                np.copyto(h.live_array(), array, casting="unsafe")
-            except BaseException:
-                h.abort_write()
-                raise
-            h.commit_write(frame_id)
-        finally:
-            h.release()
-
-    def clear(self, shm: "SharedMemory", timeout: float | None) -> None:
-        shm._h.clear(timeout)
+    #: a large value of another dtype or layout is cast into live_array()
+    cast_in_place = True
 
     def unsupported(self, shm: "SharedMemory", what: str) -> None:
-        """Raise if ``what`` is not offered on this payload: everything is."""
+        """Raise when ``what`` is not offered on this payload: everything is."""
 
     def dlpack_device(self) -> tuple[int, int]:
         return (1, 0)  # kDLCPU
@@ -484,7 +429,7 @@ class HostPayload:
         return {}
 
     def close(self) -> None:
-        """Release what the payload holds beyond the native handle: nothing."""
+        """Release what the payload holds besides the native handle: nothing."""
 
 
 _HOST = HostPayload()
@@ -510,6 +455,7 @@ class SharedMemory:
 
     __slots__ = (
         "_h",
+        "_io",
         "_payload",
         "_name",
         "_shape",
@@ -527,7 +473,9 @@ class SharedMemory:
     def __init__(self, handle: Any, *, owner: bool, payload: Any = None) -> None:
         code, shape, nbytes, _flags, creator_pid, instance_id, ctime, _mode = handle.info()
         self._h = handle
+        # the payload, and the object that moves its data (see HostPayload)
         self._payload = _HOST if payload is None else payload
+        self._io = handle if payload is None else payload
         self._name = handle.name
         self._shape = shape
         self._dtype = code_dtype(code)
@@ -543,10 +491,7 @@ class SharedMemory:
     # ------------------------------------------------------------------ state
     def _check_open(self) -> None:
         if self._h.closed:
-            raise RuntimeError(
-                f"torch_shmem: stream {self._name!r} is closed on this handle (closed shared "
-                f"memory cannot be used); reopen it with torch_shmem.open({self._name!r})"
-            )
+            raise _closed_error(self._name)
 
     @property
     def name(self) -> str:
@@ -835,10 +780,33 @@ class SharedMemory:
         Raises ValueError for a wrong shape or a refused dtype, TimeoutError
         if the lock is not free within ``timeout``.
         """
-        if self._payload is not _HOST or casting != "checked":
-            self._payload.write(self, value, frame_id, timeout, casting)
-        elif self._h.write(value, frame_id, timeout) is NotImplemented:
-            _HOST.write_converted(self, value, frame_id, timeout, casting)
+        if casting != "checked":
+            _check_casting(casting, self._name)
+        if self._io.write(value, frame_id, timeout) is NotImplemented:
+            self._check_open()
+            array = self._validated(value)
+            direct = (array.nbytes >= _DIRECT_CAST_BYTES and not self._h.readonly
+                      and self._payload.cast_in_place)
+            converted = self._cast(array, casting, keep=not direct)
+            if converted is None:
+                self._write_cast(array, _check_frame_id(frame_id, self._name), timeout)
+            elif self._io.write(converted, frame_id, timeout) is NotImplemented:
+                raise AssertionError("torch_shmem: internal error: coerced value rejected")
+
+    def _write_cast(self, array: np.ndarray, frame_id: int | None, timeout: float | None) -> None:
+        """Cast or re-layout a large value straight into the payload (one pass, no temporary)."""
+        self._h.acquire(timeout)
+        try:
+            self._h.begin_write()
+            try:
+                # the casting rule was applied by _cast: the copy cannot fail midway
+                np.copyto(self._payload_view(), array, casting="unsafe")
+            except BaseException:
+                self._h.abort_write()
+                raise
+            self._h.commit_write(frame_id)
+        finally:
+            self._h.release()
 
     def read(
         self,
@@ -861,9 +829,9 @@ class SharedMemory:
         while it does. Editing it in place is not a publication: ``count`` does
         not move and concurrent safe readers may see a partial edit.
         """
-        if safe and self._payload is _HOST:
-            return self._h.read(out, timeout)
-        return self._read(None, safe, out, timeout, "read", False)
+        if safe:
+            return self._io.read(out, timeout)
+        return self._read(None, False, out, timeout, "read", False)
 
     def _check_live(self, out: Any, what: str) -> None:
         """Preconditions of a live-payload read: open, writable, no out, lock held."""
@@ -887,23 +855,30 @@ class SharedMemory:
     ) -> Any:
         """Every synchronous read: wait until ``count > after`` (None: no wait;
         -1: a write newer than the call), then a snapshot (``safe``) or the
-        live payload (lock held), as an array or tensor, or a
-        :class:`Publication`. The payload makes snapshots and live views."""
-        payload = self._payload
+        live payload (lock held), as an array (a tensor on GPU handles) or a
+        :class:`Publication`. The payload's ``_io`` moves the data."""
+        h, io = self._h, self._io
+        if publication and io is not h:
+            self._payload.unsupported(self, f"{what}()")
         if safe:
-            if publication:
-                return payload.read_publication(self, after, out, timeout, what)
-            return payload.read(self, after, out, timeout)
-        if publication:
-            payload.unsupported(self, f"{what}()")
+            if not publication:
+                return io.read(out, timeout) if after is None else io.read_after(after, out, timeout)
+            if after is None:
+                payload, count, write_time_ns, frame_id, missed = io.read_pub(out, timeout)
+            else:
+                payload, count, write_time_ns, frame_id, missed = io.read_after_pub(after, out, timeout)
+            return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
         self._check_live(out, what)
-        h = self._h
         if after is not None:
             h.wait_for_count(after, timeout)
         count, write_time_ns, frame_id, missed = h.note_read()
         if not publication:
-            return payload.live(self)
-        return Publication(payload.live(self), count, frame_id, write_time_ns * 1e-9, missed)
+            return io.live_array()
+        return Publication(io.live_array(), count, frame_id, write_time_ns * 1e-9, missed)
+
+    def _payload_view(self) -> np.ndarray:
+        # an ndarray over the live host payload whose base holds a buffer export
+        return self._h.live_array()
 
     def _after(self, after: Any) -> int:
         try:
@@ -960,9 +935,9 @@ class SharedMemory:
         holding it keeps other writers out, so it only returns for writes of
         this thread's own making or times out.
         """
-        if safe and self._payload is _HOST:
-            return self._h.read_after(-1, out, timeout)
-        return self._read(-1, safe, out, timeout, "read_new", False)
+        if safe:
+            return self._io.read_after(-1, out, timeout)
+        return self._read(-1, False, out, timeout, "read_new", False)
 
     def read_new_publication(
         self,
@@ -1025,7 +1000,7 @@ class SharedMemory:
         Takes the write lock like :meth:`write`: TimeoutError if it is not
         free within ``timeout`` (None waits, as pyshmem's ``clear()`` did).
         """
-        self._payload.clear(self, timeout)
+        self._io.clear(timeout)
 
     # ----------------------------------------------------------- in place
     def write_locked(self, value: Any, *, frame_id: int | None = None, casting: str = "checked") -> None:
@@ -1096,7 +1071,7 @@ class SharedMemory:
             )
         self._h.begin_write()
         try:
-            return self._h.live_array()
+            return self._payload_view()
         except BaseException:
             self._h.abort_write()
             raise
@@ -1316,7 +1291,8 @@ class SharedMemory:
 
         Keys as in pyshmem: ``name``, ``shape`` (list), ``dtype`` (str),
         ``gpu_device``, ``cpu_mirror``, ``notify``; ``slots`` too for a
-        slotted CPU stream.
+        slotted CPU stream and for a GPU handle (whose config re-creates
+        the same GPU stream).
         """
         self._check_open()
         config = {
@@ -1522,9 +1498,9 @@ def create(
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
         if _wants_gpu(gpu_device):
-            module = _gpu_module(name)
-            shm = module.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
-                                       module.DEFAULT_SLOTS if nslots == 1 else nslots)
+            gpu = _gpu_module(name)
+            shm = gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
+                                    gpu.DEFAULT_SLOTS if nslots == 1 else nslots)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         flags = _core.FLAG_NOTIFY if notify else 0

@@ -356,3 +356,13 @@ def test_host_values_are_converted_by_the_casting_rule(name):
             shm.write(np.zeros(3, np.uint8))  # wrong shape
     finally:
         shm.close()
+
+
+@pytest.mark.parametrize("bad, exc", [(-1, ValueError), (float("nan"), ValueError), ("1", TypeError)])
+def test_bad_read_timeouts_are_refused_like_cpu_reads(gpu_handle, bad, exc):
+    gpu_handle.write(torch.ones(4))
+    with pytest.raises(exc, match=f"{gpu_handle.name}.*timeout must be"):
+        gpu_handle.read(timeout=bad)
+    with pytest.raises(exc, match=f"{gpu_handle.name}.*timeout must be"):
+        gpu_handle.read_after(0, timeout=bad)
+    assert gpu_handle.read(timeout=float("inf")).tolist() == [1.0] * 4

@@ -138,6 +138,8 @@ class DevicePayload:
         h = self._h
         if h.closed:
             raise _closed_error(self._name)
+        if timeout is not None:
+            timeout = self._timeout(timeout)
         stream = self.stream
         try:
             if after is None:
@@ -156,10 +158,21 @@ class DevicePayload:
             token[3] = after
             if out is None:
                 out = torch.empty(stream.shape, dtype=stream.dtype, device=stream.device)
-            torch.ops.shmem.wait_read_into(token, out, -1.0 if timeout is None else float(timeout))
+            torch.ops.shmem.wait_read_into(token, out, -1.0 if timeout is None else timeout)
             return out
         except (RuntimeError, ValueError) as exc:
             raise _mapped(exc, self._name) from None
+
+    def _timeout(self, timeout: Any) -> float:
+        """``timeout`` as seconds (inf: none), checked as the native handle checks it."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+            raise TypeError(f"torch_shmem: stream {self._name!r}: timeout must be a number or None")
+        value = float(timeout)
+        if not value >= 0:
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: timeout must be >= 0 or None, got {timeout!r}"
+            )
+        return -1.0 if value == float("inf") else value
 
     def read_pub(self, out: Any, timeout: float | None):
         raise self._unsupported("read_publication()")

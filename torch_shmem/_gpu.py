@@ -1,8 +1,9 @@
-"""GPU streams behind the SharedMemory API.
+"""GPU streams behind the SharedMemory API: the device payload.
 
 Imported only when a GPU stream is created or attached (it imports torch).
-The payload lives in device slots (csrc/core/slots.h, csrc/cuda); this
-module adapts values and results between the pyshmem-style API and the
+The payload lives in device slots (csrc/core/slots.h, csrc/cuda); a
+:class:`DevicePayload` adapts values and results between the pyshmem-style
+handle (torch_shmem._stream.SharedMemory, which holds it) and the
 ``torch.ops.shmem`` kernels, which do the work. See docs/gpu.md.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from . import _C
+from ._dtypes import code_dtype
 from . import ops as _ops
 
 DEFAULT_SLOTS = 3
@@ -65,217 +67,231 @@ def torch_dtype(np_dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
 
 
-class GpuAttachment:
-    """This process's mapping of a GPU stream's device slots."""
+class DevicePayload:
+    """A GPU attachment's payload: the stream's device slots, moved by torch.ops.shmem.
 
-    __slots__ = ("stream", "device", "dtype")
+    The payload of a :class:`~torch_shmem.SharedMemory` created or opened
+    with ``gpu_device=`` (the interface is described at
+    ``_stream.HostPayload``). Metadata, the lock and the waits of such a
+    handle use the stream's CPU header through the native handle, exactly
+    as for CPU streams; this object moves the data with the native handle's
+    signatures, so the handle's code is the same for both: snapshots and
+    live views are tensors on the stream's device, writes take tensors
+    (device to device, or from the CPU) and host values (uploaded after the
+    handle's casting rule). In-place publication (``write_view``) and the
+    ``*_publication`` reads are not offered.
+    """
 
-    def __init__(self, stream: _ops.Stream) -> None:
+    __slots__ = ("_h", "_name", "_np_dtype", "stream", "device")
+
+    #: no live host payload to cast a large value into: values are converted first
+    cast_in_place = False
+
+    def __init__(self, handle: Any, stream: _ops.Stream) -> None:
+        self._h = handle  # the native handle of the same stream (header, lock, waits)
+        self._name = handle.name
+        self._np_dtype = code_dtype(handle.info()[0])
         self.stream = stream
-        self.device = stream.device
-        self.dtype = stream.dtype
+        #: the handle's ``gpu_device``: "cuda:N" ("cpu" on simulated device memory)
+        self.device = str(stream.device)
 
-    @classmethod
-    def create(cls, name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS):
+    @staticmethod
+    def create_stream(name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS) -> _ops.Stream:
         require(name)
         index = device_index(gpu_device, name)
-        return cls(_ops.create_gpu(name, shape, torch_dtype(np_dtype), device=index,
-                                   nslots=nslots, cpu_mirror=cpu_mirror, mode=mode))
+        return _ops.create_gpu(name, shape, torch_dtype(np_dtype), device=index,
+                               nslots=nslots, cpu_mirror=cpu_mirror, mode=mode)
 
-    @classmethod
-    def attach(cls, name, gpu_device, readonly=False):
+    @staticmethod
+    def attach_stream(name, gpu_device, readonly=False) -> _ops.Stream:
         require(name)
         index = device_index(gpu_device, name)
         stream = _ops.open(name, readonly=readonly, device=index)
         if stream.device.type != "cuda":
             _ops.close(stream)
             raise ValueError(f"torch_shmem: stream {name!r} is a CPU stream; open it without gpu_device")
-        return cls(stream)
+        return stream
 
-    def write(self, value: Any, frame_id: int | None) -> None:
-        """Publish a CUDA tensor (device to device) or a host value (upload)."""
+    # ------------------------------------------------------------- reads
+    def read(self, out: torch.Tensor | None, timeout: float | None) -> torch.Tensor:
+        """The latest publication, on the stream's device (or into ``out``)."""
+        return self.read_after(None, out, timeout)
+
+    def read_after(self, after: int | None, out: torch.Tensor | None, timeout: float | None) -> torch.Tensor:
+        """The first publication with ``count > after`` (-1: newer than the count
+        at the call; None: the latest, no wait). The wait and the copy share
+        ``timeout`` (TimeoutError naming the stream).
+
+        The untimed latest read is the op ``read``/``read_into``. Every other
+        read is one ``wait_read_into`` (one deadline over the wait and the
+        copy's lock fallback) on a private copy of the token whose
+        ``last_count`` is ``after``: the op finds the stream by the token's
+        handle, and a private copy keeps threads that share this handle from
+        moving each other's ``after``. A timed latest read waits for
+        ``count > count - 1``, which is there at once. Before the first
+        publication (sequence 0) that cannot be said: the untimed read
+        copies the zeroed slot without the lock (it falls back to the lock
+        only if a first write's host window opens during the copy, and then
+        only for that window); while the first write is inside its host
+        window (sequence 1) it waits for that write within ``timeout``.
+        """
+        h = self._h
+        if h.closed:
+            raise _closed_error(self._name)
+        if timeout is not None:
+            timeout = self._timeout(timeout)
+        stream = self.stream
+        try:
+            if after is None:
+                if timeout is None:
+                    return _ops.read(stream) if out is None else _ops.read_into(stream, out)
+                seq = h.seq()
+                if seq <= 1:
+                    if seq == 0 or h.state()[3]:  # never written, or torn: the op says so
+                        return _ops.read(stream) if out is None else _ops.read_into(stream, out)
+                    after = 0  # the first write is inside its host window
+                else:
+                    after = (seq >> 1) - 1
+            elif after < 0:
+                after = h.count()
+            token = stream.token.clone()
+            token[3] = after
+            if out is None:
+                out = torch.empty(stream.shape, dtype=stream.dtype, device=stream.device)
+            torch.ops.shmem.wait_read_into(token, out, -1.0 if timeout is None else timeout)
+            return out
+        except (RuntimeError, ValueError) as exc:
+            raise _mapped(exc, self._name) from None
+
+    def _timeout(self, timeout: Any) -> float:
+        """``timeout`` as seconds (inf: none), checked as the native handle checks it."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)):
+            raise TypeError(f"torch_shmem: stream {self._name!r}: timeout must be a number or None")
+        value = float(timeout)
+        if not value >= 0:
+            raise ValueError(
+                f"torch_shmem: stream {self._name!r}: timeout must be >= 0 or None, got {timeout!r}"
+            )
+        return -1.0 if value == float("inf") else value
+
+    def read_pub(self, out: Any, timeout: float | None):
+        raise self._unsupported("read_publication()")
+
+    def read_after_pub(self, after: int, out: Any, timeout: float | None):
+        raise self._unsupported("read_after_publication()")
+
+    def live_array(self) -> torch.Tensor:
+        """The latest slot itself (the caller holds the lock)."""
+        return torch.ops.shmem.live_view(self.stream.token)
+
+    # ------------------------------------------------------------- writes
+    def write(self, value: Any, frame_id: int | None, timeout: float | None) -> Any:
+        """Publish a tensor (device to device, or an upload from the CPU) or an
+        ndarray of exactly the stream's dtype, shape and C layout (uploaded);
+        NotImplemented for anything else, which the handle converts first.
+
+        A tensor must have the stream's dtype and shape (ValueError). Takes
+        the lock (``timeout`` bounds the wait; the op re-enters it), then the
+        op copies into the next slot on the current CUDA stream, waits for
+        that copy only and publishes.
+        """
         if isinstance(value, torch.Tensor):
             src = value.detach()
+        elif (type(value) is np.ndarray and value.shape == self.stream.shape
+              and value.dtype == self._np_dtype and value.flags.c_contiguous):
+            src = torch.from_numpy(value)
         else:
-            src = torch.from_numpy(np.ascontiguousarray(value))
-        _ops.publish(self.stream, src, frame_id)
+            return NotImplemented
+        h = self._h
+        if h.closed:
+            raise _closed_error(self._name)
+        h.acquire(timeout)
+        try:
+            _ops.publish(self.stream, src, frame_id)
+        except (RuntimeError, ValueError) as exc:
+            raise _mapped(exc, self._name) from None
+        finally:
+            h.release()
+        return None
 
-    def read(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """A consistent snapshot on the stream's device (or into ``out``)."""
-        if out is None:
-            return _ops.read(self.stream)
-        return _ops.read_into(self.stream, out)
+    def clear(self, timeout: float | None) -> None:
+        stream = self.stream
+        self.write(torch.zeros(stream.shape, dtype=stream.dtype, device=stream.device), None, timeout)
 
-    def live_view(self) -> torch.Tensor:
-        """The latest slot itself (caller holds the lock)."""
-        return torch.ops.shmem.live_view(self.stream.token)
+    # -------------------------------------------------------------- other
+    def _unsupported(self, what: str) -> RuntimeError:
+        if self._h.closed:
+            return _closed_error(self._name)
+        return RuntimeError(f"torch_shmem: stream {self._name!r} is a GPU stream: {what} is not supported")
+
+    def unsupported(self, shm: Any, what: str) -> None:
+        raise self._unsupported(what)
+
+    def dlpack_device(self) -> tuple[int, int]:
+        device = self.stream.device
+        return (2, device.index or 0) if device.type == "cuda" else (1, 0)  # kDLCUDA / kDLCPU
+
+    def config(self, info: Any) -> dict:
+        """What create_from_config needs besides gpu_device and cpu_mirror: the slot count."""
+        return {"slots": info.nslots}
 
     def close(self) -> None:
         _ops.close(self.stream)
 
 
+# Errors of the ops as the CPU API raises them: a timeout is TimeoutError, a
+# torn publication InconsistentStreamError, a close during a wait says so as
+# CPU reads do; messages start "torch_shmem: stream 'x'" (the ops' own start
+# "shmem::<op>: stream 'x'"). Other exceptions keep their type.
+def _mapped(exc: BaseException, name: str) -> BaseException:
+    from ._stream import InconsistentStreamError, StaleStreamError
+
+    msg = str(exc)
+    marker = f"stream '{name}'"
+    at = msg.find(marker)
+    if at < 0 or not msg.startswith("shmem::"):
+        return exc
+    text = f"torch_shmem: stream {name!r}" + msg[at + len(marker):]
+    if isinstance(exc, StaleStreamError):
+        return type(exc)(text)
+    if "was closed while waiting" in msg:
+        return RuntimeError(
+            f"torch_shmem: stream {name!r} was closed while a read was waiting on this handle"
+        )
+    if "timed out after" in msg:
+        return TimeoutError(text)
+    if "holds an incomplete write" in msg:
+        return InconsistentStreamError(text)
+    if type(exc) in (RuntimeError, ValueError):
+        return type(exc)(text)
+    return exc
+
+
 # ------------------------------------------------------------ SharedMemory API
 from . import _core  # noqa: E402
-from ._stream import SharedMemory  # noqa: E402
+from ._stream import SharedMemory, _closed_error  # noqa: E402
 
 
-class GpuSharedMemory(SharedMemory):
-    """A :class:`SharedMemory` handle attached to a GPU stream's device slots.
-
-    Metadata, the lock and waits use the stream's CPU header exactly as for
-    CPU streams; payload reads and writes go through the slot protocol
-    (torch.ops.shmem) and return CUDA tensors on the stream's device.
-    """
-
-    __slots__ = ("_gpu",)
-
-    def __init__(self, handle: Any, *, owner: bool, attachment: GpuAttachment) -> None:
-        super().__init__(handle, owner=owner)
-        self._gpu = attachment
-
-    @property
-    def gpu_device(self) -> str:
-        self._check_open()
-        return str(self._gpu.device)
-
-    def __repr__(self) -> str:
-        if self._h.closed:
-            return f"SharedMemory(name={self._name!r}, closed)"
-        return (
-            f"SharedMemory(name={self._name!r}, shape={self._shape!r}, "
-            f"dtype={str(self._dtype)!r}, gpu_device={str(self._gpu.device)!r})"
-        )
-
-    def _unsupported(self, what: str):
-        self._check_open()
-        raise RuntimeError(f"torch_shmem: stream {self._name!r} is a GPU stream: {what} is not supported")
-
-    def _source(self, value: Any, casting: str = "checked"):
-        if isinstance(value, torch.Tensor):
-            return value
-        return self._coerce(value, casting)  # the CPU streams' casting policy, then an upload
-
-    def write(
-        self,
-        value: Any,
-        *,
-        frame_id: int | None = None,
-        timeout: float | None = None,
-        casting: str = "checked",
-    ) -> None:
-        """Publish a CUDA tensor (device to device) or a host value (uploaded).
-
-        Takes the write lock (``timeout`` bounds the wait), copies into the
-        next slot on the current CUDA stream, waits for that copy only, then
-        publishes. A host value of another dtype is converted under
-        ``casting`` as for CPU streams; a tensor must have the stream's
-        dtype. Raises ValueError for a wrong shape, dtype or device.
-        """
-        src = self._source(value, casting)
-        self.acquire(timeout=timeout)
-        try:
-            self._gpu.write(src, frame_id)
-        finally:
-            self.release()
-
-    def write_locked(self, value: Any, *, frame_id: int | None = None, casting: str = "checked") -> None:
-        self._check_open()
-        if self._h.held_depth() <= 0:
-            raise RuntimeError(f"torch_shmem: stream {self._name!r}: write_locked() requires the lock")
-        self._gpu.write(self._source(value, casting), frame_id)
-
-    def read(self, *, safe: bool = True, poll_interval: float = 1e-6, out=None, timeout: float | None = None):
-        """A CUDA tensor holding exactly one completed write (or fill ``out``).
-
-        ``safe=False`` returns the latest slot itself; the calling thread must
-        hold the lock, and must synchronize its CUDA stream before releasing it.
-        """
-        self._check_open()
-        if not safe:
-            if self._h.held_depth() <= 0:
-                raise RuntimeError(
-                    f"torch_shmem: stream {self._name!r}: read() with safe=False requires the "
-                    "lock; use it inside 'with shm.locked():'"
-                )
-            return self._gpu.live_view()
-        return self._gpu.read(out)
-
-    def read_new(self, *, timeout: float | None = None, safe: bool = True, poll_interval: float = 1e-5, out=None):
-        """Wait (host futex) for a write newer than the call, then read it."""
-        self._h.wait_for_count(-1, timeout)
-        return self.read(safe=safe, out=out)
-
-    def read_after(self, after: int, *, timeout: float | None = None, safe: bool = True, out=None, **_: Any):
-        """Level-triggered: wait until ``count > after``, then read."""
-        self._h.wait_for_count(int(after), timeout)
-        return self.read(safe=safe, out=out)
-
-    def clear(self) -> None:
-        self.write(torch.zeros(self._shape, dtype=self._gpu.dtype, device=self._gpu.device))
-
-    def _check_publications(self, what: str) -> None:
-        self._unsupported(f"{what}()")
-
-    def __dlpack_device__(self) -> tuple[int, int]:
-        self._check_open()
-        device = self._gpu.device
-        return (2, device.index or 0) if device.type == "cuda" else (1, 0)
-
-    def read_publication(self, *args: Any, **kwargs: Any):
-        self._unsupported("read_publication()")
-
-    def read_new_publication(self, *args: Any, **kwargs: Any):
-        self._unsupported("read_new_publication()")
-
-    def read_after_publication(self, *args: Any, **kwargs: Any):
-        self._unsupported("read_after_publication()")
-
-    def write_view(self, *args: Any, **kwargs: Any):
-        self._unsupported("write_view()")
-
-    def write_view_locked(self, *args: Any, **kwargs: Any):
-        self._unsupported("write_view_locked()")
-
-    def fileno(self) -> int:
-        # Its descriptor would arm on the NumPy handle's read count, which
-        # GPU reads (through the op library) do not advance.
-        self._unsupported("fileno()")
-
-    def close(self, *, timeout: float = 5.0) -> None:
-        if not self._h.closed:
-            super().close(timeout=timeout)
-            self._gpu.close()
-
-    def __reduce__(self):
-        return (_reopen_gpu, (self._name, str(self._gpu.device), self._h.readonly))
-
-
-def _reopen_gpu(name: str, device: str, readonly: bool) -> GpuSharedMemory:
-    from ._stream import open as _open
-
-    return _open(name, gpu_device=device, readonly=readonly)
-
-
-def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify) -> GpuSharedMemory:
+def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify, nslots=DEFAULT_SLOTS) -> SharedMemory:
     """``torch_shmem.create(..., gpu_device=...)``."""
-    attachment = GpuAttachment.create(name, dims, np_dtype, gpu_device, cpu_mirror, mode)
+    stream = DevicePayload.create_stream(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots)
     try:
         handle = _core.open(name, False)
     except BaseException:
-        attachment.close()
+        _ops.close(stream)
         _ops.unlink(name)
         raise
-    return GpuSharedMemory(handle, owner=True, attachment=attachment)
+    return SharedMemory(handle, owner=True, payload=DevicePayload(handle, stream))
 
 
-def open_handle(handle: Any, name: str, gpu_device: Any, readonly: bool) -> GpuSharedMemory:
+def open_handle(handle: Any, name: str, gpu_device: Any, readonly: bool) -> SharedMemory:
     """``torch_shmem.open(name, gpu_device=...)`` given the stream's CPU handle."""
     if not handle.info()[3] & _core.FLAG_GPU:
         handle.close(1.0)
         raise ValueError(f"torch_shmem: stream {name!r} is a CPU stream; open it without gpu_device")
     try:
-        attachment = GpuAttachment.attach(name, gpu_device, readonly)
+        stream = DevicePayload.attach_stream(name, gpu_device, readonly)
     except BaseException:
         handle.close(1.0)
         raise
-    return GpuSharedMemory(handle, owner=False, attachment=attachment)
+    return SharedMemory(handle, owner=False, payload=DevicePayload(handle, stream))

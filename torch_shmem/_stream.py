@@ -1,4 +1,4 @@
-"""CPU streams: the pyshmem-compatible API over the native core.
+"""Streams: the pyshmem-compatible API over the native core.
 
 This module owns policy (argument checking, dtype casting, friendly error
 messages, per-handle lock bookkeeping); the native ``_core`` module only moves
@@ -384,6 +384,59 @@ def _check_frame_id(frame_id: Any, name: str) -> int | None:
     return value
 
 
+def _closed_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"torch_shmem: stream {name!r} is closed on this handle (closed shared "
+        f"memory cannot be used); reopen it with torch_shmem.open({name!r})"
+    )
+
+
+class HostPayload:
+    """The payload of a handle whose data is in host memory.
+
+    A :class:`SharedMemory` holds a payload object and delegates to it what
+    depends on where the data lives. Its data operations have the native
+    handle's signatures (``read(out, timeout)``, ``read_after(after, out,
+    timeout)``, ``read_pub``, ``read_after_pub``, ``write(value, frame_id,
+    timeout)`` returning NotImplemented for a value that needs converting,
+    ``clear(timeout)``, ``live_array()``), and the handle calls them on its
+    ``_io``: for host data that is the native handle itself (``_core``: the
+    stream's segment, one payload or slots in it, or a GPU stream's CPU
+    mirror, refusing the rest with its own message), so no Python frame
+    sits between a CPU read or write and C. This object holds the rest:
+    the ``gpu_device`` the handle reports, the DLPack device, the config
+    keys, what is not supported, and whether a large value may be cast
+    straight into the live payload. Stateless: host handles share ``_HOST``.
+    The device payload (``torch_shmem._gpu.DevicePayload``, CUDA tensors)
+    is its own ``_io``.
+    """
+
+    __slots__ = ()
+
+    #: the handle's ``gpu_device``: host memory belongs to no CUDA device
+    device = None
+    #: a large value of another dtype or layout is cast into live_array()
+    cast_in_place = True
+
+    def unsupported(self, shm: "SharedMemory", what: str) -> None:
+        """Raise when ``what`` is not offered on this payload: everything is."""
+
+    def dlpack_device(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU
+
+    def config(self, info: Any) -> dict:
+        """Keys of :meth:`SharedMemory.to_config` that depend on the payload."""
+        if not info.flags & _core.FLAG_GPU and info.nslots != 1:
+            return {"slots": info.nslots}
+        return {}
+
+    def close(self) -> None:
+        """Release what the payload holds besides the native handle: nothing."""
+
+
+_HOST = HostPayload()
+
+
 class SharedMemory:
     """A handle to a named shared-memory stream.
 
@@ -395,10 +448,17 @@ class SharedMemory:
 
     Handles are cheap, not thread-bound, and may be shared by threads. They
     pickle by name: a child process that unpickles one opens the stream again.
+
+    A handle holds the native handle (``_core``: header, lock, waits, read
+    statistics) and a payload object that moves the data: :class:`HostPayload`
+    (ndarrays; CPU streams) or, for a GPU stream attached with
+    ``gpu_device=``, ``torch_shmem._gpu.DevicePayload`` (CUDA tensors).
     """
 
     __slots__ = (
         "_h",
+        "_io",
+        "_payload",
         "_name",
         "_shape",
         "_dtype",
@@ -415,9 +475,12 @@ class SharedMemory:
         "__weakref__",
     )
 
-    def __init__(self, handle: Any, *, owner: bool) -> None:
+    def __init__(self, handle: Any, *, owner: bool, payload: Any = None) -> None:
         code, shape, nbytes, _flags, creator_pid, instance_id, ctime, _mode = handle.info()
         self._h = handle
+        # the payload, and the object that moves its data (see HostPayload)
+        self._payload = _HOST if payload is None else payload
+        self._io = handle if payload is None else payload
         self._name = handle.name
         self._shape = shape
         self._dtype = code_dtype(code)
@@ -439,10 +502,7 @@ class SharedMemory:
     # ------------------------------------------------------------------ state
     def _check_open(self) -> None:
         if self._h.closed:
-            raise RuntimeError(
-                f"torch_shmem: stream {self._name!r} is closed on this handle (closed shared "
-                f"memory cannot be used); reopen it with torch_shmem.open({self._name!r})"
-            )
+            raise _closed_error(self._name)
 
     @property
     def name(self) -> str:
@@ -474,7 +534,7 @@ class SharedMemory:
     def gpu_device(self) -> str | None:
         """The CUDA device this handle is attached to (None: not attached)."""
         self._check_open()
-        return None
+        return self._payload.device
 
     @property
     def slots(self) -> int:
@@ -676,7 +736,7 @@ class SharedMemory:
             return f"SharedMemory(name={self._name!r}, closed)"
         return (
             f"SharedMemory(name={self._name!r}, shape={self._shape!r}, "
-            f"dtype={str(self._dtype)!r}, gpu_device=None)"
+            f"dtype={str(self._dtype)!r}, gpu_device={self._payload.device!r})"
         )
 
     # ------------------------------------------------------------------ lock
@@ -790,18 +850,19 @@ class SharedMemory:
         """
         if casting != "checked":
             _check_casting(casting, self._name)
-        if self._h.write(value, frame_id, timeout) is NotImplemented:
+        if self._io.write(value, frame_id, timeout) is NotImplemented:
             self._check_open()
             array = self._validated(value)
             direct = (
                 array.nbytes >= _DIRECT_CAST_BYTES
                 and not self._h.readonly
+                and self._payload.cast_in_place
                 and self._h.ring_info() is None  # rings publish only whole copies
             )
             converted = self._cast(array, casting, keep=not direct)
             if converted is None:
                 self._write_cast(array, _check_frame_id(frame_id, self._name), timeout)
-            elif self._h.write(converted, frame_id, timeout) is NotImplemented:
+            elif self._io.write(converted, frame_id, timeout) is NotImplemented:
                 raise AssertionError("torch_shmem: internal error: coerced value rejected")
 
     def _write_cast(self, array: np.ndarray, frame_id: int | None, timeout: float | None) -> None:
@@ -841,7 +902,7 @@ class SharedMemory:
         not move and concurrent safe readers may see a partial edit.
         """
         if safe:
-            return self._h.read(out, timeout)
+            return self._io.read(out, timeout)
         return self._read(None, False, out, timeout, "read", False)
 
     def _check_live(self, out: Any, what: str) -> None:
@@ -866,26 +927,29 @@ class SharedMemory:
     ) -> Any:
         """Every synchronous read: wait until ``count > after`` (None: no wait;
         -1: a write newer than the call), then a snapshot (``safe``) or the
-        live payload (lock held), as an array or a :class:`Publication`."""
-        h = self._h
+        live payload (lock held), as an array (a tensor on GPU handles) or a
+        :class:`Publication`. The payload's ``_io`` moves the data."""
+        h, io = self._h, self._io
+        if publication and io is not h:
+            self._payload.unsupported(self, f"{what}()")
         if safe:
             if not publication:
-                return h.read(out, timeout) if after is None else h.read_after(after, out, timeout)
+                return io.read(out, timeout) if after is None else io.read_after(after, out, timeout)
             if after is None:
-                payload, count, write_time_ns, frame_id, missed = h.read_pub(out, timeout)
+                payload, count, write_time_ns, frame_id, missed = io.read_pub(out, timeout)
             else:
-                payload, count, write_time_ns, frame_id, missed = h.read_after_pub(after, out, timeout)
+                payload, count, write_time_ns, frame_id, missed = io.read_after_pub(after, out, timeout)
             return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
         self._check_live(out, what)
         if after is not None:
             h.wait_for_count(after, timeout)
         count, write_time_ns, frame_id, missed = h.note_read()
         if not publication:
-            return self._payload_view()
-        return Publication(self._payload_view(), count, frame_id, write_time_ns * 1e-9, missed)
+            return io.live_array()
+        return Publication(io.live_array(), count, frame_id, write_time_ns * 1e-9, missed)
 
     def _payload_view(self) -> np.ndarray:
-        # an ndarray over the live payload whose base holds a buffer export
+        # an ndarray over the live host payload whose base holds a buffer export
         return self._h.live_array()
 
     def _after(self, after: Any) -> int:
@@ -944,7 +1008,7 @@ class SharedMemory:
         this thread's own making or times out.
         """
         if safe:
-            return self._h.read_after(-1, out, timeout)
+            return self._io.read_after(-1, out, timeout)
         return self._read(-1, False, out, timeout, "read_new", False)
 
     def read_new_publication(
@@ -1024,6 +1088,9 @@ class SharedMemory:
         stream makes armed descriptors readable once.
         """
         self._check_open()
+        # A GPU handle's reads go through the op library and do not advance
+        # the native handle's read count that the descriptor is armed on.
+        self._payload.unsupported(self, "fileno()")
         return self._h.notify_fd()
 
     def clear(self, *, timeout: float | None = None) -> None:
@@ -1032,7 +1099,7 @@ class SharedMemory:
         Takes the write lock like :meth:`write`: TimeoutError if it is not
         free within ``timeout`` (None waits, as pyshmem's ``clear()`` did).
         """
-        self._h.clear(timeout)
+        self._io.clear(timeout)
 
     # ----------------------------------------------------------- in place
     def write_locked(self, value: Any, *, frame_id: int | None = None, casting: str = "checked") -> None:
@@ -1070,6 +1137,7 @@ class SharedMemory:
         is marked inconsistent and RuntimeError is raised. The view must not
         be used after the block.
         """
+        self._payload.unsupported(self, "write_view_locked()")
         return _WriteView(self, _check_frame_id(frame_id, self._name))
 
     def write_view(self, *, timeout: float | None = None, frame_id: int | None = None) -> _LockedWriteView:
@@ -1080,6 +1148,7 @@ class SharedMemory:
         ``timeout``. See :meth:`write_view_locked` for the commit/abort
         contract.
         """
+        self._payload.unsupported(self, "write_view()")
         return _LockedWriteView(self, _check_frame_id(frame_id, self._name), timeout)
 
     def _write_at(self, array: np.ndarray, count: int, frame_id: int | None,
@@ -1314,7 +1383,7 @@ class SharedMemory:
         read what the synchronous form of the same read returns."""
         self._check_async(safe)
         if publication:
-            self._check_publications(what)
+            self._payload.unsupported(self, f"{what}()")
 
             def finish(_: int, rem: float | None) -> Any:
                 return self.read_publication(out=out, timeout=rem)
@@ -1324,9 +1393,6 @@ class SharedMemory:
         if after is None:
             after = self._h.count()
         return await self._wait_async(after, timeout, what, finish)
-
-    def _check_publications(self, what: str) -> None:
-        """Raise when this handle cannot return a :class:`Publication` (GPU handles)."""
 
     def _check_async(self, safe: bool) -> None:
         self._check_open()
@@ -1403,14 +1469,15 @@ class SharedMemory:
 
         Keys as in pyshmem: ``name``, ``shape`` (list), ``dtype`` (str),
         ``gpu_device``, ``cpu_mirror``, ``notify``; ``slots`` too for a
-        slotted CPU stream, ``ring`` and ``policy`` for a ring.
+        slotted CPU stream and for a GPU handle (whose config re-creates the
+        same GPU stream), ``ring`` and ``policy`` for a ring.
         """
         self._check_open()
         config = {
             "name": self._name,
             "shape": list(self._shape),
             "dtype": str(self._dtype),
-            "gpu_device": self.gpu_device,
+            "gpu_device": self._payload.device,
             "cpu_mirror": self.cpu_mirror,
             "notify": self.notify,
         }
@@ -1419,8 +1486,8 @@ class SharedMemory:
         if ring is not None:
             config["ring"] = ring[0]
             config["policy"] = RING_POLICIES[ring[1]]
-        elif not info.flags & _core.FLAG_GPU and info.nslots != 1:
-            config["slots"] = info.nslots
+        else:
+            config.update(self._payload.config(info))
         return config
 
     @classmethod
@@ -1450,7 +1517,7 @@ class SharedMemory:
         """``(1, 0)``: kDLCPU. CPU streams live in host memory (a GPU handle
         names its device: ``(2, index)``, kDLCUDA)."""
         self._check_open()
-        return (1, 0)
+        return self._payload.dlpack_device()
 
     def __dlpack__(self, *, stream: Any = None, **kwargs: Any) -> Any:
         """Export a snapshot (a :meth:`read` copy) as a DLPack capsule.
@@ -1499,6 +1566,7 @@ class SharedMemory:
         for cur in list(self._cursors):
             cur.close()
         self._h.close(timeout)
+        self._payload.close()
 
     def unlink(self) -> None:
         """Close this handle and destroy the stream (other handles keep their mapping).
@@ -1538,7 +1606,7 @@ class SharedMemory:
             self.close()
 
     def __reduce__(self):
-        return (_reopen, (self._name, self._h.readonly))
+        return (_reopen, (self._name, self._h.readonly, self._payload.device))
 
     def __del__(self) -> None:
         # Drop lock levels this thread still holds through a forgotten handle.
@@ -1555,8 +1623,8 @@ class SharedMemory:
             pass
 
 
-def _reopen(name: str, readonly: bool) -> SharedMemory:
-    return open(name, readonly=readonly)
+def _reopen(name: str, readonly: bool, gpu_device: str | None = None) -> SharedMemory:
+    return open(name, readonly=readonly, gpu_device=gpu_device)
 
 
 def create(
@@ -1613,6 +1681,9 @@ def create(
     dropped and counted in :attr:`SharedMemory.drops`). A ring is a slotted
     stream (``slots`` is then N; do not pass both). ``read()`` and
     ``read_new()`` keep their latest-value meaning. docs/api.md, "Rings".
+
+    A GPU stream keeps 2 to 16 slots in device memory (docs/gpu.md); it has
+    no single-payload form, so 1 (the default) gives it 3.
     """
     _check_name(name)
     nslots = _check_slots(slots, name)
@@ -1637,7 +1708,9 @@ def create(
         raise ValueError(f"torch_shmem: stream {name!r}: mode must be within 0o777, got {oct(mode)}")
     try:
         if _wants_gpu(gpu_device):
-            shm = _gpu_module(name).create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify)
+            gpu = _gpu_module(name)
+            shm = gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
+                                    gpu.DEFAULT_SLOTS if nslots == 1 else nslots)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         flags = _core.FLAG_NOTIFY if notify else 0

@@ -237,38 +237,47 @@ def test_publications_arrive_with_their_frame_ids(name, cleanup):
             reader.close()
 
 
-@needs_zmq
-def test_frame_id_count_mode_makes_source_gaps_exact(name, cleanup):
-    """A writer far faster than the link: conflation skips, and the skips are counted exactly."""
-    local = name + "-dst"
-    cleanup.append(local)
-    n, total = 4096, 300
+def _flood_through_bridge(name, local, total, attach_kw):
+    """A source writer far faster than the link publishes frames 1..total (count k
+    carries frame k); a local reader thread reads every publication it can. Returns
+    the Publications seen and the attachment's stat()."""
+    n = 4096
     seen = []
     with torch_shmem.create(name, shape=(n,), dtype=np.uint64) as src, bridge.serve(name) as srv, \
-            bridge.attach(srv.endpoint, local, frame_id="count") as att:
+            bridge.attach(srv.endpoint, local, **attach_kw) as att:
         reader = torch_shmem.open(local, readonly=True)
         stop = threading.Event()
 
         def read_loop():
             while not stop.is_set():
                 try:
-                    pub = reader.read_new_publication(timeout=0.1)
+                    seen.append(reader.read_new_publication(timeout=0.1))
                 except TimeoutError:
                     continue
-                seen.append((pub.frame_id, frame_seq(pub.payload)))
 
         t = threading.Thread(target=read_loop)
         t.start()
         try:
             for k in range(1, total + 1):
-                src.write(make_frame(k, n))  # count k carries frame k
-            wait_until(lambda: reader.frame_id == total, 10, "the last publication")
+                src.write(make_frame(k, n))
+            # (not a read through `reader`: that would move its read statistics)
+            wait_until(lambda: att.stat()["delivered_count"] == total, 10, "the last publication")
             time.sleep(0.05)
         finally:
             stop.set()
             t.join(10)
             reader.close()
-        st = att.stat()
+        return seen, att.stat()
+
+
+@needs_zmq
+def test_frame_id_count_mode_makes_source_gaps_exact(name, cleanup):
+    """A writer far faster than the link: conflation skips, and the skips are counted exactly."""
+    local = name + "-dst"
+    cleanup.append(local)
+    total = 300
+    pubs, st = _flood_through_bridge(name, local, total, {"frame_id": "count"})
+    seen = [(p.frame_id, frame_seq(p.payload)) for p in pubs]
     assert seen, "the reader saw nothing"
     # the local frame_id is the source count of exactly the payload read with it
     assert all(fid == k for fid, k in seen), seen[:10]
@@ -281,37 +290,12 @@ def test_frame_id_count_mode_makes_source_gaps_exact(name, cleanup):
 @needs_zmq
 def test_local_counts_are_the_source_counts(name, cleanup):
     """Publications arrive at their source count: a local reader's count and
-    missed_publications describe the source's, across conflation; a reused
-    local stream that is already ahead keeps the source's gaps."""
+    missed_publications describe the source's, across conflation."""
     local = name + "-dst"
     cleanup.append(local)
-    n, total = 4096, 300
-    seen = []
-    with torch_shmem.create(name, shape=(n,), dtype=np.uint64) as src, bridge.serve(name) as srv, \
-            bridge.attach(srv.endpoint, local) as att:
-        reader = torch_shmem.open(local, readonly=True)
-        stop = threading.Event()
-
-        def read_loop():
-            while not stop.is_set():
-                try:
-                    pub = reader.read_new_publication(timeout=0.1)
-                except TimeoutError:
-                    continue
-                seen.append((pub.count, frame_seq(pub.payload), pub.missed_publications))
-
-        t = threading.Thread(target=read_loop)
-        t.start()
-        try:
-            for k in range(1, total + 1):
-                src.write(make_frame(k, n))  # count k carries frame k
-            wait_until(lambda: reader.count == total, 10, "the last publication")
-            time.sleep(0.05)
-        finally:
-            stop.set()
-            t.join(10)
-            reader.close()
-        st = att.stat()
+    total = 300
+    pubs, st = _flood_through_bridge(name, local, total, {})
+    seen = [(p.count, frame_seq(p.payload), p.missed_publications) for p in pubs]
     assert seen, "the reader saw nothing"
     assert all(c == k for c, k, _ in seen), seen[:10]  # local count == source count
     for (c0, _, _), (c1, _, missed) in zip(seen, seen[1:]):

@@ -395,6 +395,22 @@ def leftovers() -> list[str]:
     return sorted(result)
 
 
+def _remove_files(bases: list[str], skipped: list) -> list[str]:
+    """Remove /dev/shm files by base name; return those removed (gone already:
+    skipped silently; other errors go to ``skipped``)."""
+    removed = []
+    for base in bases:
+        try:
+            os.unlink(os.path.join(_proc.SHM_DIR, base))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            skipped.append((base, str(exc)))
+            continue
+        removed.append(base)
+    return removed
+
+
 def purge_report(*, dead_only: bool = False, include_cuda_orphans: bool = False) -> dict[str, list]:
     """The work of :func:`purge`, with everything the CLI reports.
 
@@ -422,27 +438,8 @@ def purge_report(*, dead_only: bool = False, include_cuda_orphans: bool = False)
             continue
         if ok:
             removed.append(name)
-    cuda_removed: list[str] = []
-    if include_cuda_orphans:
-        for base in cuda_orphans():
-            try:
-                os.unlink(os.path.join(_proc.SHM_DIR, base))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                skipped.append((base, str(exc)))
-                continue
-            cuda_removed.append(base)
-    leftovers_removed: list[str] = []
-    for base in leftovers():
-        try:
-            os.unlink(os.path.join(_proc.SHM_DIR, base))
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            skipped.append((base, str(exc)))
-            continue
-        leftovers_removed.append(base)
+    cuda_removed = _remove_files(cuda_orphans(), skipped) if include_cuda_orphans else []
+    leftovers_removed = _remove_files(leftovers(), skipped)
     return {
         "removed": sorted(removed),
         "skipped": skipped,

@@ -543,19 +543,25 @@ PyObject* mod_unlink(PyObject*, PyObject* arg) {
   }
 }
 
+// (name, instance_id) arguments: a stream name and a generation's 16-byte
+// instance id. False with an exception set when they are not that.
+bool parse_name_and_generation(PyObject* args, std::string* n, const char** iid) {
+  PyObject* name;
+  Py_ssize_t iid_len;
+  if (!PyArg_ParseTuple(args, "Uy#", &name, iid, &iid_len)) return false;
+  if (iid_len != 16) {
+    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
+    return false;
+  }
+  return utf8_name(name, n);
+}
+
 // name_state(name, instance_id) -> "gone", "same" or "other": what the name
 // holds now compared with the generation instance_id (16 bytes).
 PyObject* mod_name_state(PyObject*, PyObject* args) {
-  PyObject* name;
-  const char* iid;
-  Py_ssize_t iid_len;
-  if (!PyArg_ParseTuple(args, "Uy#", &name, &iid, &iid_len)) return nullptr;
-  if (iid_len != 16) {
-    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
-    return nullptr;
-  }
   std::string n;
-  if (!utf8_name(name, &n)) return nullptr;
+  const char* iid;
+  if (!parse_name_and_generation(args, &n, &iid)) return nullptr;
   Stream::NameState state;
   try {
     state = Stream::name_state(n, reinterpret_cast<const uint8_t*>(iid));
@@ -571,16 +577,9 @@ PyObject* mod_name_state(PyObject*, PyObject* args) {
 // the name only while it holds the generation instance_id (16 bytes), see
 // Stream::unlink_name_if.
 PyObject* mod_unlink_if(PyObject*, PyObject* args) {
-  PyObject* name;
-  const char* iid;
-  Py_ssize_t iid_len;
-  if (!PyArg_ParseTuple(args, "Uy#", &name, &iid, &iid_len)) return nullptr;
-  if (iid_len != 16) {
-    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
-    return nullptr;
-  }
   std::string n;
-  if (!utf8_name(name, &n)) return nullptr;
+  const char* iid;
+  if (!parse_name_and_generation(args, &n, &iid)) return nullptr;
   Stream::UnlinkIf r;
   try {
     r = Stream::unlink_name_if(n, reinterpret_cast<const uint8_t*>(iid));
@@ -667,16 +666,9 @@ PyMethodDef notifier_methods[] = {
 // notifier(name, instance_id) -> Notifier, or None when the name no longer
 // holds that generation or its header cannot be mapped writable.
 PyObject* mod_notifier(PyObject*, PyObject* args) {
-  PyObject* name;
-  const char* iid;
-  Py_ssize_t iid_len;
-  if (!PyArg_ParseTuple(args, "Uy#", &name, &iid, &iid_len)) return nullptr;
-  if (iid_len != 16) {
-    PyErr_SetString(PyExc_ValueError, "torch_shmem: instance_id must be 16 bytes");
-    return nullptr;
-  }
   std::string n;
-  if (!utf8_name(name, &n)) return nullptr;
+  const char* iid;
+  if (!parse_name_and_generation(args, &n, &iid)) return nullptr;
   std::unique_ptr<torch_shmem::core::Notifier> notifier;
   try {
     int why = 0;

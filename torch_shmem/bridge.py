@@ -744,10 +744,8 @@ class BridgeServer(_Component):
                 sock.bind(self._bind)
                 self._endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             except BaseException:
-                if self._monitor is not None:
-                    self._monitor.close(0)
-                    self._monitor = None
-                sock.close(0)
+                _close_socket(sock, self._monitor)
+                self._monitor = None
                 raise
             self._sock = sock
             self._peers.clear()
@@ -1234,10 +1232,8 @@ class BridgeAttachment(_Component):
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(self.endpoint)
         except BaseException:
-            if self._monitor is not None:
-                self._monitor.close(0)
-                self._monitor = None
-            sock.close(0)
+            _close_socket(sock, self._monitor)
+            self._monitor = None
             raise
         self._sock = sock
 

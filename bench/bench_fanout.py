@@ -131,7 +131,7 @@ def _reader(impl: str, name: str, ctrl_name: str, barrier: Any, results: Any, cp
 class Writer:
     """The parent's publisher for one implementation."""
 
-    def __init__(self, impl: str, shape: tuple[int, ...] = SHAPE, slots: int = 1) -> None:
+    def __init__(self, impl: str, shape: tuple[int, ...] = SHAPE, slots: int | None = None) -> None:
         self.impl = impl
         self.frame = private_copy(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
         self.stamp = self.frame.reshape(-1)[:2].view(np.uint64)
@@ -169,7 +169,7 @@ class Writer:
 
 
 def run_once(impl: str, readers: int, duration: float, paced_hz: float | None,
-             shape: tuple[int, ...] = SHAPE, slots: int = 1) -> dict:
+             shape: tuple[int, ...] = SHAPE, slots: int | None = None) -> dict:
     """One writer and ``readers`` reader processes for ``duration`` seconds."""
     ctx = spawn_context()
     writer = Writer(impl, shape, slots)
@@ -279,7 +279,8 @@ def run(cfg: Config, progress: Progress) -> Section:
         "newer than its last one and reads it. The writer is pinned to the first CPU and the "
         "readers round-robin to the others (all on the second CPU here). **per-reader Hz = "
         "frames read / s; missed % = skipped frames / (read + skipped); reader CPU % = CPU time / wall time** (mean over "
-        "readers; min = slowest reader)."
+        "readers; min = slowest reader). torch_shmem streams of the first table are made with "
+        "`create()`'s defaults (3 slots for these frames)."
     )
     hz = {(r["mode"], r["readers"], r["impl"]): r["reader_hz_mean"] for r in sec.rows}
     for r in sec.rows:

@@ -89,3 +89,60 @@ def latency_reader(name, reader, total, ready, results):
         last = pub.count
     shm.close()
     results.put((reader, len(seen), lost, dup, lat, os.getpid()))
+
+
+# Ring crash torture (tests/test_ring.py): state shared through a lock-free
+# array, since a process SIGKILLed inside a multiprocessing lock would leave
+# it held. Per reader, REC words: last count recorded, reads, torn payloads,
+# counts out of order, publications missed while running, starts.
+REC = 6
+
+
+def torture_reader(name, reader, index, rec, stop_at):
+    """Consumes with cursor `reader` until rec[stop_at] is set, recording as it goes.
+
+    An instance starts where the cursor is (a SIGKILL between read_next and the
+    record leaves the cursor one publication past the record): that position
+    must not be behind the record, and every publication after it must follow
+    exactly (count = previous + 1 + missed)."""
+    shm = torch_shmem.open(name, readonly=True)
+    cur = shm.cursor(reader)
+    base = index * REC
+    last = cur.consumed
+    if last < rec[base]:
+        rec[base + 3] += 1  # the cursor went back
+    rec[base + 5] += 1
+    first = True
+    while not rec[stop_at]:
+        try:
+            pub = cur.read_next(timeout=0.2)
+        except TimeoutError:
+            continue
+        except torch_shmem.InconsistentStreamError:
+            continue  # a writer died in its publication window: the next write repairs
+        expected = last + 1 + pub.missed_publications
+        if not payload_ok(pub.payload, pub.count):
+            rec[base + 2] += 1
+        if pub.count != expected:
+            rec[base + 3] += 1
+        if pub.missed_publications and not first:
+            rec[base + 4] += pub.missed_publications
+        rec[base + 1] += 1
+        last = pub.count
+        rec[base] = last
+        first = False
+    cur.close()
+    shm.close()
+
+
+def torture_writer(name, n, rec, writes_at, stop_at):
+    """Publishes count-stamped payloads back to back until rec[stop_at] is set."""
+    shm = torch_shmem.open(name)
+    while not rec[stop_at]:
+        c = shm.count + 1  # a write after a writer died mid-write takes the same count
+        try:
+            shm.write(make_payload(c, n), timeout=0.2)
+        except TimeoutError:
+            continue  # policy block: a live reader is a ring behind
+        rec[writes_at] += 1
+    shm.close()

@@ -123,7 +123,7 @@ def test_readonly_handle_and_config(name):
 
 def test_single_slot_keeps_the_single_payload_layout(name):
     s = torch_shmem.create(name, shape=(1000,), dtype=np.uint8, slots=1)
-    assert s.slots == 1 and "slots" not in s.to_config()
+    assert s.slots == 1 and s.to_config()["slots"] == 1  # explicit: the default is sized
     assert not s._h.info().flags & _core.FLAG_HOST_SLOTS
     assert os.path.getsize(f"/dev/shm/torch_shmem.{name}") == 4096 + 4096
     s.unlink()
@@ -135,21 +135,97 @@ def test_single_slot_keeps_the_single_payload_layout(name):
 
 @pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1, ValueError), (17, ValueError),
                                      (2.0, TypeError), (True, TypeError), ("2", TypeError),
-                                     (None, TypeError)])
+                                     (1.0, TypeError)])
 def test_bad_slot_counts(name, bad, exc):
     with pytest.raises(exc, match=name):
         torch_shmem.create(name, shape=(3,), slots=bad)
     assert not os.path.exists(f"/dev/shm/torch_shmem.{name}")
 
 
+def test_default_slots_follow_the_payload_size(name, monkeypatch):
+    """create() without slots=: AUTO_SLOTS for payloads up to AUTO_SLOTS_MAX_BYTES, one above;
+    to_config() records the count, so a stream made again from it has the same layout."""
+    from torch_shmem import _stream
+
+    s = torch_shmem.create(name, shape=(1000,), dtype=np.uint8)
+    assert s.slots == _stream.AUTO_SLOTS == 3 and s._h.info().flags & _core.FLAG_HOST_SLOTS
+    assert torch_shmem.stat(name)["slots"] == 3
+    s.unlink()
+    monkeypatch.setattr(_stream, "AUTO_SLOTS_MAX_BYTES", 999)
+    s = torch_shmem.create(name, shape=(1000,), dtype=np.uint8)
+    assert s.slots == 1 and not s._h.info().flags & _core.FLAG_HOST_SLOTS
+    config = s.to_config()
+    s.unlink()
+    monkeypatch.setattr(_stream, "AUTO_SLOTS_MAX_BYTES", 64 * 1024 * 1024)
+    again = torch_shmem.SharedMemory.create_from_config(config)
+    try:
+        assert again.slots == 1
+    finally:
+        again.unlink()
+    with torch_shmem.stream(name, shape=(4,)) as t:
+        assert t.slots == 3
+    # 3 copies would take more than half of what /dev/shm has free: one payload
+    import types
+
+    monkeypatch.setattr(_stream.os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=1, f_frsize=5999))
+    with torch_shmem.stream(name, shape=(1000,), dtype=np.uint8) as t:
+        assert t.slots == 1
+    with torch_shmem.stream(name, shape=(999,), dtype=np.uint8) as t:
+        assert t.slots == 3
+
+
+def test_live_view_pins_its_slot(name):
+    """read(safe=False) hands out the latest slot; from then on writes (from any handle)
+    rewrite that slot in place, so the view stays the live payload as on a single-payload
+    stream. Counts stay exact and snapshot reads see every write."""
+    s = torch_shmem.create(name, shape=(4,), dtype=np.int64)  # the default: 3 slots
+    w, r = torch_shmem.open(name), torch_shmem.open(name)
+    s.write(np.arange(4))
+    s.write(np.arange(4) + 1)  # publication 2: slot 2
+    assert s._h.state().live_slot == 0 and torch_shmem.stat(name)["pinned_slot"] is None
+    with s.locked():
+        live = s.read(safe=False)
+    assert s._h.state().live_slot == 3 and torch_shmem.stat(name)["pinned_slot"] == 2
+    for v in range(3, 9):
+        w.write(np.full(4, v), frame_id=v)
+        assert live.tolist() == [v] * 4
+        assert r.read().tolist() == [v] * 4 and r.count == v and r.frame_id == v
+    with w.write_view() as view:  # in place too: the view starts from the live payload
+        assert view.tolist() == [8] * 4
+        view[0] = 100
+    assert live.tolist() == [100, 8, 8, 8] and r.count == 9
+    w.clear()
+    assert live.tolist() == [0] * 4 and r.count == 10
+    s.write(np.full(4, 7.0), casting="unsafe")  # a casting write goes to the same slot
+    assert live.tolist() == [7] * 4 and s._h.state().live_slot == 3
+
+
+def test_rings_are_never_pinned(name):
+    s = torch_shmem.create(name, shape=(2,), dtype=np.int64, ring=4)
+    c = s.cursor("r")
+    for v in range(1, 4):
+        s.write(np.full(2, v))
+    with s.locked():
+        assert s.read(safe=False).tolist() == [3, 3]
+    assert s._h.state().live_slot == 0 and torch_shmem.stat(name)["pinned_slot"] is None
+    s.write(np.full(2, 4))
+    assert [c.read_next(timeout=1).count for _ in range(4)] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("mode", ["read", "read_new", "read_after"])
-@pytest.mark.parametrize("n,slots", [(1, 2), (64 * 1024, 2), (512 * 1024, 3)],
-                         ids=["8B-2slots", "512KiB-2slots", "4MiB-3slots"])
-def test_no_torn_reads_under_a_writer(name, n, slots, mode):
+@pytest.mark.parametrize("n,slots,pin", [(1, 2, False), (64 * 1024, 2, False), (512 * 1024, 3, False),
+                                         (512 * 1024, 3, True)],
+                         ids=["8B-2slots", "512KiB-2slots", "4MiB-3slots", "4MiB-3slots-pinned"])
+def test_no_torn_reads_under_a_writer(name, n, slots, pin, mode):
     """Payloads filled with their count: every read is uniform, equal to its count and
-    frame_id, and counts never go back; the final count is exact."""
+    frame_id, and counts never go back; the final count is exact. `pinned`: a live view
+    pinned the slot first, so the writer (another process) rewrites it in place."""
     s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=slots)
     s.write(np.full(n, 1, np.uint64), frame_id=1)
+    if pin:
+        with s.locked():
+            s.read(safe=False)
+        assert s._h.state().live_slot != 0
     ready, done = ctx.Event(), ctx.Event()
     results = ctx.Queue()
     procs = [ctx.Process(target=_workers.count_reader, args=(name, mode, ready, done, results))
@@ -183,6 +259,24 @@ def test_writer_killed_mid_write_loses_nothing(name, seed):
     n = 4 * 1024 * 1024  # 32 MiB: the copy into a slot is long enough to be hit
     s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=2)
     s.write(_workers.make_frame(0, n))
+    _kill_writers(s, name, n, rng)
+
+
+def test_writer_killed_mid_write_of_a_pinned_slot(name, seed):
+    """As above, with the slot pinned by a live view (writes in place): a kill inside the
+    copy is reported (InconsistentStreamError), never read torn; the next write repairs."""
+    import random
+
+    n = 4 * 1024 * 1024
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=3)
+    s.write(_workers.make_frame(0, n))
+    with s.locked():
+        s.read(safe=False)
+    _kill_writers(s, name, n, random.Random(seed))
+    assert s._h.state().live_slot != 0
+
+
+def _kill_writers(s, name, n, rng):
     out = np.empty(n, np.uint64)
     outcomes = {"intact": 0, "inconsistent": 0}
     for i in range(5):

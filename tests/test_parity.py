@@ -315,7 +315,7 @@ def test_config_round_trip_describe(name):
     s = torch_shmem.create(name, shape=(2, 5), dtype="int32", notify=True)
     cfg = s.to_config()
     assert cfg == {"name": name, "shape": [2, 5], "dtype": "int32", "gpu_device": None,
-                   "cpu_mirror": True, "notify": True}
+                   "cpu_mirror": True, "notify": True, "slots": 3}
     s.unlink()
     t = torch_shmem.SharedMemory.create_from_config(cfg)
     assert (t.shape, t.dtype, t.owner) == ((2, 5), np.dtype(np.int32), True)
@@ -326,7 +326,7 @@ def test_config_round_trip_describe(name):
     assert labels == ["name", "shape", "dtype", "size", "gpu_enabled", "gpu_device", "cpu_mirror",
                       "count", "write_time", "write_seq", "owner", "readonly", "creator_pid",
                       "producer", "age", "notify", "state", "last write", "frame_id", "lock",
-                      "waiters", "instance_id", "reads"], text
+                      "waiters", "instance_id", "slots", "reads"], text
     # every value starts at column 14, as pyshmem prints them
     assert all(line[13] == " " and line[14] != " " for line in text.splitlines()), text
     values = dict(line.split(":", 1) for line in text.splitlines())

@@ -229,7 +229,9 @@ def test_layout_is_as_documented():
         u64 = lambda f: struct.unpack_from("<Q", raw, FIELDS[f][0])[0]  # noqa: E731
         assert u64("magic") == 0x314D485354484354
         assert u32("header_bytes") == 4096 and u64("payload_offset") == 4096
-        assert u64("payload_bytes") == 120 and u64("segment_bytes") == 8192
+        # create()'s default for a small payload: 3 slots (header, counters page,
+        # 3 x 512 B slots, page rounded); segment_bytes covers the slot area
+        assert u64("payload_bytes") == 120 and u64("segment_bytes") == 4096 + 8192
         assert u32("dtype_code") == 12 and u32("itemsize") == 8 and u32("ndim") == 2
         assert struct.unpack_from("<2q", raw, FIELDS["shape"][0]) == (3, 5)
         assert u32("creator_pid") == os.getpid() and u32("mode") == 0o600

@@ -86,6 +86,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         state = h.state()
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = state
         armed = state.armed_readers
+        live_slot = state.live_slot
         importers = list(h.importers())
         ring_info = h.ring_info()
     finally:
@@ -127,6 +128,8 @@ def _read_stat(name: str) -> dict[str, Any]:
         "gpu_importers": importers,
         "notify": bool(flags & _core.FLAG_NOTIFY),
         "slots": nslots,
+        # slotted streams: the slot a live view pinned (writes then go there in place)
+        "pinned_slot": live_slot - 1 if live_slot else None,
         "ring": ring,
         "instance_id": instance_id.hex(),
         "creator_pid": creator_pid,

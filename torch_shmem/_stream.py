@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import operator
+import os
 import sys
 import threading
 import time
@@ -57,9 +58,13 @@ _get_ident = threading.get_ident
 # layout is cast/copied straight into the payload under the lock instead of
 # through a temporary (one pass over the data instead of two).
 _DIRECT_CAST_BYTES = 64 * 1024
-# Payload slots of a new CPU stream (create(slots=)); see docs/design.md,
-# "Slotted CPU streams", for how it was chosen.
-DEFAULT_SLOTS = 1
+# Payload slots of a new CPU stream when create() is given no slots=: AUTO_SLOTS
+# for payloads up to AUTO_SLOTS_MAX_BYTES, one payload above (N copies of a
+# large payload cost more memory than a reader that waits costs time). See
+# docs/design.md, "Slotted CPU streams", for the measurements behind both.
+AUTO_SLOTS = 3
+AUTO_SLOTS_MAX_BYTES = 64 * 1024 * 1024
+_SHM_DIR = "/dev/shm"
 # Ring policies (create(ring=N, policy=...)), in header code order (csrc/core/ring.h).
 RING_POLICIES = ("overwrite", "block", "drop_newest")
 
@@ -426,8 +431,8 @@ class HostPayload:
 
     def config(self, info: Any) -> dict:
         """Keys of :meth:`SharedMemory.to_config` that depend on the payload."""
-        if not info.flags & _core.FLAG_GPU and info.nslots != 1:
-            return {"slots": info.nslots}
+        if not info.flags & _core.FLAG_GPU:
+            return {"slots": info.nslots}  # explicit: the default depends on the size
         return {}
 
     def close(self) -> None:
@@ -869,7 +874,7 @@ class SharedMemory:
         """Cast or re-layout a large value straight into the payload (one pass, no temporary)."""
         self._h.acquire(timeout)
         try:
-            self._h.begin_write()
+            self._h.begin_write(None, True)  # every byte is written below
             try:
                 # the casting rule was applied by _cast: the copy cannot fail midway
                 np.copyto(self._payload_view(), array, casting="unsafe")
@@ -944,6 +949,10 @@ class SharedMemory:
         if after is not None:
             h.wait_for_count(after, timeout)
         count, write_time_ns, frame_id, missed = h.note_read()
+        if io is h:
+            # a slotted stream keeps writing into this slot from now on, so the
+            # view stays the live payload (docs/design.md, "Slotted CPU streams")
+            h.pin_live()
         if not publication:
             return io.live_array()
         return Publication(io.live_array(), count, frame_id, write_time_ns * 1e-9, missed)
@@ -1163,7 +1172,7 @@ class SharedMemory:
                 # (a ring publishes through its policy: one count at a time)
                 self.write_locked(array, frame_id=frame_id)
                 return self._h.count()
-            self._h.begin_write(count)
+            self._h.begin_write(count, True)  # every byte is written below
             try:
                 self._payload_view()[...] = array
             except BaseException:
@@ -1507,7 +1516,7 @@ class SharedMemory:
             cpu_mirror=config.get("cpu_mirror"),
             notify=config.get("notify", False),
             mode=config.get("mode", 0o600),
-            slots=config.get("slots", DEFAULT_SLOTS),
+            slots=config.get("slots"),
             ring=config.get("ring"),
             policy=config.get("policy"),
         )
@@ -1638,7 +1647,7 @@ def create(
     mode: int = 0o600,
     auto_unlink: bool = False,
     notify: bool = False,
-    slots: int = DEFAULT_SLOTS,
+    slots: int | None = None,
     ring: int | None = None,
     policy: str | None = None,
 ) -> SharedMemory:
@@ -1669,6 +1678,9 @@ def create(
     reader copying the latest publication is not overtaken unless the writer
     completes N - 1 more writes meanwhile (docs/design.md, "Slotted CPU
     streams"). The guarantees are the same; the segment holds N payloads.
+    Without ``slots`` a stream gets 3 when its payload is at most 64 MiB
+    and the 3 copies take at most half of the free space of /dev/shm, else
+    1 (``AUTO_SLOTS``, ``AUTO_SLOTS_MAX_BYTES``).
 
     ``ring`` (CPU streams, 2 to 4096) makes a ring of N slots: readers
     with named cursors (:meth:`SharedMemory.cursor`, ``open(reader=)``)
@@ -1683,10 +1695,10 @@ def create(
     ``read_new()`` keep their latest-value meaning. docs/api.md, "Rings".
 
     A GPU stream keeps 2 to 16 slots in device memory (docs/gpu.md); it has
-    no single-payload form, so 1 (the default) gives it 3.
+    no single-payload form, so no ``slots`` or 1 gives it 3.
     """
     _check_name(name)
-    nslots = _check_slots(slots, name)
+    nslots = None if slots is None else _check_slots(slots, name)
     nring, policy_code = _check_ring(ring, policy, nslots, name)
     dims = _normalize_shape(shape, name)
     try:
@@ -1710,10 +1722,12 @@ def create(
         if _wants_gpu(gpu_device):
             gpu = _gpu_module(name)
             shm = gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
-                                    gpu.DEFAULT_SLOTS if nslots == 1 else nslots)
+                                    gpu.DEFAULT_SLOTS if nslots in (None, 1) else nslots)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         flags = _core.FLAG_NOTIFY if notify else 0
+        if nslots is None:
+            nslots = _auto_slots(expected)
         if nring:
             if _wants_gpu(gpu_device):
                 raise ValueError(f"torch_shmem: stream {name!r}: rings are CPU streams")
@@ -1736,6 +1750,20 @@ def create(
     return shm
 
 
+def _auto_slots(payload_bytes: int) -> int:
+    """create()'s slot count when none is given: AUTO_SLOTS up to AUTO_SLOTS_MAX_BYTES,
+    unless the slots would take more than half of the free space of /dev/shm (a
+    container's default 64 MiB, say): then one payload, so that the default never
+    makes a stream fail to fit that would fit alone."""
+    if payload_bytes > AUTO_SLOTS_MAX_BYTES:
+        return 1
+    try:
+        st = os.statvfs(_SHM_DIR)
+    except OSError:
+        return AUTO_SLOTS
+    return AUTO_SLOTS if AUTO_SLOTS * payload_bytes <= st.f_bavail * st.f_frsize // 2 else 1
+
+
 def _check_slots(slots: Any, name: str) -> int:
     """The slot count of create(): an int in [1, MAX_SLOTS]."""
     if isinstance(slots, bool) or not isinstance(slots, numbers.Integral):
@@ -1750,7 +1778,7 @@ def _check_slots(slots: Any, name: str) -> int:
     return n
 
 
-def _check_ring(ring: Any, policy: Any, nslots: int, name: str) -> tuple[int, int]:
+def _check_ring(ring: Any, policy: Any, nslots: int | None, name: str) -> tuple[int, int]:
     """create()'s ring and policy: (0, 0) for no ring, else (N, policy code)."""
     if ring is None:
         if policy is not None:
@@ -1768,7 +1796,7 @@ def _check_ring(ring: Any, policy: Any, nslots: int, name: str) -> tuple[int, in
         raise ValueError(
             f"torch_shmem: stream {name!r}: ring must be between 2 and {_core.MAX_RING}, got {n}"
         )
-    if nslots != DEFAULT_SLOTS:
+    if nslots not in (None, 1):
         raise ValueError(
             f"torch_shmem: stream {name!r}: ring= and slots= exclude each other "
             f"(a ring of N publications is a slotted stream of N slots)"
@@ -2042,7 +2070,7 @@ def stream(
     cpu_mirror: bool | None = None,
     mode: int = 0o600,
     notify: bool = False,
-    slots: int = DEFAULT_SLOTS,
+    slots: int | None = None,
     ring: int | None = None,
     policy: str | None = None,
 ) -> Iterator[SharedMemory]:

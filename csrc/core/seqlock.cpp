@@ -83,7 +83,14 @@ void Stream::require_cpu_payload(bool writing) const {
 
 uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
   if (geometry()->flags & kFlagRing) return ring_write_locked(*this, src, has_frame_id, frame_id);
-  if (host_slots_) return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id);
+  if (host_slots_) {
+    if (live_slot() == 0)
+      return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id);
+    // pinned (a live view exists): rewrite the live slot in place
+    begin_write_locked(0, true);
+    std::memcpy(payload(), src, payload_bytes_);
+    return commit_write_locked(has_frame_id, frame_id);
+  }
   require_cpu_payload(true);
   begin_locked();
   std::memcpy(payload_, src, payload_bytes_);
@@ -93,8 +100,7 @@ uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame
 uint64_t Stream::clear_locked() {
   if (host_slots_) {
     std::vector<uint8_t> zeros(payload_bytes_);
-    if (geometry()->flags & kFlagRing) return ring_write_locked(*this, zeros.data(), false, 0);
-    return slot_write_locked(*this, *host_slots_, zeros.data(), false, false, 0);
+    return write_locked(zeros.data(), false, 0);
   }
   require_cpu_payload(true);
   begin_locked();
@@ -104,12 +110,13 @@ uint64_t Stream::clear_locked() {
 
 // In-place writes of a kFlagHostSlots stream go to the slot of the next
 // publication c, which first receives the latest publication (an in-place
-// producer may edit only part of it): seq odd (readers wait for the commit
-// or queue on the lock, as for a single payload), gen[k] odd, latest_slot
+// producer may edit only part of it; a `whole` writer overwrites every
+// byte, so the copy is skipped): seq odd (readers wait for the commit or
+// queue on the lock, as for a single payload), gen[k] odd, latest_slot
 // <- k, so that payload() is the slot being written until the commit. An
 // odd seq left by a dead or aborted writer already names publication c and
 // its slot.
-void Stream::begin_write_locked(uint64_t at) {
+void Stream::begin_write_locked(uint64_t at, bool whole) {
   if (at == 0)
     begin_locked();
   else
@@ -117,12 +124,19 @@ void Stream::begin_write_locked(uint64_t at) {
   if (!host_slots_) return;
   const Header* g = geometry();
   const uint64_t c = (hdr_->seq.load(std::memory_order_relaxed) >> 1) + 1;
-  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  const uint32_t pinned = live_slot();
+  const uint32_t k = static_cast<uint32_t>((pinned ? pinned - 1 : c) % g->nslots);
   const uint32_t latest = hdr_->latest_slot.load(std::memory_order_relaxed) % g->nslots;
   host_slots_->store_gen(k, 2 * c - 1);
-  if (latest != k)
+  if (latest != k && !whole)
     std::memcpy(host_slots_->slot_ptr(k), host_slots_->slot_ptr(latest), payload_bytes_);
   hdr_->latest_slot.store(k, std::memory_order_relaxed);
+}
+
+void Stream::pin_live_slot_locked() {
+  if (!host_slots_ || (geometry()->flags & kFlagRing) || live_slot() != 0) return;
+  const uint32_t latest = hdr_->latest_slot.load(std::memory_order_relaxed) % geometry()->nslots;
+  hdr_->live_slot.store(latest + 1, std::memory_order_relaxed);
 }
 
 void Stream::begin_write_locked_at(uint64_t c) {

@@ -159,6 +159,12 @@ struct alignas(128) Header {
   std::atomic<uint32_t> broken;
   std::atomic<uint32_t> unlinked;  // set by unlink(); handles can notice
   std::atomic<uint32_t> latest_slot;  // slotted streams: slot of publication `count`
+  // kFlagHostSlots streams other than rings: 0 while writes rotate through
+  // the slots; 1 + k once a live view of slot k was handed out (see
+  // Stream::pin_live_slot_locked): from then on every write rewrites slot k
+  // in place, as a single-payload stream does, so that the view stays the
+  // live payload. Written only by the lock holder; zero in older segments.
+  std::atomic<uint32_t> live_slot;
 
   // ---- lock line ----------------------------------------------------------
   alignas(128) pthread_mutex_t mutex;  // robust, process-shared, errorcheck
@@ -200,6 +206,7 @@ struct alignas(128) Header {
 static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout changed");
 static_assert(offsetof(Header, ring_policy) == 1008, "header layout changed");
 static_assert(offsetof(Header, seq) == 1024, "header layout changed");
+static_assert(offsetof(Header, live_slot) == 1060, "header layout changed");
 static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
 static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
 static_assert(offsetof(Header, importers) == 1408, "header layout changed");
@@ -351,7 +358,10 @@ class Stream {
   // publish count `at` instead of count + 1 (kState unless at > count):
   // a bridge carries the source's counts into its local stream this way,
   // so that readers' missed-publication counts stay exact across the link.
-  void begin_write_locked(uint64_t at = 0);
+  // Slotted streams: the next slot first receives the latest publication
+  // (an in-place producer may edit part of it) unless `whole` says the
+  // caller overwrites every byte.
+  void begin_write_locked(uint64_t at = 0, bool whole = false);
   // Slotted streams: opens the host window of publication c (seq = 2c - 1).
   // c is count + 1 except after a slotted write that failed once its device
   // count may already have reached c (see slot_write_locked): then c skips
@@ -360,6 +370,17 @@ class Stream {
   // write_time_ns 0: now (a ring passes the time it stored in the slot).
   uint64_t commit_write_locked(bool has_frame_id, uint64_t frame_id, int64_t write_time_ns = 0);
   void abort_write_locked();  // leaves the stream broken until the next write
+  // Slotted CPU streams (not rings): a live view of the latest slot is
+  // being handed out (read(safe=False)); pins that slot, so that later
+  // writes rewrite it in place (through the in-place window, seq odd for the
+  // whole copy) instead of rotating, and the view keeps showing the latest
+  // publication. Permanent for this generation of the stream. No-op for
+  // other streams. Caller holds the lock.
+  void pin_live_slot_locked();
+  // The pinned slot + 1, or 0 (see Header::live_slot).
+  uint32_t live_slot() const {
+    return host_slots_ ? hdr_->live_slot.load(std::memory_order_relaxed) : 0;
+  }
 
   // ---- snapshot ---------------------------------------------------------
   // Lock-free attempt; false means "take the lock and use read_locked".

@@ -1088,12 +1088,24 @@ bool slotted_writable(Handle* h) {
 
 // begin_write() / commit_write(frame_id=None) / abort_write(): the caller
 // holds the lock (checked here).
-// begin_write(at=None): opens the in-place write window of the next
-// publication, or of publication `at` (> count; see Stream::begin_write_locked).
+// begin_write(at=None, whole=False): opens the in-place write window of the
+// next publication, or of publication `at` (> count); `whole`: the caller
+// overwrites every byte (a slotted stream's slot is not pre-filled with the
+// latest publication). See Stream::begin_write_locked.
 PyObject* H_begin_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   Guard g(h, true);  // also marks an aborted view torn (see _commit_view)
   if (!g.ok) return nullptr;
   unsigned long long at = 0;
+  bool whole = false;
+  if (nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "begin_write(at=None, whole=False)");
+    return nullptr;
+  }
+  if (nargs == 2) {
+    const int t = PyObject_IsTrue(args[1]);
+    if (t < 0) return nullptr;
+    whole = t != 0;
+  }
   if (nargs >= 1 && args[0] != Py_None) {
     at = PyLong_AsUnsignedLongLong(args[0]);
     if (at == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
@@ -1124,7 +1136,7 @@ PyObject* H_begin_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   try {
-    h->s->begin_write_locked(at);
+    h->s->begin_write_locked(at, whole);
   } catch (const Error& e) {
     return raise_core_error(h, e);
   }
@@ -1232,6 +1244,7 @@ PyStructSequence_Field state_fields[] = {
     {"owner_tid", "thread id of the last lock owner"},
     {"waiters", "readers parked on the futex"},
     {"armed_readers", "readiness descriptors armed for the next publication (attribute only)"},
+    {"live_slot", "slotted streams: 1 + the slot pinned by a live view, or 0 (attribute only)"},
     {nullptr, nullptr}};
 PyStructSequence_Field read_stats_fields[] = {
     {"last_read_count", "count of the publication this handle read last"},
@@ -1311,7 +1324,8 @@ PyObject* H_state(Handle* h, PyObject*) {
                                PyLong_FromLong(hdr->owner_pid.load()),
                                PyLong_FromLong(hdr->owner_tid.load()),
                                PyLong_FromUnsignedLong(hdr->waiters.load()),
-                               PyLong_FromUnsignedLong(hdr->armed_readers.load())});
+                               PyLong_FromUnsignedLong(hdr->armed_readers.load()),
+                               PyLong_FromUnsignedLong(h->s->live_slot())});
 }
 
 // importers() -> tuple of pids: the live processes other than the creator
@@ -1459,6 +1473,21 @@ PyObject* H_live_array(Handle* h, PyObject*) {
   return arr;
 }
 
+// pin_live(): the caller (holding the lock) is about to hand out a live
+// view of the payload (read(safe=False)); a slotted stream then rewrites
+// that slot in place from now on (Stream::pin_live_slot_locked).
+PyObject* H_pin_live(Handle* h, PyObject*) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  if (h->s->held_depth() <= 0) {
+    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
+                 h->name);
+    return nullptr;
+  }
+  h->s->pin_live_slot_locked();
+  Py_RETURN_NONE;
+}
+
 void H_releasebuffer(Handle* h, Py_buffer*) {
   h->exports -= 1;
   if (h->exports == 0 && h->closed) h->s->unmap();
@@ -1522,6 +1551,7 @@ PyMethodDef handle_methods[] = {
     {"_wait_spin", (PyCFunction)H_wait_spin, METH_NOARGS, nullptr},
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
     {"live_array", (PyCFunction)H_live_array, METH_NOARGS, nullptr},
+    {"pin_live", (PyCFunction)H_pin_live, METH_NOARGS, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
     {"cursor_attach", (PyCFunction)(void (*)(void))H_cursor_attach, METH_FASTCALL, nullptr},
     {"cursor_detach", (PyCFunction)H_cursor_detach, METH_O, nullptr},

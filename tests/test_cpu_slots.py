@@ -181,11 +181,12 @@ def test_live_view_pins_its_slot(name):
     s = torch_shmem.create(name, shape=(4,), dtype=np.int64)  # the default: 3 slots
     w, r = torch_shmem.open(name), torch_shmem.open(name)
     s.write(np.arange(4))
-    s.write(np.arange(4) + 1)  # publication 2: slot 2
+    s.write(np.arange(4) + 1)
     assert s._h.state().live_slot == 0 and torch_shmem.stat(name)["pinned_slot"] is None
     with s.locked():
         live = s.read(safe=False)
-    assert s._h.state().live_slot == 3 and torch_shmem.stat(name)["pinned_slot"] == 2
+    pinned = s._h.state().live_slot
+    assert pinned != 0 and torch_shmem.stat(name)["pinned_slot"] == pinned - 1
     for v in range(3, 9):
         w.write(np.full(4, v), frame_id=v)
         assert live.tolist() == [v] * 4
@@ -197,7 +198,39 @@ def test_live_view_pins_its_slot(name):
     w.clear()
     assert live.tolist() == [0] * 4 and r.count == 10
     s.write(np.full(4, 7.0), casting="unsafe")  # a casting write goes to the same slot
-    assert live.tolist() == [7] * 4 and s._h.state().live_slot == 3
+    assert live.tolist() == [7] * 4 and s._h.state().live_slot == pinned
+    assert not torch_shmem.stat(name)["slots_rotating"]
+
+
+def test_writes_rotate_once_a_read_overlaps_a_write(name):
+    """Until a snapshot overlaps a write, a slotted stream rewrites its latest slot in place
+    (the cache footprint of one payload: a write-then-read loop touches one slot); the first
+    overlap (a reader in another process against a writer publishing back to back) switches
+    it to rotating through the slots for good."""
+    n = 256 * 1024
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64)
+    assert s.slots == 3
+    out = np.empty(n, np.uint64)
+    for k in range(1, 20):
+        s.write(np.full(n, k, np.uint64), frame_id=k)  # as count_writer stamps them
+        assert s.read(out=out)[0] == k
+    state = s._h.state()
+    assert state.slot_contention == 0 and not torch_shmem.stat(name)["slots_rotating"]
+    ready, done = ctx.Event(), ctx.Event()
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_workers.count_reader, args=(name, "read", ready, done, results)),
+             ctx.Process(target=_workers.count_writer, args=(name, n, 1.0, ready, done, results))]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    ready.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    got = dict(results.get(timeout=10) for _ in range(2))
+    reads, bad, regress, last = got["reader"]
+    assert reads > 0 and bad == 0 and regress == 0 and last == s.count == got["writer"]
+    assert s._h.state().slot_contention == 1 and torch_shmem.stat(name)["slots_rotating"]
 
 
 def test_rings_are_never_pinned(name):

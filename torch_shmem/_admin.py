@@ -87,6 +87,7 @@ def _read_stat(name: str) -> dict[str, Any]:
         seq, write_ns, frame_id, broken, _unlinked, lock_pid, _tid, waiters = state
         armed = state.armed_readers
         live_slot = state.live_slot
+        rotating = bool(state.slot_contention) and not live_slot
         importers = list(h.importers())
         ring_info = h.ring_info()
     finally:
@@ -130,6 +131,9 @@ def _read_stat(name: str) -> dict[str, Any]:
         "slots": nslots,
         # slotted streams: the slot a live view pinned (writes then go there in place)
         "pinned_slot": live_slot - 1 if live_slot else None,
+        # slotted streams: writes go to the next slot (a read overlapped a write once)
+        # rather than rewriting the latest slot in place
+        "slots_rotating": nslots > 1 and rotating,
         "ring": ring,
         "instance_id": instance_id.hex(),
         "creator_pid": creator_pid,

@@ -84,9 +84,10 @@ void Stream::require_cpu_payload(bool writing) const {
 uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
   if (geometry()->flags & kFlagRing) return ring_write_locked(*this, src, has_frame_id, frame_id);
   if (host_slots_) {
-    if (live_slot() == 0)
+    if (rotates_slots())
       return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id);
-    // pinned (a live view exists): rewrite the live slot in place
+    // no reader overlapped a write yet, or a live view pinned the slot:
+    // rewrite the latest slot in place, as a single payload
     begin_write_locked(0, true);
     std::memcpy(payload(), src, payload_bytes_);
     return commit_write_locked(has_frame_id, frame_id);
@@ -125,8 +126,9 @@ void Stream::begin_write_locked(uint64_t at, bool whole) {
   const Header* g = geometry();
   const uint64_t c = (hdr_->seq.load(std::memory_order_relaxed) >> 1) + 1;
   const uint32_t pinned = live_slot();
-  const uint32_t k = static_cast<uint32_t>((pinned ? pinned - 1 : c) % g->nslots);
   const uint32_t latest = hdr_->latest_slot.load(std::memory_order_relaxed) % g->nslots;
+  const uint32_t k = pinned ? (pinned - 1) % g->nslots
+                            : (rotates_slots() ? static_cast<uint32_t>(c % g->nslots) : latest);
   host_slots_->store_gen(k, 2 * c - 1);
   if (latest != k && !whole)
     std::memcpy(host_slots_->slot_ptr(k), host_slots_->slot_ptr(latest), payload_bytes_);

@@ -229,6 +229,16 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   return s.commit_write_locked(has_frame_id, frame_id);
 }
 
+// A snapshot of a kFlagHostSlots stream overlapped a write: from the next
+// write on, writes rotate through the slots (Header::slot_contention). The
+// header is shared and writable by every handle (waiters, epoch); one store
+// per stream generation.
+static void note_slot_contention(const Stream& s) {
+  if (!(s.geometry()->flags & kFlagHostSlots)) return;
+  auto* word = &const_cast<Header*>(s.header())->slot_contention;
+  if (word->load(std::memory_order_relaxed) == 0) word->store(1, std::memory_order_relaxed);
+}
+
 bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device,
                     Snapshot* snap) {
   const Header* h = s.header();
@@ -238,6 +248,7 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
     uint64_t s1 = h->seq.load(std::memory_order_acquire);
     if (s1 & 1) {  // host metadata (and mirror) window of a writer
       if (h->broken.load(std::memory_order_acquire)) throw_torn(s.name());
+      if (spin_start < 0) note_slot_contention(s);
       double now = now_monotonic();
       if (spin_start < 0) spin_start = now;
       if (now - spin_start > kOddSpinSeconds) return false;
@@ -257,6 +268,7 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
       snap->frame_id = fid;
       return true;
     }
+    note_slot_contention(s);  // the copy was spoiled by a write
     if (++tries >= kSlotTries) return false;
   }
 }

@@ -165,6 +165,12 @@ struct alignas(128) Header {
   // in place, as a single-payload stream does, so that the view stays the
   // live payload. Written only by the lock holder; zero in older segments.
   std::atomic<uint32_t> live_slot;
+  // kFlagHostSlots streams other than rings: 0 until a reader's snapshot
+  // overlapped a write (odd seq or a spoiled copy), then 1 for good. Until
+  // then writes rewrite the latest slot in place (one payload's cache
+  // footprint); from then on they rotate through the slots, so a reader
+  // copying the latest publication is not overtaken. Set by readers.
+  std::atomic<uint32_t> slot_contention;
 
   // ---- lock line ----------------------------------------------------------
   alignas(128) pthread_mutex_t mutex;  // robust, process-shared, errorcheck
@@ -207,6 +213,7 @@ static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout change
 static_assert(offsetof(Header, ring_policy) == 1008, "header layout changed");
 static_assert(offsetof(Header, seq) == 1024, "header layout changed");
 static_assert(offsetof(Header, live_slot) == 1060, "header layout changed");
+static_assert(offsetof(Header, slot_contention) == 1064, "header layout changed");
 static_assert(offsetof(Header, mutex) == 1152, "header layout changed");
 static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
 static_assert(offsetof(Header, importers) == 1408, "header layout changed");
@@ -380,6 +387,12 @@ class Stream {
   // The pinned slot + 1, or 0 (see Header::live_slot).
   uint32_t live_slot() const {
     return host_slots_ ? hdr_->live_slot.load(std::memory_order_relaxed) : 0;
+  }
+  // kFlagHostSlots: whether writes go to the next slot (true) or rewrite the
+  // latest (pinned) slot in place (see Header::slot_contention).
+  bool rotates_slots() const {
+    return host_slots_ && live_slot() == 0 &&
+           hdr_->slot_contention.load(std::memory_order_relaxed) != 0;
   }
 
   // ---- snapshot ---------------------------------------------------------

@@ -1245,6 +1245,7 @@ PyStructSequence_Field state_fields[] = {
     {"waiters", "readers parked on the futex"},
     {"armed_readers", "readiness descriptors armed for the next publication (attribute only)"},
     {"live_slot", "slotted streams: 1 + the slot pinned by a live view, or 0 (attribute only)"},
+    {"slot_contention", "slotted streams: 1 once a read overlapped a write (attribute only)"},
     {nullptr, nullptr}};
 PyStructSequence_Field read_stats_fields[] = {
     {"last_read_count", "count of the publication this handle read last"},
@@ -1325,7 +1326,8 @@ PyObject* H_state(Handle* h, PyObject*) {
                                PyLong_FromLong(hdr->owner_tid.load()),
                                PyLong_FromUnsignedLong(hdr->waiters.load()),
                                PyLong_FromUnsignedLong(hdr->armed_readers.load()),
-                               PyLong_FromUnsignedLong(h->s->live_slot())});
+                               PyLong_FromUnsignedLong(h->s->live_slot()),
+                               PyLong_FromUnsignedLong(hdr->slot_contention.load())});
 }
 
 // importers() -> tuple of pids: the live processes other than the creator

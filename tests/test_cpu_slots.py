@@ -408,3 +408,28 @@ def test_cli_stat_shows_the_slot_count(name, capsys):
     assert cli.main(["stat", name]) == 0
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["slots:", "3"] in lines
+
+
+def test_first_rotating_write_never_overwrites_the_latest_slot(name):
+    """Writes in place leave the latest publication in slot 0; once writes rotate,
+    publication 3 (slot 3 % 3 = 0 by the plain rule) must go to another slot: a writer
+    killed in that copy (sequence even) would otherwise destroy what readers are shown."""
+    import mmap
+    import struct
+
+    s = torch_shmem.create(name, shape=(64,), dtype=np.int64)
+    s.write(np.full(64, 1))
+    s.write(np.full(64, 2))
+    with open(f"/dev/shm/torch_shmem.{name}", "r+b") as f:
+        m = mmap.mmap(f.fileno(), 4096)
+        try:
+            assert struct.unpack_from("<I", m, 1056)[0] == 0  # latest_slot: in place, slot 0
+            assert struct.unpack_from("<I", m, 1064)[0] == 0  # slot_contention
+            struct.pack_into("<I", m, 1064, 1)  # as a reader that overlapped a write does
+            s.write(np.full(64, 3))
+            assert struct.unpack_from("<I", m, 1056)[0] == 1
+            s.write(np.full(64, 4))
+            assert struct.unpack_from("<I", m, 1056)[0] == 2  # then 4 % 3 = 1 is latest: next
+        finally:
+            m.close()
+    assert torch_shmem.stat(name)["slots_rotating"] and s.read().tolist() == [4] * 64

@@ -2,6 +2,7 @@
 #include "notify.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <sys/random.h>
@@ -11,6 +12,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "os_handles.h"
 #include "stream_internal.h"
@@ -29,25 +33,111 @@ bool make_address(const std::string& path, sockaddr_un* addr, socklen_t* len) {
   return true;
 }
 
-// One unbound datagram socket per process for every signal it sends. Made
-// on first use; a forked child shares it, which is harmless (it carries no
-// address and no state).
-int sender_socket() {
-  static const int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  return fd;
+// Sockets connected to the readers this process signals often: a send()
+// on a connected datagram socket skips the path lookup that every sendto()
+// to a path makes (about half the cost of a signal). A reader gets one on
+// its second signal within the last kSenderCacheSize first signals (so a
+// writer cycling through more readers than the cache holds keeps using
+// sendto instead of connecting and evicting at every signal). At most
+// kSenderCacheSize, oldest evicted first; an entry goes when a send finds
+// its reader gone, when this process's own Notifier of it closes, and in a
+// forked child (which starts empty: the parent's lock may have been held).
+constexpr size_t kSenderCacheSize = 64;
+
+struct Sender {
+  int32_t pid;
+  uint64_t token;
+  int fd;
+};
+
+struct SenderCache {
+  std::mutex mu;
+  std::vector<Sender> entries;  // oldest first
+  // (pid, token) of recent signals that found no entry, a ring
+  std::pair<int32_t, uint64_t> seen[kSenderCacheSize] = {};
+  size_t seen_next = 0;
+
+  SenderCache() {
+    pthread_atfork([] { cache().mu.lock(); }, [] { cache().mu.unlock(); },
+                   [] {
+                     SenderCache& c = cache();
+                     for (const Sender& e : c.entries) ::close(e.fd);
+                     c.entries.clear();
+                     for (auto& k : c.seen) k = {0, 0};
+                     c.mu.unlock();
+                   });
+  }
+  static SenderCache& cache() {
+    static SenderCache* c = new SenderCache();  // never destroyed: usable at exit
+    return *c;
+  }
+  void erase_at(size_t i) {
+    ::close(entries[i].fd);
+    entries.erase(entries.begin() + static_cast<std::ptrdiff_t>(i));
+  }
+};
+
+// A socket connected to (pid, token)'s; -1: none (its socket is gone, or
+// it was not signalled recently: use sendto). Caller holds the cache lock.
+int connected_sender(SenderCache& c, int32_t pid, uint64_t token) {
+  for (const Sender& e : c.entries)
+    if (e.pid == pid && e.token == token) return e.fd;
+  bool recent = false;
+  for (auto& k : c.seen)
+    if (k.first == pid && k.second == token) {
+      recent = true;
+      k = {0, 0};
+      break;
+    }
+  if (!recent) {
+    c.seen[c.seen_next] = {pid, token};
+    c.seen_next = (c.seen_next + 1) % kSenderCacheSize;
+    return -1;
+  }
+  sockaddr_un addr;
+  socklen_t len;
+  if (!make_address(notify_socket_path(pid, token), &addr, &len)) return -1;
+  Fd fd(socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd.ok() || connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), len) != 0) return -1;
+  if (c.entries.size() >= kSenderCacheSize) c.erase_at(0);
+  c.entries.push_back({pid, token, fd.get()});
+  return fd.release();
 }
 
 // One datagram to (pid, token)'s socket. Failures are ignored: EAGAIN
 // means its queue is full (it is readable already), ENOENT/ECONNREFUSED a
 // reader that went away (its entry is reclaimed by the next claim).
 void send_signal(int32_t pid, uint64_t token) {
-  const int fd = sender_socket();
-  if (fd < 0) return;
-  sockaddr_un addr;
-  socklen_t len;
-  if (!make_address(notify_socket_path(pid, token), &addr, &len)) return;
   const char byte = 1;
-  (void)sendto(fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr), len);
+  SenderCache& c = SenderCache::cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const int fd = connected_sender(c, pid, token);
+  if (fd < 0) {  // not a frequent peer (or gone): one datagram to its path
+    static const int unbound = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    sockaddr_un addr;
+    socklen_t len;
+    if (unbound >= 0 && make_address(notify_socket_path(pid, token), &addr, &len))
+      (void)sendto(unbound, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL,
+                   reinterpret_cast<sockaddr*>(&addr), len);
+    return;
+  }
+  if (send(fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) >= 0 || errno == EAGAIN) return;
+  for (size_t i = 0; i < c.entries.size(); ++i)  // the reader went away: forget it
+    if (c.entries[i].fd == fd) {
+      c.erase_at(i);
+      break;
+    }
+}
+
+// Drops the cached sender of (pid, token), if any.
+void forget_sender(int32_t pid, uint64_t token) {
+  SenderCache& c = SenderCache::cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (size_t i = 0; i < c.entries.size(); ++i)
+    if (c.entries[i].pid == pid && c.entries[i].token == token) {
+      c.erase_at(i);
+      return;
+    }
 }
 
 // An entry whose owner can no longer drain it: its process is gone, or its
@@ -150,6 +240,7 @@ Notifier::~Notifier() {
   if (!claimed_) return;  // attach failed before claiming an entry (it removed the socket)
   if (getpid() != owner_) return;  // a forked child's copy: the entry is the parent's
   NotifyEntry& e = hdr_->notify[index_];
+  forget_sender(static_cast<int32_t>(owner_), e.token.load(std::memory_order_relaxed));
   core::disarm(hdr_, e);
   e.token.store(0, std::memory_order_relaxed);
   e.pid.store(0, std::memory_order_release);

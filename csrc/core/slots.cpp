@@ -193,7 +193,16 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   const bool recovered = s.take_recovered();
   if ((g->flags & kFlagGpu) && (recovered || h->broken.load(std::memory_order_acquire)))
     c = std::max(c, m.load_device_count() + 1);
-  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  // A CPU stream's slots start rotating after writes in place
+  // (Header::slot_contention), which leave the latest publication in any
+  // slot: never copy over it (with seq even, a writer killed in that copy
+  // would destroy the publication readers are shown). Its readers follow
+  // latest_slot, so no slot order is assumed; a GPU stream's device waits
+  // assume slot c % N, which never is the latest there.
+  if ((g->flags & kFlagHostSlots) &&
+      k == h->latest_slot.load(std::memory_order_relaxed) % g->nslots)
+    k = (k + 1) % g->nslots;
   bool count_queued = false;
   try {
     m.store_gen(k, 2 * c - 1);  // may refuse (before anything is queued)

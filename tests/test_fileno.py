@@ -360,3 +360,45 @@ def test_async_falls_back_to_threads_when_the_table_is_full(name):
     assert asyncio.run(main())[0] == 3
     for h in holders + [r, w]:
         h.close()
+
+
+def test_connected_senders_are_bounded_and_released(name):
+    """A writer keeps a connected socket to a reader it signals often: that costs the
+    writer one descriptor per such reader, released when the reader's handle (in this
+    process) closes, and never more than 64 however many readers come and go."""
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    w = torch_shmem.create(name, shape=(4,), dtype=np.int64)
+    with torch_shmem.open(name) as first:  # a first signal makes the process's unbound sender
+        first.fileno()
+        w.write(value(0))
+    base = fds()
+    r = torch_shmem.open(name)
+    fd = r.fileno()
+    for k in range(1, 4):  # the second signal connects a socket to the reader
+        w.write(value(k))
+        assert readable(fd, 5.0)
+        r.read()
+    assert fds() == base + 2  # the reader's descriptor and the writer's connected socket
+    r.close()
+    assert fds() == base
+    # more readers than the writer keeps connected sockets for (a stream has 64 entries)
+    w2 = torch_shmem.create(name + "-2", shape=(4,), dtype=np.int64)
+    base = fds()
+    readers = []
+    for writer, stream in ((w, name), (w2, name + "-2")):
+        for i in range(40):
+            h = torch_shmem.open(stream)
+            h.fileno()
+            readers.append((writer, h))
+    for k in range(3):
+        for writer, h in readers:
+            writer.write(value(k))
+            h.read()  # re-arms
+    assert base + 80 < fds() <= base + 80 + 64
+    for _, h in readers:
+        h.close()
+    assert fds() == base
+    w2.unlink()
+    w.close()

@@ -491,3 +491,68 @@ def test_ring_crash_torture_short(name, seed, policy):
 def test_ring_crash_torture_full(name, seed, policy):
     fig = ring_torture(name, seed, policy, kills=100, n=64 * 1024, readers=3)
     print(fig)
+
+
+# ----------------------------------------------------------------- asyncio
+
+@pytest.mark.parametrize("mode", ["fd", "thread"])
+def test_read_next_async(name, mode, monkeypatch):
+    """read_next_async hands out every publication once, in order, without blocking the
+    loop (a ticker task keeps running while it waits); times out; two tasks sharing a
+    cursor split the publications; a cancelled wait consumes nothing."""
+    import asyncio
+    import threading
+
+    monkeypatch.setenv("TORCH_SHMEM_ASYNC_WAIT", mode)
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=8, policy="block")
+    r = torch_shmem.open(name, reader="a")
+    c2 = torch_shmem.open(name).cursor("b")
+
+    def produce(first, n, gap):
+        for c in range(first, first + n):
+            time.sleep(gap)
+            s.write(rw.make_payload(c, 3), timeout=10)
+
+    async def main():
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        t = asyncio.ensure_future(ticker())
+        with pytest.raises(TimeoutError, match="timed out"):
+            await r.read_next_async(timeout=0.05)
+        with pytest.raises(ValueError, match="timeout"):
+            await r.read_next_async(timeout=-1)
+        waiter = asyncio.ensure_future(r.read_next_async(timeout=5))
+        await asyncio.sleep(0.02)
+        waiter.cancel()  # consumes nothing
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        th = threading.Thread(target=produce, args=(1, 6, 0.01))
+        th.start()
+        got = [await r.read_next_async(timeout=10) for _ in range(6)]
+        th.join()
+        assert [p.count for p in got] == [1, 2, 3, 4, 5, 6]
+        assert all(rw.payload_ok(p.payload, p.count) and p.missed_publications == 0 for p in got)
+        # two tasks on one cursor: each publication to exactly one of them
+        th = threading.Thread(target=produce, args=(7, 6, 0.005))
+        th.start()
+
+        async def drain(k):
+            return [(await c2.read_next_async(timeout=10)).count for _ in range(k)]
+
+        b = await asyncio.gather(drain(6), drain(6))
+        th.join()
+        stop.set()
+        await t
+        return ticks, b
+
+    ticks, b = asyncio.run(main())
+    assert ticks > 20  # the loop kept running while the reads waited
+    assert sorted(b[0] + b[1]) == list(range(1, 13)) and b[0] == sorted(b[0]) and b[1] == sorted(b[1])
+    assert r._reader.consumed == 6

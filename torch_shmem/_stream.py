@@ -604,6 +604,14 @@ class SharedMemory:
             )
         return self._reader.read_next(timeout=timeout, out=out)
 
+    async def read_next_async(
+        self, *, timeout: float | None = None, out: np.ndarray | None = None
+    ) -> Publication:
+        """Awaitable :meth:`read_next` (see :meth:`Cursor.read_next_async`)."""
+        if self._reader is None:
+            self.read_next()  # raises: no cursor
+        return await self._reader.read_next_async(timeout=timeout, out=out)
+
     @property
     def gpu_enabled(self) -> bool:
         """True for GPU streams (payload in device memory), attached or not."""
@@ -1893,6 +1901,43 @@ class Cursor:
             self._index, out, timeout
         )
         return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)
+
+    async def read_next_async(
+        self, *, timeout: float | None = None, out: np.ndarray | None = None
+    ) -> Publication:
+        """Awaitable :meth:`read_next`; never blocks the event loop.
+
+        Waits on the handle's readiness descriptor in the running loop (or in
+        a worker thread where none can be had, as the other async reads) for
+        a publication past this cursor's position, then takes it without
+        waiting; when a thread sharing the cursor took it first, waits again.
+        TimeoutError after ``timeout`` in all; cancelling the awaiting task
+        consumes nothing.
+        """
+        self._check()
+        shm = self._shm
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(
+                f"torch_shmem: stream {shm.name!r}: timeout must be >= 0 or None, got {timeout!r}"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def take(_count: int, _remaining: float | None) -> Publication | None:
+            try:
+                return self.read_next(timeout=0, out=out)
+            except TimeoutError:
+                return None  # another thread of this process took it first
+
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            pub = await shm._wait_async(self.consumed, remaining, "read_next_async", take)
+            if pub is not None:
+                return pub
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"torch_shmem: stream {shm.name!r}: cursor {self._name!r}: timed out after "
+                    f"{timeout:.3g} s waiting for a publication"
+                )
 
     def close(self) -> None:
         """Release the cursor (it keeps its name and position). Idempotent."""

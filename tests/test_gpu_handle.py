@@ -377,3 +377,23 @@ def test_bad_read_timeouts_are_refused_like_cpu_reads(gpu_handle, bad, exc):
     with pytest.raises(exc, match=f"{gpu_handle.name}.*timeout must be"):
         gpu_handle.read_after(0, timeout=bad)
     assert gpu_handle.read(timeout=float("inf")).tolist() == [1.0] * 4
+
+
+def test_reads_keep_the_read_statistics(gpu_handle):
+    """GPU handle reads count what they read, as CPU reads do: last_read_count and
+    missed_writes / total_missed_writes, for the untimed, timed and waiting reads."""
+    shm = gpu_handle
+    assert (shm.last_read_count, shm.missed_writes) == (0, 0)
+    for k in range(1, 4):
+        shm.write(torch.full((4,), float(k)))
+    assert shm.read().tolist() == [3.0] * 4
+    assert (shm.last_read_count, shm.missed_writes, shm.total_missed_writes) == (3, 2, 2)
+    for k in range(4, 6):
+        shm.write(torch.full((4,), float(k)))
+    assert shm.read(timeout=1.0).tolist() == [5.0] * 4
+    assert (shm.last_read_count, shm.missed_writes, shm.total_missed_writes) == (5, 1, 3)
+    shm.write(torch.full((4,), 6.0))
+    out = torch.empty(4)
+    assert shm.read_after(5, out=out, timeout=1.0) is out and out.tolist() == [6.0] * 4
+    assert (shm.last_read_count, shm.missed_writes, shm.total_missed_writes) == (6, 0, 3)
+    assert shm.read(out=out) is out and shm.last_read_count == 6

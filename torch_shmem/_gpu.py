@@ -144,11 +144,11 @@ class DevicePayload:
         try:
             if after is None:
                 if timeout is None:
-                    return _ops.read(stream) if out is None else _ops.read_into(stream, out)
+                    return self._latest(out)
                 seq = h.seq()
                 if seq <= 1:
                     if seq == 0 or h.state()[3]:  # never written, or torn: the op says so
-                        return _ops.read(stream) if out is None else _ops.read_into(stream, out)
+                        return self._latest(out)
                     after = 0  # the first write is inside its host window
                 else:
                     after = (seq >> 1) - 1
@@ -159,9 +159,17 @@ class DevicePayload:
             if out is None:
                 out = torch.empty(stream.shape, dtype=stream.dtype, device=stream.device)
             torch.ops.shmem.wait_read_into(token, out, -1.0 if timeout is None else timeout)
+            h.note_count(int(token[3]))  # the count the op read (read statistics)
             return out
         except (RuntimeError, ValueError) as exc:
             raise _mapped(exc, self._name) from None
+
+    def _latest(self, out: torch.Tensor | None) -> torch.Tensor:
+        """The untimed latest read (op ``read``/``read_into``), recorded in the read statistics."""
+        stream = self.stream
+        result = _ops.read(stream) if out is None else _ops.read_into(stream, out)
+        self._h.note_count(int(stream.token[3]))
+        return result
 
     def _timeout(self, timeout: Any) -> float:
         """``timeout`` as seconds (inf: none), checked as the native handle checks it."""

@@ -985,6 +985,32 @@ PyObject* H_read_after_pub(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   return H_read_after_impl<true>(h, args, nargs);
 }
 
+// note_count(count): records a read of publication `count` made without
+// this handle (a GPU handle's device read through torch.ops.shmem, which
+// leaves the count in its token), so the read statistics (last_read_count,
+// missed_writes) are kept as a snapshot read keeps them. The metadata is
+// that of the header when `count` is still the latest publication, else 0.
+PyObject* H_note_count(Handle* h, PyObject* arg) {
+  Guard g(h);
+  if (!g.ok) return nullptr;
+  const unsigned long long c = PyLong_AsUnsignedLongLong(arg);
+  if (c == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  const auto* hdr = h->s->header();
+  Snapshot snap;
+  snap.count = c;
+  snap.seq = 2 * static_cast<uint64_t>(c);
+  const uint64_t s1 = hdr->seq.load(std::memory_order_acquire);
+  const int64_t t = hdr->write_time_ns.load(std::memory_order_relaxed);
+  const uint64_t f = hdr->frame_id.load(std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (s1 == snap.seq && hdr->seq.load(std::memory_order_relaxed) == s1) {
+    snap.write_time_ns = t;
+    snap.frame_id = f;
+  }
+  record_read(h, snap);
+  Py_RETURN_NONE;
+}
+
 // note_read() -> (count, write_time_ns, frame_id, missed): records the
 // current publication as read by this handle, for reads of the live payload
 // (read(safe=False)). The caller holds the lock, so the metadata is stable.
@@ -1554,6 +1580,7 @@ PyMethodDef handle_methods[] = {
     {"read_stats", (PyCFunction)H_read_stats, METH_NOARGS, nullptr},
     {"live_array", (PyCFunction)H_live_array, METH_NOARGS, nullptr},
     {"pin_live", (PyCFunction)H_pin_live, METH_NOARGS, nullptr},
+    {"note_count", (PyCFunction)H_note_count, METH_O, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
     {"cursor_attach", (PyCFunction)(void (*)(void))H_cursor_attach, METH_FASTCALL, nullptr},
     {"cursor_detach", (PyCFunction)H_cursor_detach, METH_O, nullptr},

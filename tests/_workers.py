@@ -333,6 +333,19 @@ def wait_reader(name, mode, count, ready, results):
         results.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
+def run_together(procs, ready, results, n):
+    """Starts procs, releases them at once (ready), joins them (each must exit 0) and
+    returns the n results they put."""
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    ready.set()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    return [results.get(timeout=10) for _ in range(n)]
+
+
 def count_writer(name, n, min_seconds, ready, done, results):
     """Publish payloads filled with their own count (count + 1 at each write) for min_seconds."""
     s = torch_shmem.open(name)

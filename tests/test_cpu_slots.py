@@ -220,14 +220,7 @@ def test_writes_rotate_once_a_read_overlaps_a_write(name):
     results = ctx.Queue()
     procs = [ctx.Process(target=_workers.count_reader, args=(name, "read", ready, done, results)),
              ctx.Process(target=_workers.count_writer, args=(name, n, 1.0, ready, done, results))]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)
-    ready.set()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    got = dict(results.get(timeout=10) for _ in range(2))
+    got = dict(_workers.run_together(procs, ready, results, 2))
     reads, bad, regress, last = got["reader"]
     assert reads > 0 and bad == 0 and regress == 0 and last == s.count == got["writer"]
     assert s._h.state().slot_contention == 1 and torch_shmem.stat(name)["slots_rotating"]
@@ -264,14 +257,7 @@ def test_no_torn_reads_under_a_writer(name, n, slots, pin, mode):
     procs = [ctx.Process(target=_workers.count_reader, args=(name, mode, ready, done, results))
              for _ in range(2)]
     procs.append(ctx.Process(target=_workers.count_writer, args=(name, n, 1.0, ready, done, results)))
-    for p in procs:
-        p.start()
-    time.sleep(0.5)
-    ready.set()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    got = [results.get(timeout=10) for _ in range(3)]
+    got = _workers.run_together(procs, ready, results, 3)
     written = [v for kind, v in got if kind == "writer"][0]
     assert s.count == written
     for reads, bad, regress, last in (v for kind, v in got if kind == "reader"):

@@ -93,14 +93,7 @@ def test_no_torn_reads_across_processes(name, n, nslots):
     procs = [ctx.Process(target=_workers.slot_reader, args=(name, ready, done, results))
              for _ in range(2)]
     procs.append(ctx.Process(target=_workers.slot_writer, args=(name, n, 1.0, ready, done, results)))
-    for p in procs:
-        p.start()
-    time.sleep(0.5)
-    ready.set()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    got = [results.get(timeout=10) for _ in range(3)]
+    got = _workers.run_together(procs, ready, results, 3)
     written = [v for kind, v in got if kind == "writer"][0]
     for reads, torn, regress, mismatched_id, last in (v for kind, v in got if kind == "reader"):
         print(f"n={n} slots={nslots} written={written} reads={reads} torn={torn}")

@@ -985,6 +985,14 @@ PyObject* H_read_after_pub(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   return H_read_after_impl<true>(h, args, nargs);
 }
 
+// True when the calling thread holds the stream's lock; otherwise sets
+// RuntimeError (for the calls that require it) and returns false.
+bool lock_held(Handle* h) {
+  if (h->s->held_depth() > 0) return true;
+  PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held", h->name);
+  return false;
+}
+
 // note_count(count): records a read of publication `count` made without
 // this handle (a GPU handle's device read through torch.ops.shmem, which
 // leaves the count in its token), so the read statistics (last_read_count,
@@ -1017,11 +1025,7 @@ PyObject* H_note_count(Handle* h, PyObject* arg) {
 PyObject* H_note_read(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
-  if (h->s->held_depth() <= 0) {
-    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
-                 h->name);
-    return nullptr;
-  }
+  if (!lock_held(h)) return nullptr;
   const auto* hdr = h->s->header();
   Snapshot snap;
   snap.seq = hdr->seq.load(std::memory_order_acquire);
@@ -1141,11 +1145,7 @@ PyObject* H_begin_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
       return nullptr;
     }
   }
-  if (h->s->held_depth() <= 0) {
-    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
-                 h->name);
-    return nullptr;
-  }
+  if (!lock_held(h)) return nullptr;
   if (h->s->geometry()->flags & torch_shmem::core::kFlagGpu) {
     PyErr_Format(PyExc_RuntimeError,
                  "torch_shmem: stream %R is a GPU stream: in-place write views are not "
@@ -1172,11 +1172,7 @@ PyObject* H_begin_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
 PyObject* H_commit_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   Guard g(h, true);
   if (!g.ok) return nullptr;
-  if (h->s->held_depth() <= 0) {
-    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
-                 h->name);
-    return nullptr;
-  }
+  if (!lock_held(h)) return nullptr;
   bool has_fid = false;
   unsigned long long fid = 0;
   if (nargs >= 1 && args[0] != Py_None) {
@@ -1507,11 +1503,7 @@ PyObject* H_live_array(Handle* h, PyObject*) {
 PyObject* H_pin_live(Handle* h, PyObject*) {
   Guard g(h);
   if (!g.ok) return nullptr;
-  if (h->s->held_depth() <= 0) {
-    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: the write lock is not held",
-                 h->name);
-    return nullptr;
-  }
+  if (!lock_held(h)) return nullptr;
   h->s->pin_live_slot_locked();
   Py_RETURN_NONE;
 }

@@ -314,6 +314,19 @@ def test_pyshmem_api_cpu_mirror(name):
     s.unlink()
 
 
+def test_notify_is_recorded_on_gpu_streams(name):
+    s = torch_shmem.create(name, shape=(4,), gpu_device="cuda:0", notify=True)
+    try:
+        assert s.notify is True and s.to_config()["notify"] is True
+        assert torch_shmem.open(name).notify is True
+        assert torch_shmem.stat(name)["notify"] is True
+    finally:
+        s.unlink()
+    plain = torch_shmem.create(name, shape=(4,), gpu_device="cuda:0")
+    assert plain.notify is False
+    plain.unlink()
+
+
 def release_on_exit(consumer, publish):
     """Context manager for tests that park ``consumer``: on the way out (pass or fail) a
     still-parked consumer is released by ``publish()`` from another CUDA stream, so a

@@ -27,12 +27,12 @@ pytestmark = pytest.mark.cpu
 SIM = _core.FLAG_GPU | _core.FLAG_SIM_DEVICE
 
 
-def sim_handle(name, shape=(4,), dtype=np.float32, nslots=3, cpu_mirror=False, mode=0o600):
+def sim_handle(name, shape=(4,), dtype=np.float32, nslots=3, cpu_mirror=False, mode=0o600, notify=False):
     """A GPU handle (SharedMemory with a device payload) of a new simulated-device stream."""
     from torch_shmem import _gpu
     from torch_shmem import ops as O
 
-    flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror else 0)
+    flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror else 0) | (_core.FLAG_NOTIFY if notify else 0)
     handle = _core.create(name, dtype_code(np.dtype(dtype)), tuple(shape), mode, flags, nslots)
     return torch_shmem.SharedMemory(handle, owner=True, payload=_gpu.DevicePayload(handle, O.open(name)))
 
@@ -121,31 +121,32 @@ def test_one_handle_class_with_a_device_payload(gpu_handle):
         plain.close()
 
 
-@pytest.mark.parametrize("nslots, cpu_mirror", [(3, False), (2, True)])
-def test_to_config_round_trip_recreates_the_gpu_stream(name, monkeypatch, nslots, cpu_mirror):
-    """to_config() of a GPU handle carries gpu_device, cpu_mirror and slots, and
-    create_from_config() hands all three to the GPU stream's creation (here a
+@pytest.mark.parametrize("nslots, cpu_mirror, notify", [(3, False, False), (2, True, True)])
+def test_to_config_round_trip_recreates_the_gpu_stream(name, monkeypatch, nslots, cpu_mirror, notify):
+    """to_config() of a GPU handle carries gpu_device, cpu_mirror, notify and slots, and
+    create_from_config() hands all four to the GPU stream's creation (here a
     simulated-device stream in place of cudaMalloc'd slots)."""
     from torch_shmem import _gpu
     from torch_shmem import ops as O
 
     calls = []
 
-    def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror_, mode, nslots_=_gpu.DEFAULT_SLOTS):
-        calls.append((gpu_device, cpu_mirror_, nslots_))
-        flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror_ else 0)
+    def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror_, mode, nslots_=_gpu.DEFAULT_SLOTS,
+                      notify=False):
+        calls.append((gpu_device, cpu_mirror_, nslots_, notify))
+        flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror_ else 0) | (_core.FLAG_NOTIFY if notify else 0)
         _core.create(name_, dtype_code(np_dtype), tuple(shape), mode, flags, nslots_).close(1.0)
         return O.open(name_)
 
-    shm = sim_handle(name, (2, 3), np.int32, nslots=nslots, cpu_mirror=cpu_mirror)
+    shm = sim_handle(name, (2, 3), np.int32, nslots=nslots, cpu_mirror=cpu_mirror, notify=notify)
     config = shm.to_config()
     assert config == {"name": name, "shape": [2, 3], "dtype": "int32", "gpu_device": shm.gpu_device,
-                      "cpu_mirror": cpu_mirror, "notify": False, "slots": nslots}
+                      "cpu_mirror": cpu_mirror, "notify": notify, "slots": nslots}
     shm.unlink()
     monkeypatch.setattr(_gpu.DevicePayload, "create_stream", staticmethod(create_stream))
     again = torch_shmem.SharedMemory.create_from_config(config)
     try:
-        assert calls == [(config["gpu_device"], cpu_mirror, nslots)]
+        assert calls == [(config["gpu_device"], cpu_mirror, nslots, notify)]
         assert again.gpu_enabled and again.slots == nslots and again.cpu_mirror is cpu_mirror
         assert again.to_config() == config
         again.write(torch.arange(6, dtype=torch.int32).reshape(2, 3))
@@ -162,7 +163,8 @@ def test_create_gives_a_gpu_stream_its_slots(name, monkeypatch, slots, nslots):
 
     seen = []
 
-    def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots_=_gpu.DEFAULT_SLOTS):
+    def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots_=_gpu.DEFAULT_SLOTS,
+                      notify=False):
         seen.append(nslots_)
         raise RuntimeError("no device here")
 

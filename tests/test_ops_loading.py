@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -97,6 +98,31 @@ def test_mirror_copy_counter_is_exposed_by_the_wrappers():
     assert O.mirror_copy_calls == before + 1
     with pytest.raises(AttributeError, match="no_such_name"):
         O.no_such_name  # noqa: B018
+
+
+def test_create_gpu_records_notify(name, monkeypatch):
+    """create(..., gpu_device=..., notify=True) reaches the op's notify argument (the
+    header flag itself: tests/test_gpu.py::test_notify_is_recorded_on_gpu_streams)."""
+    args = {a.name: a for a in torch.ops.shmem.create_gpu.default._schema.arguments}
+    assert str(args["notify"].type) == "bool" and args["notify"].default_value is False
+    from torch_shmem import _gpu
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_create_gpu(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(_gpu, "require", lambda name: None)
+    monkeypatch.setattr(_gpu, "device_index", lambda device, name: 0)
+    monkeypatch.setattr(_gpu._ops, "create_gpu", fake_create_gpu)
+    for notify in (True, False):
+        with pytest.raises(Stop):
+            _gpu.create_handle(name, (4,), np.float32, "cuda:0", False, 0o600, notify)
+        assert seen["notify"] is notify
 
 
 @no_gpu

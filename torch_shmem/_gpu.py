@@ -96,11 +96,12 @@ class DevicePayload:
         self.device = str(stream.device)
 
     @staticmethod
-    def create_stream(name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS) -> _ops.Stream:
+    def create_stream(name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS,
+                      notify=False) -> _ops.Stream:
         require(name)
         index = device_index(gpu_device, name)
         return _ops.create_gpu(name, shape, torch_dtype(np_dtype), device=index,
-                               nslots=nslots, cpu_mirror=cpu_mirror, mode=mode)
+                               nslots=nslots, cpu_mirror=cpu_mirror, mode=mode, notify=notify)
 
     @staticmethod
     def attach_stream(name, gpu_device, readonly=False) -> _ops.Stream:
@@ -282,7 +283,7 @@ from ._stream import SharedMemory, _closed_error  # noqa: E402
 
 def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify, nslots=DEFAULT_SLOTS) -> SharedMemory:
     """``torch_shmem.create(..., gpu_device=...)``."""
-    stream = DevicePayload.create_stream(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots)
+    stream = DevicePayload.create_stream(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots, notify)
     try:
         handle = _core.open(name, False)
     except BaseException:

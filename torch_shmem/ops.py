@@ -137,8 +137,12 @@ def create_gpu(
     nslots: int = 3,
     cpu_mirror: bool = False,
     mode: int = 0o600,
+    notify: bool = False,
 ) -> Stream:
     """Create a GPU stream: ``nslots`` payload slots in one CUDA IPC allocation.
+
+    ``notify`` is recorded in the header as ``torch_shmem.create(...,
+    notify=True)`` records it (every wait parks on a futex either way).
 
     See docs/gpu.md for the slot protocol and the guarantees of each mode.
     Raises RuntimeError naming the stream and the reason when GPU streams
@@ -147,7 +151,8 @@ def create_gpu(
     """
     _gpu_unavailable(name)
     index = torch.device(device if not isinstance(device, int) else f"cuda:{device}").index or 0
-    stream = _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode))
+    stream = _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode,
+                                                   bool(notify)))
     if cpu_mirror:
         _warm_up_mirror(stream)
     return stream

@@ -445,7 +445,8 @@ at::Tensor op_open(c10::string_view name, bool readonly, int64_t device) {
 }
 
 at::Tensor op_create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
-                      int64_t device, int64_t nslots, bool cpu_mirror, int64_t mode) {
+                      int64_t device, int64_t nslots, bool cpu_mirror, int64_t mode,
+                      bool notify) {
   std::string n(name);
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::create_gpu: stream '", n,
@@ -464,7 +465,8 @@ at::Tensor op_create_gpu(c10::string_view name, at::IntArrayRef shape, c10::Scal
   g.ndim = static_cast<uint32_t>(shape.size());
   for (size_t i = 0; i < shape.size(); ++i) g.shape[i] = shape[i];
   g.mode = static_cast<uint32_t>(mode);
-  g.flags = core::kFlagGpu | (cpu_mirror ? core::kFlagCpuMirror : 0);
+  g.flags = core::kFlagGpu | (cpu_mirror ? core::kFlagCpuMirror : 0) |
+            (notify ? core::kFlagNotify : 0);
   g.nslots = static_cast<uint32_t>(nslots);
   std::shared_ptr<core::SlotMemory> dev;
   g.init_device = [&](core::Header* h) { dev = b->create(h, static_cast<int>(device)); };
@@ -722,7 +724,7 @@ TORCH_LIBRARY(shmem, m) {
   m.def("open(str name, bool readonly=False, int device=-1) -> Tensor");
   m.def(
       "create_gpu(str name, int[] shape, ScalarType dtype, int device, int nslots=3, "
-      "bool cpu_mirror=False, int mode=384) -> Tensor");
+      "bool cpu_mirror=False, int mode=384, bool notify=False) -> Tensor");
   m.def("close(Tensor stream) -> ()");
   m.def("unlink(str name) -> bool");
   m.def("info(Tensor stream) -> (str, int[], int, int)");

@@ -172,8 +172,15 @@ def test_waits_are_woken_by_every_writer(name, mode, gap):
     assert status == "ok", seen
     assert seen[-1] == count and all(1 <= v <= count for v in seen)
     assert all(a <= b for a, b in zip(seen, seen[1:])), "values went backwards"
-    if gap >= 0.004:  # a slow writer: every publication is seen
-        assert sorted(set(seen)) == list(range(1, count + 1))
+    # A lost wake-up of the last write would leave the reader waiting out its timeout
+    # (status != "ok" above); one of an earlier write shows as a skipped value. At a 30 ms
+    # gap every publication is seen; at 4 ms a reader descheduled for longer than the gap
+    # (a loaded 2-core machine) may skip one, so there a few skips are tolerated.
+    skipped = count - len(set(seen))
+    if gap >= 0.03:
+        assert skipped == 0, sorted(set(range(1, count + 1)) - set(seen))
+    elif gap >= 0.004:
+        assert skipped <= count // 50, sorted(set(range(1, count + 1)) - set(seen))
 
 
 @pytest.mark.parametrize("value,expected", [("off", "0.0"), ("always", "5e-05"),

@@ -61,6 +61,25 @@ def resolve_backend(op: str, backend: str | None) -> str:
     return backend
 
 
+def choose_path(op: str, backend: str | None, tensors: dict[str, torch.Tensor], *,
+                allow_pinned_host: bool) -> str:
+    """The path ``op`` takes for ``tensors``: ``"triton"`` or ``"torch"``.
+
+    ``"auto"`` (see :func:`resolve_backend`) takes the Triton kernel when it can reach
+    every tensor (:func:`why_not_triton`) and the torch fallback otherwise; an explicit
+    ``"triton"`` raises ``RuntimeError`` naming why it cannot run.
+    """
+    backend = resolve_backend(op, backend)
+    if backend == "torch":
+        return "torch"
+    reason = why_not_triton(tensors, allow_pinned_host=allow_pinned_host)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"torch_shmem: {op}: the Triton kernel cannot run: {reason}")
+    return "torch"
+
+
 def why_not_triton(tensors: dict[str, torch.Tensor], *, allow_pinned_host: bool) -> str | None:
     """Why the Triton path cannot take these tensors (None when it can).
 

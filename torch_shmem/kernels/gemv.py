@@ -154,15 +154,7 @@ def _check(A, x, out):
 
 def select_backend(A: torch.Tensor, x: torch.Tensor, backend: str | None = None) -> str:
     """The path :func:`gemv` takes: ``"triton"`` or ``"torch"`` (``"triton"`` raises when it cannot run)."""
-    backend = _util.resolve_backend("gemv", backend)
-    if backend == "torch":
-        return "torch"
-    reason = _util.why_not_triton({"A": A, "x": x}, allow_pinned_host=False)
-    if reason is None:
-        return "triton"
-    if backend == "triton":
-        raise RuntimeError(f"torch_shmem: gemv: the Triton kernel cannot run: {reason}")
-    return "torch"
+    return _util.choose_path("gemv", backend, {"A": A, "x": x}, allow_pinned_host=False)
 
 
 def gemv(A: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None, *,

@@ -110,15 +110,7 @@ def select_backend(src: torch.Tensor, dst: torch.Tensor, backend: str | None = N
     ``"auto"``: the Triton kernel when it can reach both tensors (see module docstring),
     the torch fallback otherwise. ``"triton"`` raises ``RuntimeError`` when it cannot.
     """
-    backend = _util.resolve_backend("mirror_copy", backend)
-    if backend == "torch":
-        return "torch"
-    reason = _util.why_not_triton({"src": src, "dst": dst}, allow_pinned_host=True)
-    if reason is None:
-        return "triton"
-    if backend == "triton":
-        raise RuntimeError(f"torch_shmem: mirror_copy: the Triton kernel cannot run: {reason}")
-    return "torch"
+    return _util.choose_path("mirror_copy", backend, {"src": src, "dst": dst}, allow_pinned_host=True)
 
 
 def mirror_copy(src: torch.Tensor, dst: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -132,7 +132,7 @@ def test_to_config_round_trip_recreates_the_gpu_stream(name, monkeypatch, nslots
     calls = []
 
     def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror_, mode, nslots_=_gpu.DEFAULT_SLOTS,
-                      notify=False):
+                      notify=False, ring_policy=-1):
         calls.append((gpu_device, cpu_mirror_, nslots_, notify))
         flags = SIM | (_core.FLAG_CPU_MIRROR if cpu_mirror_ else 0) | (_core.FLAG_NOTIFY if notify else 0)
         _core.create(name_, dtype_code(np_dtype), tuple(shape), mode, flags, nslots_).close(1.0)
@@ -164,7 +164,7 @@ def test_create_gives_a_gpu_stream_its_slots(name, monkeypatch, slots, nslots):
     seen = []
 
     def create_stream(name_, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots_=_gpu.DEFAULT_SLOTS,
-                      notify=False):
+                      notify=False, ring_policy=-1):
         seen.append(nslots_)
         raise RuntimeError("no device here")
 

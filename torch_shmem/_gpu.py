@@ -97,11 +97,12 @@ class DevicePayload:
 
     @staticmethod
     def create_stream(name, shape, np_dtype, gpu_device, cpu_mirror, mode, nslots=DEFAULT_SLOTS,
-                      notify=False) -> _ops.Stream:
+                      notify=False, ring_policy=-1) -> _ops.Stream:
         require(name)
         index = device_index(gpu_device, name)
         return _ops.create_gpu(name, shape, torch_dtype(np_dtype), device=index,
-                               nslots=nslots, cpu_mirror=cpu_mirror, mode=mode, notify=notify)
+                               nslots=nslots, cpu_mirror=cpu_mirror, mode=mode, notify=notify,
+                               ring_policy=ring_policy)
 
     @staticmethod
     def attach_stream(name, gpu_device, readonly=False) -> _ops.Stream:
@@ -281,9 +282,11 @@ from . import _core  # noqa: E402
 from ._stream import SharedMemory, _closed_error  # noqa: E402
 
 
-def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify, nslots=DEFAULT_SLOTS) -> SharedMemory:
-    """``torch_shmem.create(..., gpu_device=...)``."""
-    stream = DevicePayload.create_stream(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots, notify)
+def create_handle(name, dims, np_dtype, gpu_device, cpu_mirror, mode, notify, nslots=DEFAULT_SLOTS,
+                  ring_policy=-1) -> SharedMemory:
+    """``torch_shmem.create(..., gpu_device=...)`` (a GPU ring of ``nslots`` when ``ring_policy >= 0``)."""
+    stream = DevicePayload.create_stream(name, dims, np_dtype, gpu_device, cpu_mirror, mode, nslots, notify,
+                                         ring_policy)
     try:
         handle = _core.open(name, False)
     except BaseException:

@@ -1729,16 +1729,26 @@ def create(
     try:
         if _wants_gpu(gpu_device):
             gpu = _gpu_module(name)
-            shm = gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
-                                    gpu.DEFAULT_SLOTS if nslots in (None, 1) else nslots)
+            if nring:
+                # A GPU ring: device slots, per-cursor device counters (docs/gpu.md, "GPU rings").
+                if nring > _core.MAX_SLOTS:
+                    raise ValueError(
+                        f"torch_shmem: stream {name!r}: a GPU ring holds 2 to {_core.MAX_SLOTS} "
+                        f"publications, got ring={nring}"
+                    )
+                if cpu_mirror:
+                    raise ValueError(f"torch_shmem: stream {name!r}: a GPU ring keeps no CPU mirror")
+                shm = gpu.create_handle(name, dims, dt, gpu_device, False, mode, notify, nring,
+                                        ring_policy=policy_code)
+            else:
+                shm = gpu.create_handle(name, dims, dt, gpu_device, bool(cpu_mirror), mode, notify,
+                                        gpu.DEFAULT_SLOTS if nslots in (None, 1) else nslots)
             _set_auto_unlink(shm, auto_unlink)
             return shm
         flags = _core.FLAG_NOTIFY if notify else 0
         if nslots is None:
             nslots = _auto_slots(expected)
         if nring:
-            if _wants_gpu(gpu_device):
-                raise ValueError(f"torch_shmem: stream {name!r}: rings are CPU streams")
             handle = _core.create(
                 name, dtype_code(dt), dims, mode,
                 flags | _core.FLAG_HOST_SLOTS | _core.FLAG_RING, nring, policy_code,

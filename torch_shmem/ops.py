@@ -138,11 +138,16 @@ def create_gpu(
     cpu_mirror: bool = False,
     mode: int = 0o600,
     notify: bool = False,
+    ring_policy: int = -1,
 ) -> Stream:
     """Create a GPU stream: ``nslots`` payload slots in one CUDA IPC allocation.
 
     ``notify`` is recorded in the header as ``torch_shmem.create(...,
     notify=True)`` records it (every wait parks on a futex either way).
+    ``ring_policy`` >= 0 (0 overwrite, 1 block, 2 drop_newest) makes a GPU
+    ring of ``nslots`` publications: :func:`cursor`, :func:`read_next` (the
+    copy is queued on the current CUDA stream; the host does not wait) and
+    :func:`publish` (docs/gpu.md, "GPU rings").
 
     See docs/gpu.md for the slot protocol and the guarantees of each mode.
     Raises RuntimeError naming the stream and the reason when GPU streams
@@ -152,7 +157,7 @@ def create_gpu(
     _gpu_unavailable(name)
     index = torch.device(device if not isinstance(device, int) else f"cuda:{device}").index or 0
     stream = _wrap(torch.ops.shmem.create_gpu(name, list(shape), dtype, index, nslots, cpu_mirror, mode,
-                                                   bool(notify)))
+                                                   bool(notify), int(ring_policy)))
     if cpu_mirror:
         _warm_up_mirror(stream)
     return stream
@@ -263,7 +268,12 @@ def read_next(stream: Stream, cursor: int, out: torch.Tensor, timeout: float | N
     Blocks until one exists (None: forever); RuntimeError after ``timeout``
     or when the stream is closed; StreamUnlinkedError when it is unlinked
     with nothing left. Records the count in ``stream.token[3]``. ``out``:
-    contiguous CPU tensor of the stream's shape and dtype.
+    contiguous tensor of the stream's shape and dtype, on the CPU (GPU rings:
+    or the stream's device). On a GPU ring the copy into ``out`` and the
+    cursor's device counter are queued on the current CUDA stream and the
+    call returns without waiting for them (work queued after it on that CUDA
+    stream sees the publication); the writer reuses the slot only after the
+    counter passes, on the device.
     """
     return torch.ops.shmem.read_next(stream.token, int(cursor), out,
                                      -1.0 if timeout is None else float(timeout))

@@ -9,7 +9,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 #include "slots.h"
 #include "stream_internal.h"
@@ -251,6 +254,126 @@ bool ring_copy(const Stream& s, uint64_t c, void* dst, Snapshot* snap) {
   snap->write_time_ns = t;
   snap->frame_id = fid;
   return true;
+}
+
+namespace {
+
+// The steps a GPU ring adds to slot_write_locked (ring.h, "GPU rings").
+class DeviceRingSteps : public SlotWriteSteps {
+ public:
+  DeviceRingSteps(Stream& s, SlotMemory& m, bool has_frame_id, uint64_t frame_id)
+      : s_(s), m_(m), has_frame_id_(has_frame_id), frame_id_(frame_id) {}
+
+  void before_copy(uint64_t c, uint32_t k) override {
+    // seq_cst: the writer's half of the Dekker pair (this store, then the
+    // loads of consumed) with a reader's CAS of consumed and load of gen.
+    ring_meta(s_, k)->gen.store(2 * c - 1, std::memory_order_seq_cst);
+    const uint64_t n = s_.geometry()->nslots;
+    if (c <= n) return;
+    const uint64_t need = c - n;
+    std::vector<uint32_t> queued;
+    for (uint32_t i = 0; i < kMaxCursors; ++i) {
+      RingCursor* cur = ring_cursor(s_, i);
+      if (cur->state.load(std::memory_order_acquire) != kCursorNamed) continue;
+      // A cursor behind `need` never copies it from now on: it finds the
+      // slot taken. One at or past it may still be copying slot k (also a
+      // released one: its process may have the copy queued).
+      if (cur->consumed.load(std::memory_order_seq_cst) < need) continue;
+      if (m_.load_cursor(i) >= need) continue;
+      if (m_.queue_wait_cursor(i, need)) {
+        queued.push_back(i);
+      } else {
+        poll_cursor(i, need);
+      }
+    }
+    if (!queued.empty())
+      m_.finish_writer_while([&] {
+        for (uint32_t i : queued) release_if_dead(i, need);
+      });
+  }
+
+  int64_t before_publish(uint64_t c, uint32_t k) override {
+    RingSlotMeta* meta = ring_meta(s_, k);
+    const int64_t t = now_realtime_ns();
+    // frame_id is sticky (as the header's): a write without one keeps the last.
+    meta->write_time_ns.store(t, std::memory_order_relaxed);
+    meta->frame_id.store(
+        has_frame_id_ ? frame_id_ : s_.header()->frame_id.load(std::memory_order_relaxed),
+        std::memory_order_relaxed);
+    meta->gen.store(2 * c, std::memory_order_release);  // metadata before gen even
+    return t;
+  }
+
+  void failed(uint64_t c, uint32_t k) override {
+    // Odd and past 2c: readers take both c and the count slot k held as gone.
+    ring_meta(s_, k)->gen.store(2 * c + 1, std::memory_order_release);
+  }
+
+ private:
+  // The host backend's reader copies in its own call: wait for that call,
+  // releasing a reader that died in it.
+  void poll_cursor(uint32_t i, uint64_t need) {
+    auto next_check = std::chrono::steady_clock::now();
+    std::chrono::microseconds nap(20);
+    while (m_.load_cursor(i) < need) {
+      if (std::chrono::steady_clock::now() >= next_check) {
+        if (release_if_dead(i, need)) return;
+        next_check = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+      }
+      std::this_thread::sleep_for(nap);
+      if (nap < std::chrono::microseconds(1000)) nap *= 2;
+    }
+  }
+
+  // A cursor whose process died with its copy queued never stores its
+  // counter: release it (it keeps its name and position) and store the
+  // counter for it, which ends the writer queue's wait.
+  bool release_if_dead(uint32_t i, uint64_t need) {
+    RingCursor* cur = ring_cursor(s_, i);
+    int32_t pid = cur->owner_pid.load(std::memory_order_acquire);
+    const int32_t who = pid != 0 ? pid : cur->last_pid.load(std::memory_order_relaxed);
+    if (pid_alive(who, cur->owner_start.load(std::memory_order_relaxed))) return false;
+    if (pid != 0) cur->owner_pid.compare_exchange_strong(pid, 0, std::memory_order_acq_rel);
+    m_.force_cursor(i, need);
+    return true;
+  }
+
+  Stream& s_;
+  SlotMemory& m_;
+  bool has_frame_id_;
+  uint64_t frame_id_;
+};
+
+}  // namespace
+
+uint64_t device_ring_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
+                                  bool has_frame_id, uint64_t frame_id) {
+  DeviceRingSteps steps(s, m, has_frame_id, frame_id);
+  return slot_write_locked(s, m, src, src_on_device, has_frame_id, frame_id, &steps);
+}
+
+RingClaim device_ring_claim(const Stream& s, SlotMemory& m, uint32_t index, uint64_t consumed,
+                            uint64_t c, void* dst, bool dst_on_device, Snapshot* snap) {
+  RingCursor* cur = ring_cursor(s, index);
+  // seq_cst: the reader's half of the Dekker pair with the writer's odd gen.
+  if (!cur->consumed.compare_exchange_strong(consumed, c, std::memory_order_seq_cst))
+    return RingClaim::kRaced;
+  const uint32_t k = static_cast<uint32_t>(c % s.geometry()->nslots);
+  const RingSlotMeta* meta = ring_meta(s, k);
+  if (meta->gen.load(std::memory_order_seq_cst) != 2 * c) {
+    // Overwritten (a published c had gen 2c, which only grows). The
+    // counter still moves to c: a writer may wait for it.
+    m.copy_out_then_store_cursor(k, nullptr, dst_on_device, index, c);
+    return RingClaim::kLost;
+  }
+  // gen 2c (acquire) was stored after the metadata, and slot k keeps c
+  // until this cursor's counter reaches c: both are stable here.
+  snap->seq = 2 * c;
+  snap->count = c;
+  snap->write_time_ns = meta->write_time_ns.load(std::memory_order_relaxed);
+  snap->frame_id = meta->frame_id.load(std::memory_order_relaxed);
+  m.copy_out_then_store_cursor(k, dst, dst_on_device, index, c);
+  return RingClaim::kQueued;
 }
 
 void ring_wake_writers(const Stream& s) {

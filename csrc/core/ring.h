@@ -61,6 +61,10 @@ inline uint64_t ring_slots_base(uint32_t nslots) {
   return kRingMetaOffset + (kRingMetaBytes * nslots + 4095) / 4096 * 4096;
 }
 inline bool is_ring(const Header* g) { return (g->flags & kFlagRing) != 0; }
+// A GPU ring (kFlagGpu | kFlagRing, see "GPU rings" below).
+inline bool is_device_ring(const Header* g) {
+  return (g->flags & (kFlagRing | kFlagGpu)) == (kFlagRing | kFlagGpu);
+}
 
 struct RingControl {
   // The slots' count word (HostSlotMemory::store_count); not read by rings.
@@ -158,6 +162,45 @@ struct CursorInfo {
   uint64_t missed;
 };
 std::vector<CursorInfo> ring_cursors(const Stream& s);
+
+// ---- GPU rings ---------------------------------------------------------
+// kFlagGpu | kFlagRing (+ kFlagSimDevice for the host backend), N = 2..16:
+// the segment holds the header and the ring area above (control, cursors,
+// metadata; no slots), the device allocation is a GPU stream's (slots.h)
+// plus one device counter per cursor (cursor_counter_offset). Publication
+// goes through slot_write_locked (device gen and count, host window), with
+// these steps around it:
+//
+// Writer, publication c, k = c % N, need = c - N (the count slot k holds):
+//   meta[k].gen <- 2c - 1 (seq_cst)          -- before the loads below
+//   for each named cursor with consumed >= need (seq_cst load) whose
+//   device counter (load_cursor) is < need: the writer queue waits on the
+//   device until counter >= need (queue_wait_cursor; the host backend polls
+//   instead); then the writer's host thread waits for its queue, and
+//   releases (CAS owner -> 0, counter <- need) any cursor whose process
+//   died with a copy queued (it never stores its counter)
+//   slot_write_locked: device gen odd, copy, gen even, count, wait
+//   meta[k].write_time, frame_id ; meta[k].gen <- 2c (release) ; host window
+// Reader (cursor consumed L, no lock, never waits for its copy):
+//   latest = seq / 2 ; wait while latest <= L ; c = max(L + 1, latest - N + 1)
+//   CAS consumed L -> c (seq_cst) ; g = meta[c % N].gen (seq_cst)
+//   g == 2c: queue copy slot -> dst, then counter <- c, on the reader's
+//            queue (its current CUDA stream): the host returns at once
+//   else:    c was overwritten: queue counter <- c alone, missed, go on
+// The CAS / gen pair is a Dekker pair with the writer's gen store / loads
+// of consumed: either the writer sees the claim (and its queue waits for the
+// reader's copy on the device) or the reader sees the slot taken (and does
+// not copy). One cursor's reads must stay on one reader queue (counter
+// stores are not max operations).
+uint64_t device_ring_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
+                                  bool has_frame_id, uint64_t frame_id);
+// One claim by cursor `index` of publication c (consumed was `consumed`):
+// kRaced (the CAS failed: another thread of the cursor moved it), kLost (the
+// cursor now stands at c, which was overwritten), kQueued (the copy into dst
+// and the counter store are queued; *snap describes publication c).
+enum class RingClaim { kRaced, kLost, kQueued };
+RingClaim device_ring_claim(const Stream& s, SlotMemory& m, uint32_t index, uint64_t consumed,
+                            uint64_t c, void* dst, bool dst_on_device, Snapshot* snap);
 
 // The publication c of the ring (c <= the published count): copies it into
 // dst and fills *snap; false when slot c % N no longer holds it.

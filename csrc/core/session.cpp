@@ -125,8 +125,20 @@ constexpr int kRingTries = 8;  // lapped copies before a reader takes the lock
 
 }  // namespace
 
+// A GPU ring's slots and cursor counters are device memory: only a session
+// over its slot memory (the torch ops) can write, attach or read in order.
+void Session::require_ring_slots() const {
+  if (slots_ == nullptr && is_device_ring(s_.geometry()))
+    throw Error(ErrorKind::kState,
+                "stream '" + s_.name() +
+                    "' is a GPU ring: its publications are in device memory; attach cursors, "
+                    "publish and read_next through torch_shmem.ops (cursor, publish, read_next)");
+}
+
 Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_id,
-                            const Deadline& d, Interrupt interrupt, uint64_t* count) const {
+                            const Deadline& d, Interrupt interrupt, uint64_t* count,
+                            bool src_on_device) const {
+  require_ring_slots();
   const Header* g = s_.geometry();
   RingControl* rc = ring_control(s_);
   bool held = false;
@@ -145,7 +157,7 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
     }
     RingSpace sp = g->ring_policy == kRingOverwrite ? RingSpace() : ring_space(s_);
     if (sp.ok) {
-      *count = s_.write_locked(src, has_frame_id, frame_id);
+      *count = write_locked(src, src_on_device, has_frame_id, frame_id);
       return Blocked::kDone;
     }
     if (g->ring_policy == kRingDropNewest) {
@@ -192,9 +204,34 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
 }
 
 Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interrupt interrupt,
-                           Snapshot* snap, uint64_t* missed) const {
+                           Snapshot* snap, uint64_t* missed, bool dst_on_device) const {
+  require_ring_slots();
   const uint64_t n = s_.geometry()->nslots;
   RingCursor* cur = ring_cursor(s_, index);
+  if (slots_ != nullptr) {  // a GPU ring: claim, then queue the copy (ring.h)
+    uint64_t skipped = 0;
+    for (;;) {
+      uint64_t consumed = cur->consumed.load(std::memory_order_acquire);
+      const uint64_t latest = s_.seq() >> 1;
+      if (latest <= consumed) {
+        Blocked b = wait_until(consumed, d, interrupt);
+        if (b != Blocked::kDone) return b;
+        continue;
+      }
+      uint64_t c = consumed + 1;
+      if (latest >= n && c < latest - n + 1) c = latest - n + 1;
+      const RingClaim r = device_ring_claim(s_, *slots_, index, consumed, c, dst, dst_on_device, snap);
+      if (r == RingClaim::kRaced) continue;
+      const uint64_t gap = r == RingClaim::kLost ? c - consumed : c - consumed - 1;
+      if (gap) cur->missed.fetch_add(gap, std::memory_order_relaxed);
+      skipped += gap;
+      ring_wake_writers(s_);
+      if (r == RingClaim::kQueued) {
+        *missed = skipped;
+        return Blocked::kDone;
+      }
+    }
+  }
   int tries = 0;
   for (;;) {
     uint64_t consumed = cur->consumed.load(std::memory_order_acquire);
@@ -242,10 +279,14 @@ Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interru
 
 Blocked Session::ring_attach(const std::string& name, const Deadline& d, Interrupt interrupt,
                              uint32_t* index) const {
+  require_ring_slots();
   Blocked b = lock_until(d, interrupt);
   if (b != Blocked::kDone) return b;
   LockGuard held(s_);
   *index = core::ring_attach(s_, name);
+  if (slots_ != nullptr)  // a GPU ring: the device counter starts at the cursor's position
+    slots_->force_cursor(*index,
+                         ring_cursor(s_, *index)->consumed.load(std::memory_order_relaxed));
   return Blocked::kDone;
 }
 

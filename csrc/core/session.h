@@ -19,6 +19,7 @@
 #include <cmath>
 #include <utility>
 
+#include "ring.h"
 #include "slots.h"
 #include "stream.h"
 
@@ -83,8 +84,10 @@ class Session {
   // (on_device: src/dst is device memory; slotted streams only.)
   uint64_t write_locked(const void* src, bool src_on_device, bool has_frame_id,
                         uint64_t frame_id) const {
-    return slots_ ? slot_write_locked(s_, *slots_, src, src_on_device, has_frame_id, frame_id)
-                  : s_.write_locked(src, has_frame_id, frame_id);
+    if (slots_ == nullptr) return s_.write_locked(src, has_frame_id, frame_id);
+    if (s_.geometry()->flags & kFlagRing)  // a GPU ring (CPU rings have no slots_)
+      return device_ring_write_locked(s_, *slots_, src, src_on_device, has_frame_id, frame_id);
+    return slot_write_locked(s_, *slots_, src, src_on_device, has_frame_id, frame_id);
   }
   // Publishes an all-zero payload.
   uint64_t clear_locked() const;
@@ -123,17 +126,22 @@ class Session {
   // overwrite; while waiting it releases the lock unless the calling thread
   // also holds it in an outer scope. Throws kTimeout naming the lagging
   // cursor.
+  // (src_on_device: GPU rings only.)
   Blocked ring_write(const void* src, bool has_frame_id, uint64_t frame_id, const Deadline& d,
-                     Interrupt interrupt, uint64_t* count) const;
+                     Interrupt interrupt, uint64_t* count, bool src_on_device = false) const;
   // The next publication for cursor `index` (blocks until there is one);
   // *missed: publications the cursor skipped because they were overwritten.
+  // On a GPU ring the copy into dst is queued on the reader queue (the
+  // current CUDA stream) and not waited for (ring.h, "GPU rings").
   Blocked ring_next(uint32_t index, void* dst, const Deadline& d, Interrupt interrupt,
-                    Snapshot* snap, uint64_t* missed) const;
-  // Registers (or resumes) the cursor `name` for this process, under the lock.
+                    Snapshot* snap, uint64_t* missed, bool dst_on_device = false) const;
+  // Registers (or resumes) the cursor `name` for this process, under the lock
+  // (on a GPU ring also sets its device counter to its position).
   Blocked ring_attach(const std::string& name, const Deadline& d, Interrupt interrupt,
                       uint32_t* index) const;
 
  private:
+  void require_ring_slots() const;
   Stream& s_;
   SlotMemory* slots_;
 };

@@ -173,12 +173,27 @@ uint64_t HostSlotMemory::load_count() const {
   return word(base_, 0)->load(std::memory_order_acquire);
 }
 
+void HostSlotMemory::copy_out_then_store_cursor(uint32_t slot, void* dst, bool, uint32_t index,
+                                                uint64_t c) {
+  if (dst != nullptr) std::memcpy(dst, base_ + slots_base_ + slot_stride_ * slot, payload_bytes_);
+  // release: the copy is done before a writer that sees the counter reuses the slot
+  word(base_, cursor_counter_offset(index))->store(c, std::memory_order_release);
+}
+
+uint64_t HostSlotMemory::load_cursor(uint32_t index) {
+  return word(base_, cursor_counter_offset(index))->load(std::memory_order_acquire);
+}
+
+void HostSlotMemory::force_cursor(uint32_t index, uint64_t v) {
+  word(base_, cursor_counter_offset(index))->store(v, std::memory_order_release);
+}
+
 // ---------------------------------------------------------------------------
 // Protocol
 // ---------------------------------------------------------------------------
 
 uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
-                           bool has_frame_id, uint64_t frame_id) {
+                           bool has_frame_id, uint64_t frame_id, SlotWriteSteps* steps) {
   Header* h = s.header();
   // Slot count and flags from the validated private copy: a damaged shared
   // nslots of 0 would be a division by zero here.
@@ -204,14 +219,18 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
       k == h->latest_slot.load(std::memory_order_relaxed) % g->nslots)
     k = (k + 1) % g->nslots;
   bool count_queued = false;
+  int64_t t = 0;
   try {
+    if (steps != nullptr) steps->before_copy(c, k);
     m.store_gen(k, 2 * c - 1);  // may refuse (before anything is queued)
     m.copy_in(k, src, src_on_device);
     m.store_gen(k, 2 * c);
     count_queued = true;  // from here the device count may reach c
     m.store_count(c);
     m.finish_writer();
+    if (steps != nullptr) t = steps->before_publish(c, k);
   } catch (...) {
+    if (steps != nullptr) steps->failed(c, k);
     if (count_queued) {
       // The host shows the previous publication, but device waiters may
       // have been released for c: reserve c (seq 2c - 1, broken), so the
@@ -235,7 +254,7 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
       throw;
     }
   }
-  return s.commit_write_locked(has_frame_id, frame_id);
+  return s.commit_write_locked(has_frame_id, frame_id, t);  // t == 0: now
 }
 
 // A snapshot of a kFlagHostSlots stream overlapped a write: from the next

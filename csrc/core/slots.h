@@ -49,6 +49,12 @@ namespace torch_shmem {
 namespace core {
 
 inline uint64_t gen_offset(uint32_t slot) { return 128 * (uint64_t(1) + slot); }
+// GPU rings (ring.h): the device counter of cursor i, in the allocation's
+// counter page after the last generation word (up to 32 cursors).
+constexpr uint64_t kCursorCountersOffset = 128 * (1 + kMaxSlots + 1);
+inline uint64_t cursor_counter_offset(uint32_t index) { return kCursorCountersOffset + 8 * uint64_t(index); }
+static_assert(kCursorCountersOffset + 8 * 32 <= kDeviceCountersBytes,
+              "cursor counters exceed the counter page");
 inline uint64_t slot_offset(const Header* h, uint32_t slot) {
   return kDeviceCountersBytes + h->slot_stride * slot;
 }
@@ -99,6 +105,28 @@ class SlotMemory {
   // queue_wait_count; the host backend records it for the calling thread,
   // which stands for the reader queue (unresolved_park reports it).
   virtual void park(uint64_t n) { (void)queue_wait_count(n, -1); }
+
+  // ---- GPU rings (ring.h): one device counter per cursor --------------
+  // Reader queue: copy slot -> dst (no copy when dst is null), then
+  // counter[index] <- c; the host does not wait (on a GPU the copy and the store run on the caller's CUDA
+  // stream; the host backend runs both at once).
+  virtual void copy_out_then_store_cursor(uint32_t slot, void* dst, bool dst_on_device,
+                                          uint32_t index, uint64_t c) = 0;
+  // Writer queue: work queued after this starts once counter[index] >= n.
+  // Returns false when the backend has no device-side wait (the host
+  // backend): the caller then polls load_cursor itself.
+  virtual bool queue_wait_cursor(uint32_t index, uint64_t n) = 0;
+  // counter[index] now, through a private queue (never behind the caller's).
+  virtual uint64_t load_cursor(uint32_t index) = 0;
+  // counter[index] <- v now, through a private queue: a new owner's start,
+  // or the release of a writer queue waiting on a reader that died.
+  virtual void force_cursor(uint32_t index, uint64_t v) = 0;
+  // finish_writer, calling every_slice about every 100 ms while the writer
+  // queue is not done (a GPU ring's writer releases dead readers there).
+  virtual void finish_writer_while(const std::function<void()>& every_slice) {
+    (void)every_slice;
+    finish_writer();
+  }
 };
 
 // Host shared-memory backend: the "device allocation" is a second POSIX shm
@@ -136,6 +164,12 @@ class HostSlotMemory : public SlotMemory {
   uint64_t load_gen(uint32_t slot) const;
   uint64_t load_count() const;
 
+  void copy_out_then_store_cursor(uint32_t slot, void* dst, bool dst_on_device, uint32_t index,
+                                  uint64_t c) override;
+  bool queue_wait_cursor(uint32_t, uint64_t) override { return false; }
+  uint64_t load_cursor(uint32_t index) override;
+  void force_cursor(uint32_t index, uint64_t v) override;
+
   void mirror_out(uint32_t slot, void* host_dst) override;
   // Copier for mirror_out (src slot, dst, bytes; false: not done, the
   // backend copies itself). The torch ops set it so that simulated streams
@@ -167,6 +201,18 @@ class HostSlotMemory : public SlotMemory {
   std::map<std::thread::id, uint64_t> parks_;  // park(): per calling thread
 };
 
+// What a caller adds to slot_write_locked (GPU rings, ring.h), for the
+// publication c into slot k: before_copy, before anything is queued;
+// before_publish, once slot k is complete and before the host publication
+// (returns its write time, ns since the epoch); failed, when the write
+// throws (before the throw goes on).
+struct SlotWriteSteps {
+  virtual ~SlotWriteSteps() = default;
+  virtual void before_copy(uint64_t c, uint32_t k) = 0;
+  virtual int64_t before_publish(uint64_t c, uint32_t k) = 0;
+  virtual void failed(uint64_t c, uint32_t k) = 0;
+};
+
 // Protocol entry points. The stream must be slotted (kFlagGpu or
 // kFlagHostSlots).
 // Caller holds the lock. Returns the new count. A failure once the device
@@ -175,7 +221,7 @@ class HostSlotMemory : public SlotMemory {
 // released for the failed count never see their slot rewritten as the
 // same count).
 uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
-                           bool has_frame_id, uint64_t frame_id);
+                           bool has_frame_id, uint64_t frame_id, SlotWriteSteps* steps = nullptr);
 // Lock-free attempt; false means "take the lock and use slot_read_locked".
 bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device,
                     Snapshot* snap);

@@ -249,12 +249,17 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
     throw Error(ErrorKind::kValue, "stream '" + name + "': CPU slots and GPU flags exclude each other");
   const bool slotted = is_slotted(g.flags);
   const bool ring = (g.flags & kFlagRing) != 0;
-  if (ring && !host_slots)
-    throw Error(ErrorKind::kValue, "stream '" + name + "': a ring is a CPU slotted stream");
-  if (ring && (g.nslots < kMinSlots || g.nslots > kMaxRingSlots))
-    throw Error(ErrorKind::kValue, "stream '" + name + "': rings need " +
-                                       std::to_string(kMinSlots) + " to " +
-                                       std::to_string(kMaxRingSlots) + " slots");
+  // GPU rings (ring.h): the ring area in the segment, the slots on the device.
+  const bool device_ring = ring && (g.flags & kFlagGpu);
+  if (ring && !host_slots && !device_ring)
+    throw Error(ErrorKind::kValue, "stream '" + name + "': a ring is a slotted stream");
+  if (device_ring && (g.flags & kFlagCpuMirror))
+    throw Error(ErrorKind::kValue, "stream '" + name + "': a GPU ring keeps no CPU mirror");
+  const uint32_t max_ring = device_ring ? kMaxSlots : kMaxRingSlots;
+  if (ring && (g.nslots < kMinSlots || g.nslots > max_ring))
+    throw Error(ErrorKind::kValue, "stream '" + name + "': " + (device_ring ? "GPU " : "") +
+                                       "rings need " + std::to_string(kMinSlots) + " to " +
+                                       std::to_string(max_ring) + " slots");
   if (ring && g.ring_policy > kRingDropNewest)
     throw Error(ErrorKind::kValue, "stream '" + name + "': unknown ring policy");
   if (slotted != (g.nslots != 0) ||
@@ -267,10 +272,13 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   // Rings: control, cursors and per-slot metadata before the slots.
   // (slot_stride <= 2**46 and nslots <= 4096: no overflow.)
   const uint64_t device_bytes =
-      (ring ? ring_slots_base(g.nslots) : kDeviceCountersBytes) + slot_stride * g.nslots;
+      (ring && host_slots ? ring_slots_base(g.nslots) : kDeviceCountersBytes) +
+      slot_stride * g.nslots;
   const uint64_t total =
-      kHeaderBytes + (host_slots ? round_up(device_bytes, 4096)
-                                 : cpu_payload ? round_up(nbytes, 4096) : 0);
+      kHeaderBytes + (host_slots    ? round_up(device_bytes, 4096)
+                      : device_ring ? ring_slots_base(g.nslots)
+                      : cpu_payload ? round_up(nbytes, 4096)
+                                    : 0);
 
   Fd fd(shm_open(os.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
   if (!fd.ok()) throw_os("cannot create shared memory '" + os + "'", errno);
@@ -350,6 +358,7 @@ Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   s->payload_bytes_ = nbytes;
   s->map_bytes_ = total;
   if (host_slots) s->attach_host_slots(static_cast<uint8_t*>(base) + kHeaderBytes);
+  if (device_ring) s->slot_area_ = static_cast<uint8_t*>(base) + kHeaderBytes;
   return s;
 }
 
@@ -386,16 +395,18 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   if (host_slots && (h->flags & (kFlagGpu | kFlagCpuMirror | kFlagSimDevice)))
     bad("CPU slots together with GPU flags");
   const bool ring = (h->flags & kFlagRing) != 0;
-  if (ring && !host_slots) bad("ring flag without CPU slots");
+  const bool device_ring = ring && (h->flags & kFlagGpu);
+  if (ring && !host_slots && !device_ring) bad("ring flag on an unslotted stream");
+  if (device_ring && (h->flags & kFlagCpuMirror)) bad("GPU ring with a CPU mirror");
   if (!ring && (h->ring_policy != 0 || h->ring_reserved != 0)) bad("ring fields on a non-ring stream");
   if (is_slotted(h->flags)) {
-    if (h->nslots < kMinSlots || h->nslots > (ring ? kMaxRingSlots : kMaxSlots))
+    if (h->nslots < kMinSlots || h->nslots > (ring && host_slots ? kMaxRingSlots : kMaxSlots))
       bad("invalid slot count");
     if (h->slot_stride < h->payload_bytes || h->slot_stride % kSlotAlign != 0 ||
         h->slot_stride > kMaxPayloadBytes)
       bad("invalid slot stride");
-    if (h->device_bytes !=
-        (ring ? ring_slots_base(h->nslots) : kDeviceCountersBytes) + h->slot_stride * h->nslots)
+    if (h->device_bytes != (ring && host_slots ? ring_slots_base(h->nslots) : kDeviceCountersBytes) +
+                               h->slot_stride * h->nslots)
       bad("invalid device allocation size");
     if (ring && (h->ring_policy > kRingDropNewest || h->ring_reserved != 0))
       bad("invalid ring policy");
@@ -404,8 +415,10 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
   }
   // device_bytes is bounded above (stride and nslots are), so no overflow.
   const uint64_t want =
-      kHeaderBytes + (host_slots ? round_up(h->device_bytes, 4096)
-                                 : cpu_payload ? round_up(h->payload_bytes, 4096) : 0);
+      kHeaderBytes + (host_slots    ? round_up(h->device_bytes, 4096)
+                      : device_ring ? ring_slots_base(h->nslots)
+                      : cpu_payload ? round_up(h->payload_bytes, 4096)
+                                    : 0);
   if (file_bytes != want) bad("payload does not fit the segment");
   if (h->name_len != name.size() || std::memcmp(h->name, name.data(), name.size()) != 0)
     bad("stored name does not match");
@@ -504,6 +517,8 @@ Stream* Stream::open(const std::string& name, bool readonly) {
   s->map_bytes_ = file_bytes;
   s->readonly_ = readonly;
   if (host_slots) s->attach_host_slots(static_cast<uint8_t*>(base) + kHeaderBytes);
+  if ((g->flags & (kFlagRing | kFlagGpu)) == (kFlagRing | kFlagGpu))
+    s->slot_area_ = static_cast<uint8_t*>(base) + kHeaderBytes;
   try {
     s->check_lock_kind();
     if (is_slotted(g->flags) && h->latest_slot.load(std::memory_order_relaxed) >= g->nslots)

@@ -28,6 +28,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
+#include <functional>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -224,17 +227,29 @@ struct Mapping {
   std::mutex aux_mu;
   cudaStream_t aux = nullptr;
 
-  uint64_t device_count() {
+  uint64_t device_count() { return load_u64(0); }
+
+  // A counter of the allocation's counter page, read or stored now through
+  // a private non-blocking stream (never behind a caller's parked stream).
+  uint64_t load_u64(uint64_t offset) {
+    unsigned long long v = 0;
+    aux_copy(&v, static_cast<uint8_t*>(base) + offset, cudaMemcpyDeviceToHost,
+             "read a GPU stream's device counter");
+    return v;
+  }
+  void store_u64_now(uint64_t offset, uint64_t value) {
+    unsigned long long v = value;
+    aux_copy(static_cast<uint8_t*>(base) + offset, &v, cudaMemcpyHostToDevice,
+             "store a GPU stream's device counter");
+  }
+  void aux_copy(void* dst, const void* src, cudaMemcpyKind kind, const char* what) {
     std::lock_guard<std::mutex> g(aux_mu);
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     if (aux == nullptr)
       TSHM_CUDA_CHECK(cudaStreamCreateWithFlags(&aux, cudaStreamNonBlocking),
-                      "create a counter-read stream");
-    unsigned long long v = 0;
-    TSHM_CUDA_CHECK(cudaMemcpyAsync(&v, base, sizeof(v), cudaMemcpyDeviceToHost, aux),
-                    "read a GPU stream's device count");
-    TSHM_CUDA_CHECK(cudaStreamSynchronize(aux), "read a GPU stream's device count");
-    return v;
+                      "create a counter-access stream");
+    TSHM_CUDA_CHECK(cudaMemcpyAsync(dst, src, sizeof(unsigned long long), kind, aux), what);
+    TSHM_CUDA_CHECK(cudaStreamSynchronize(aux), what);
   }
 
   ~Mapping() {
@@ -452,7 +467,65 @@ class CudaSlotMemory : public core::SlotMemory {
   bool queue_wait_count(uint64_t n, double /*host_timeout*/) override {
     c10::cuda::CUDAGuard guard(device());
     cudaStream_t st = stream();
-    auto* count = static_cast<unsigned long long*>(map_->base);  // offset 0
+    queue_wait_geq(0, n);  // the count, offset 0
+    std::lock_guard<std::mutex> g(g_parks_mu);
+    g_parks[st].push_back(Park{map_, n});
+    return true;
+  }
+
+  uint64_t load_device_count() override { return map_->device_count(); }
+
+  // ---- GPU rings (ring.h): per-cursor device counters -----------------
+  void copy_out_then_store_cursor(uint32_t slot, void* dst, bool dst_on_device, uint32_t index,
+                                  uint64_t c) override {
+    c10::cuda::CUDAGuard guard(device());
+    if (dst != nullptr)
+      TSHM_CUDA_CHECK(cudaMemcpyAsync(dst, slot_ptr(slot), nbytes_,
+                                      dst_on_device ? cudaMemcpyDeviceToDevice
+                                                    : cudaMemcpyDeviceToHost,
+                                      stream()),
+                      "copy out of a GPU ring slot");
+    store_u64(core::cursor_counter_offset(index), c);  // after the copy, in stream order
+  }
+  bool queue_wait_cursor(uint32_t index, uint64_t n) override {
+    c10::cuda::CUDAGuard guard(device());
+    queue_wait_geq(core::cursor_counter_offset(index), n);
+    return true;
+  }
+  uint64_t load_cursor(uint32_t index) override {
+    return map_->load_u64(core::cursor_counter_offset(index));
+  }
+  void force_cursor(uint32_t index, uint64_t v) override {
+    map_->store_u64_now(core::cursor_counter_offset(index), v);
+  }
+  // The writer's queue waits on readers' counters: poll its event, calling
+  // every_slice (release of dead readers) about every 100 ms.
+  void finish_writer_while(const std::function<void()>& every_slice) override {
+    c10::cuda::CUDAGuard guard(device());
+    TSHM_CUDA_CHECK(cudaEventRecord(done_, stream()), "record the write event");
+    auto next = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+    for (;;) {
+      const cudaError_t q = cudaEventQuery(done_);
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) TSHM_CUDA_CHECK(q, "wait for the GPU ring's readers");
+      (void)cudaGetLastError();  // clear the not-ready status
+      if (std::chrono::steady_clock::now() >= next) {
+        every_slice();
+        next = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+ private:
+  // Work queued on the current CUDA stream after this waits until the u64 at
+  // `offset` of the counter page is >= n. Without 64-bit stream memory
+  // operations (refused by the driver, or TORCH_SHMEM_DEVICE_WAIT=poll) the
+  // polling kernel waits instead, for the rest of the process (logged once).
+  void queue_wait_geq(uint64_t offset, uint64_t n) {
+    cudaStream_t st = stream();
+    auto* count =
+        reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(map_->base) + offset);
     bool queued = false;
     if (auto fn = stream_wait_value64(); fn != nullptr && g_wait_memops_ok.load()) {
       CUresult r = with_current_context(map_->device, [&] {
@@ -472,13 +545,9 @@ class CudaSlotMemory : public core::SlotMemory {
       TSHM_CUDA_CHECK(cudaGetLastError(), "queue a device-side wait");
       g_stats.wait_kernels.fetch_add(1, std::memory_order_relaxed);
     }
-    std::lock_guard<std::mutex> g(g_parks_mu);
-    g_parks[st].push_back(Park{map_, n});
-    return true;
   }
 
-  uint64_t load_device_count() override { return map_->device_count(); }
-
+ public:
   // See SlotMemory::unresolved_park: the current CUDA stream's parks.
   uint64_t unresolved_park() override {
     uint64_t same = 0;

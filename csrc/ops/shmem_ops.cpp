@@ -361,7 +361,8 @@ void publish_bytes(Entry& e, const at::Tensor& src, const char* op, bool has_fid
     uint64_t count = 0;
     Blocked b;
     try {
-      b = session_of(e).ring_write(c.data_ptr(), has_fid, fid, Deadline(), slices, &count);
+      b = session_of(e).ring_write(c.data_ptr(), has_fid, fid, Deadline(), slices, &count,
+                                   on_device(c));
     } catch (const Error& err) {
       rethrow(op, e.name, err);
     }
@@ -446,7 +447,7 @@ at::Tensor op_open(c10::string_view name, bool readonly, int64_t device) {
 
 at::Tensor op_create_gpu(c10::string_view name, at::IntArrayRef shape, c10::ScalarType dtype,
                       int64_t device, int64_t nslots, bool cpu_mirror, int64_t mode,
-                      bool notify) {
+                      bool notify, int64_t ring_policy) {
   std::string n(name);
   GpuBackend* b = gpu_backend();
   TORCH_CHECK(b != nullptr, "shmem::create_gpu: stream '", n,
@@ -465,8 +466,14 @@ at::Tensor op_create_gpu(c10::string_view name, at::IntArrayRef shape, c10::Scal
   g.ndim = static_cast<uint32_t>(shape.size());
   for (size_t i = 0; i < shape.size(); ++i) g.shape[i] = shape[i];
   g.mode = static_cast<uint32_t>(mode);
+  TORCH_CHECK_VALUE(ring_policy >= -1 && ring_policy <= core::kRingDropNewest,
+                    "shmem::create_gpu: stream '", n, "': ring_policy must be -1 (no ring) or 0 to ",
+                    int(core::kRingDropNewest), ", got ", ring_policy);
+  TORCH_CHECK_VALUE(ring_policy < 0 || !cpu_mirror, "shmem::create_gpu: stream '", n,
+                    "': a GPU ring keeps no CPU mirror");
   g.flags = core::kFlagGpu | (cpu_mirror ? core::kFlagCpuMirror : 0) |
-            (notify ? core::kFlagNotify : 0);
+            (notify ? core::kFlagNotify : 0) | (ring_policy >= 0 ? core::kFlagRing : 0);
+  if (ring_policy >= 0) g.ring_policy = static_cast<uint32_t>(ring_policy);
   g.nslots = static_cast<uint32_t>(nslots);
   std::shared_ptr<core::SlotMemory> dev;
   g.init_device = [&](core::Header* h) { dev = b->create(h, static_cast<int>(device)); };
@@ -638,8 +645,8 @@ at::Tensor read_next_impl(at::Tensor& token, int64_t cursor, at::Tensor& out, do
   check_ring(*e, "read_next");
   check_cursor(*e, cursor, "read_next");
   check_payload_tensor(*e, out, "read_next", "out");
-  TORCH_CHECK_VALUE(out.is_contiguous() && out.device().is_cpu(), "shmem::read_next: stream '",
-                    e->name, "': out must be a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::read_next: stream '", e->name,
+                    "': out must be contiguous");
   const uint32_t index = static_cast<uint32_t>(cursor);
   const uint64_t after =
       core::ring_cursor(*e->stream, index)->consumed.load(std::memory_order_acquire);
@@ -648,8 +655,9 @@ at::Tensor read_next_impl(at::Tensor& token, int64_t cursor, at::Tensor& out, do
   uint64_t missed = 0;
   Blocked b;
   try {
+    // A GPU ring queues the copy on the current CUDA stream (no wait).
     b = session_of(*e).ring_next(index, out.data_ptr(), Deadline::after(timeout), slices, &snap,
-                                 &missed);
+                                 &missed, on_device(out));
   } catch (const Error& err) {
     rethrow("read_next", e->name, err);
   }
@@ -724,7 +732,7 @@ TORCH_LIBRARY(shmem, m) {
   m.def("open(str name, bool readonly=False, int device=-1) -> Tensor");
   m.def(
       "create_gpu(str name, int[] shape, ScalarType dtype, int device, int nslots=3, "
-      "bool cpu_mirror=False, int mode=384, bool notify=False) -> Tensor");
+      "bool cpu_mirror=False, int mode=384, bool notify=False, int ring_policy=-1) -> Tensor");
   m.def("close(Tensor stream) -> ()");
   m.def("unlink(str name) -> bool");
   m.def("info(Tensor stream) -> (str, int[], int, int)");
@@ -784,6 +792,7 @@ TORCH_LIBRARY_IMPL(shmem, CPU, m) {
 // Same kernels for CUDA tensors: the slot copies run on the current CUDA
 // stream of the tensor's device (csrc/cuda/gpu_stream.cu).
 TORCH_LIBRARY_IMPL(shmem, CUDA, m) {
+  m.impl("read_next", &read_next_impl);
   m.impl("publish", &publish_impl);
   m.impl("read_into", &read_into_impl);
   m.impl("read", &read_impl);

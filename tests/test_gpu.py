@@ -327,6 +327,33 @@ def test_notify_is_recorded_on_gpu_streams(name):
     plain.unlink()
 
 
+@pytest.mark.parametrize("policy", ["block", "overwrite"])
+def test_gpu_ring_in_order_on_the_device(name, policy):
+    """A GPU ring's read_next queues the copy and the cursor's device counter on the current
+    CUDA stream without waiting; the writer reuses a slot only after the counter passes."""
+    from torch_shmem import ops as O
+
+    shm = torch_shmem.create(name, shape=(1 << 16,), dtype=np.float32, gpu_device="cuda:0",
+                             ring=4, policy=policy)
+    try:
+        reader = O.open(name, device=0)
+        cur = O.cursor(reader, "r")
+        outs = [torch.empty(1 << 16, device="cuda") for _ in range(12)]
+        metas = []
+        for c in range(1, 13):
+            shm.write(torch.full((1 << 16,), float(c), device="cuda"))
+            metas.append(O.read_next(reader, cur, outs[c - 1], timeout=10).tolist())
+        torch.cuda.synchronize()
+        assert [m[0] for m in metas] == list(range(1, 13)) and all(m[1] == 0 for m in metas)
+        for c, out in enumerate(outs, start=1):
+            assert torch.all(out == c).item(), c
+        stat = torch_shmem.stat(name)["ring"]
+        assert stat["size"] == 4 and stat["cursors"][0]["consumed"] == 12
+        O.close(reader)
+    finally:
+        shm.unlink()
+
+
 def release_on_exit(consumer, publish):
     """Context manager for tests that park ``consumer``: on the way out (pass or fail) a
     still-parked consumer is released by ``publish()`` from another CUDA stream, so a

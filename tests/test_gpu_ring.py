@@ -280,3 +280,30 @@ def test_a_reader_that_dies_mid_copy_is_released(name):
     assert time.monotonic() - t0 < 5
     assert counter[0] >= 1
     assert [(c["name"], c["pid"]) for c in torch_shmem.stat(name)["ring"]["cursors"]] == [("dies", None)]
+
+
+def test_handle_cursor_reads_a_gpu_ring(name):
+    """SharedMemory.cursor()/read_next on a GPU handle (a device payload) read through the
+    torch ops: tensors on the stream's device, exact counts, frame ids and missed counts."""
+    from torch_shmem import _gpu
+
+    make_ring(name, nslots=4, policy="overwrite")
+    handle = _core.open(name, False)
+    shm = torch_shmem.SharedMemory(handle, owner=False, payload=_gpu.DevicePayload(handle, O.open(name)))
+    try:
+        cur = shm.cursor("h")
+        assert shm.ring == 4 and shm.policy == "overwrite"
+        for c in range(1, 7):
+            shm.write(payload(c), frame_id=2**64 - c)
+        pub = cur.read_next(timeout=5)
+        assert isinstance(pub.payload, torch.Tensor) and torch.equal(pub.payload, payload(3))
+        assert (pub.count, pub.missed_publications, pub.frame_id) == (3, 2, 2**64 - 3)
+        out = torch.empty(N, dtype=torch.int64)
+        pub = cur.read_next(out=out)
+        assert pub.payload is out and pub.count == 4 and torch.equal(out, payload(4))
+        assert cur.consumed == 4 and cur.lag == 2
+        assert [cur.read_next().count for _ in range(2)] == [5, 6]
+        with pytest.raises(TimeoutError, match=name):
+            cur.read_next(timeout=0.05)
+    finally:
+        shm.close()

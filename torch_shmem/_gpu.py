@@ -224,6 +224,39 @@ class DevicePayload:
             h.release()
         return None
 
+    # ------------------------------------------------------------- rings
+    def cursor_attach(self, cname: str, timeout: float | None) -> int:
+        """The GPU ring cursor ``cname`` for this process; the op also sets its device
+        counter. (The op takes the stream lock in slices without a deadline: ``timeout``
+        is checked, not applied.)"""
+        if self._h.closed:
+            raise _closed_error(self._name)
+        if timeout is not None:
+            self._timeout(timeout)
+        try:
+            return _ops.cursor(self.stream, cname)
+        except (RuntimeError, ValueError) as exc:
+            raise _mapped(exc, self._name) from None
+
+    def read_next(self, index: int, out: torch.Tensor | None, timeout: float | None):
+        """Cursor ``index``'s next publication of a GPU ring, with the native handle's
+        result ``(payload, count, write_time_ns, frame_id, missed)``. The copy into ``out``
+        (a new tensor on the stream's device when None) is queued on the current CUDA
+        stream and not waited for (docs/gpu.md, "GPU rings")."""
+        if self._h.closed:
+            raise _closed_error(self._name)
+        if timeout is not None:
+            timeout = self._timeout(timeout)
+        stream = self.stream
+        if out is None:
+            out = torch.empty(stream.shape, dtype=stream.dtype, device=stream.device)
+        try:
+            count, missed, frame_id, write_time_ns = _ops.read_next(stream, index, out, timeout).tolist()
+        except (RuntimeError, ValueError) as exc:
+            raise _mapped(exc, self._name) from None
+        self._h.note_count(count)
+        return out, count, write_time_ns, frame_id & 0xFFFF_FFFF_FFFF_FFFF, missed
+
     def clear(self, timeout: float | None) -> None:
         stream = self.stream
         self.write(torch.zeros(stream.shape, dtype=stream.dtype, device=stream.device), None, timeout)

@@ -584,7 +584,7 @@ class SharedMemory:
                 f"torch_shmem: stream {self._name!r} is not a ring; cursors need a stream "
                 f"created with torch_shmem.create({self._name!r}, ..., ring=N)"
             )
-        index = self._h.cursor_attach(cname, timeout)
+        index = self._io.cursor_attach(cname, timeout)
         cur = Cursor(self, cname, index)
         self._cursors.append(cur)
         return cur
@@ -1907,7 +1907,7 @@ class Cursor:
         and nothing is left to consume.
         """
         self._check()
-        payload, count, write_time_ns, frame_id, missed = self._shm._h.read_next(
+        payload, count, write_time_ns, frame_id, missed = self._shm._io.read_next(
             self._index, out, timeout
         )
         return Publication(payload, count, frame_id, write_time_ns * 1e-9, missed)

@@ -203,23 +203,32 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
   }
 }
 
+Blocked Session::ring_oldest_unread(const RingCursor& cur, const Deadline& d, Interrupt interrupt,
+                                    uint64_t* consumed, uint64_t* c, uint64_t* latest) const {
+  const uint64_t n = s_.geometry()->nslots;
+  for (;;) {
+    *consumed = cur.consumed.load(std::memory_order_acquire);
+    *latest = s_.seq() >> 1;  // acquire: slots up to latest are complete
+    if (*latest > *consumed) break;
+    Blocked b = wait_until(*consumed, d, interrupt);
+    if (b != Blocked::kDone) return b;
+  }
+  // The oldest publication the ring may still hold.
+  *c = *consumed + 1;
+  if (*latest >= n && *c < *latest - n + 1) *c = *latest - n + 1;
+  return Blocked::kDone;
+}
+
 Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interrupt interrupt,
                            Snapshot* snap, uint64_t* missed, bool dst_on_device) const {
   require_ring_slots();
-  const uint64_t n = s_.geometry()->nslots;
   RingCursor* cur = ring_cursor(s_, index);
   if (slots_ != nullptr) {  // a GPU ring: claim, then queue the copy (ring.h)
     uint64_t skipped = 0;
     for (;;) {
-      uint64_t consumed = cur->consumed.load(std::memory_order_acquire);
-      const uint64_t latest = s_.seq() >> 1;
-      if (latest <= consumed) {
-        Blocked b = wait_until(consumed, d, interrupt);
-        if (b != Blocked::kDone) return b;
-        continue;
-      }
-      uint64_t c = consumed + 1;
-      if (latest >= n && c < latest - n + 1) c = latest - n + 1;
+      uint64_t consumed, c, latest;
+      Blocked b = ring_oldest_unread(*cur, d, interrupt, &consumed, &c, &latest);
+      if (b != Blocked::kDone) return b;
       const RingClaim r = device_ring_claim(s_, *slots_, index, consumed, c, dst, dst_on_device, snap);
       if (r == RingClaim::kRaced) continue;
       const uint64_t gap = r == RingClaim::kLost ? c - consumed : c - consumed - 1;
@@ -234,16 +243,9 @@ Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interru
   }
   int tries = 0;
   for (;;) {
-    uint64_t consumed = cur->consumed.load(std::memory_order_acquire);
-    const uint64_t latest = s_.seq() >> 1;  // acquire: slots up to latest are complete
-    if (latest <= consumed) {
-      Blocked b = wait_until(consumed, d, interrupt);
-      if (b != Blocked::kDone) return b;
-      continue;
-    }
-    // The oldest publication the ring may still hold.
-    uint64_t c = consumed + 1;
-    if (latest >= n && c < latest - n + 1) c = latest - n + 1;
+    uint64_t consumed, c, latest;
+    Blocked b = ring_oldest_unread(*cur, d, interrupt, &consumed, &c, &latest);
+    if (b != Blocked::kDone) return b;
     bool got = false;
     while (c <= latest && tries < kRingTries) {
       if (ring_copy(s_, c, dst, snap)) {

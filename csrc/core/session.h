@@ -142,6 +142,10 @@ class Session {
 
  private:
   void require_ring_slots() const;
+  // Waits until cursor `cur` has something to consume: its position, the
+  // oldest publication the ring may still hold past it, the latest.
+  Blocked ring_oldest_unread(const RingCursor& cur, const Deadline& d, Interrupt interrupt,
+                             uint64_t* consumed, uint64_t* c, uint64_t* latest) const;
   Stream& s_;
   SlotMemory* slots_;
 };

@@ -39,7 +39,20 @@ def start(target, *args):
     ids=["8B", "8KiB", "1MiB", "64MiB"],
 )
 def test_no_torn_reads_across_processes(name, n, frames):
-    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64)
+    race_writer_and_readers(name, n, frames)
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_no_torn_reads_with_streaming_stores(name, slots, monkeypatch):
+    """Writes from 4 KiB up with non-temporal stores (TORCH_SHMEM_STREAMING_COPY, read by
+    the spawned writer): the stores must still land between the odd and the even seq (or
+    generation), so 128 KiB frames, one payload or slots, are never read torn."""
+    monkeypatch.setenv("TORCH_SHMEM_STREAMING_COPY", "4096")
+    race_writer_and_readers(name, 16 * 1024, 3000, slots=slots)
+
+
+def race_writer_and_readers(name, n, frames, slots=None):
+    s = torch_shmem.create(name, shape=(n,), dtype=np.uint64, slots=slots)
     s.write(_workers.make_frame(0, n))  # a valid frame before the race starts
     ready, done = ctx.Event(), ctx.Event()
     results = ctx.Queue()

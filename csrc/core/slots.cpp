@@ -2,6 +2,7 @@
 #include "slots.h"
 
 #include "os_handles.h"
+#include "stream_internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -110,7 +111,7 @@ void HostSlotMemory::store_gen(uint32_t slot, uint64_t gen) {
 }
 
 void HostSlotMemory::copy_in(uint32_t slot, const void* src, bool) {
-  std::memcpy(base_ + slots_base_ + slot_stride_ * slot, src, payload_bytes_);
+  publish_copy(base_ + slots_base_ + slot_stride_ * slot, src, payload_bytes_);
 }
 
 void HostSlotMemory::store_count(uint64_t count) {

@@ -48,6 +48,21 @@ inline pid_t this_tid() {
 // validated by re-reading seq afterwards.
 inline void racy_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, src, n); }
 
+// A writer's copy of a whole payload into shared memory (a payload or a
+// slot). From streaming_copy_bytes() up it uses non-temporal stores: the
+// destination of a large write is out of cache (a slot written N - 1
+// writes ago, or a payload larger than what the caches keep between
+// writes), and ordinary stores first read every line they overwrite.
+// Measured on the development VM (32 MiB L3, 3 slots of the size, SSE2
+// stores): 16 MiB 11 -> 23 GB/s, 8 MiB 19 -> 25 GB/s, 4 MiB 30 -> 28 GB/s
+// (memcpy keeps 4 MiB, which stays in cache). The stores are fenced on both
+// sides (sfence): after the caller's odd seq or generation, before its
+// release store of the even one, as memcpy's ordinary stores are.
+void publish_copy(void* dst, const void* src, size_t n);
+// TORCH_SHMEM_STREAMING_COPY: the threshold in bytes (default 8 MiB; 0:
+// never), read once per process.
+size_t streaming_copy_bytes();
+
 constexpr size_t kGeometryBytes = offsetof(Header, seq);  // immutable part of the header
 
 

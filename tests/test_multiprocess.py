@@ -207,3 +207,30 @@ def test_forked_child_does_not_inherit_the_lock(name):
     _, status = os.waitpid(pid, 0)
     s.release()
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "8MiB"])
+def test_invalid_streaming_copy_setting_is_refused(name, value):
+    """TORCH_SHMEM_STREAMING_COPY must be a byte count: anything else makes create() and
+    open() raise ValueError naming the stream and the value, before any write starts."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, torch_shmem\n"
+        "for call in (lambda: torch_shmem.create(NAME, shape=(1,)), lambda: torch_shmem.open(NAME)):\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('accepted')\n"
+        "    except ValueError as exc:\n"
+        "        print('ValueError', exc)\n"
+    ).replace("NAME", repr(name))
+    env = dict(os.environ, TORCH_SHMEM_STREAMING_COPY=value)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("ValueError") for line in lines), lines
+    assert all(f"TORCH_SHMEM_STREAMING_COPY='{value}'" in line and name in line for line in lines)
+    assert name not in torch_shmem.list_streams()

@@ -26,16 +26,41 @@
 namespace torch_shmem {
 namespace core {
 
-size_t streaming_copy_bytes() {
-  static const size_t bytes = [] {
+namespace {
+
+struct StreamingCopySetting {
+  size_t bytes = size_t(8) << 20;
+  std::string invalid;  // the variable's value when it is not a byte count
+};
+
+const StreamingCopySetting& streaming_copy_setting() {
+  static const StreamingCopySetting setting = [] {
+    StreamingCopySetting s;
     const char* v = std::getenv("TORCH_SHMEM_STREAMING_COPY");
-    if (v == nullptr || *v == 0) return size_t(8) << 20;
+    if (v == nullptr || *v == 0) return s;
     char* end = nullptr;
+    errno = 0;
     const unsigned long long n = std::strtoull(v, &end, 10);
-    if (end == v || *end != 0) return size_t(8) << 20;  // not a number: the default
-    return n == 0 ? SIZE_MAX : static_cast<size_t>(n);
+    if (end == v || *end != 0 || errno != 0 || *v == '-') {
+      s.invalid = v;
+      return s;
+    }
+    s.bytes = n == 0 ? SIZE_MAX : static_cast<size_t>(n);
+    return s;
   }();
-  return bytes;
+  return setting;
+}
+
+}  // namespace
+
+size_t streaming_copy_bytes() { return streaming_copy_setting().bytes; }
+
+void check_streaming_copy_setting(const std::string& name) {
+  const StreamingCopySetting& s = streaming_copy_setting();
+  if (!s.invalid.empty())
+    throw Error(ErrorKind::kValue, "stream '" + name +
+                                       "': environment variable TORCH_SHMEM_STREAMING_COPY='" +
+                                       s.invalid + "' is not a byte count (0: never stream)");
 }
 
 void publish_copy(void* dst, const void* src, size_t n) {

@@ -231,6 +231,7 @@ std::string Stream::os_name(const std::string& name) {
 
 Stream* Stream::create(const std::string& name, const CreateOptions& g) {
   const std::string os = os_name(name);
+  check_streaming_copy_setting(name);
   uint32_t itemsize = dtype_itemsize(g.dtype_code);
   if (itemsize == 0) throw Error(ErrorKind::kValue, "unknown dtype code");
   if (g.ndim > kMaxDims)
@@ -426,6 +427,7 @@ void Stream::validate(const Header* h, uint64_t file_bytes, const std::string& n
 
 Stream* Stream::open(const std::string& name, bool readonly) {
   const std::string os = os_name(name);
+  check_streaming_copy_setting(name);
   Fd fd(shm_open(os.c_str(), O_RDWR | O_CLOEXEC, 0));
   if (!fd.ok()) {
     int e = errno;

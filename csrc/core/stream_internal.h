@@ -60,8 +60,10 @@ inline void racy_copy(void* dst, const void* src, size_t n) { std::memcpy(dst, s
 // release store of the even one, as memcpy's ordinary stores are.
 void publish_copy(void* dst, const void* src, size_t n);
 // TORCH_SHMEM_STREAMING_COPY: the threshold in bytes (default 8 MiB; 0:
-// never), read once per process.
+// never), read once per process. An invalid value makes create and open
+// throw kValue (check_streaming_copy_setting), so no write starts with it.
 size_t streaming_copy_bytes();
+void check_streaming_copy_setting(const std::string& name);
 
 constexpr size_t kGeometryBytes = offsetof(Header, seq);  // immutable part of the header
 

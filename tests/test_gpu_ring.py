@@ -307,3 +307,20 @@ def test_handle_cursor_reads_a_gpu_ring(name):
             cur.read_next(timeout=0.05)
     finally:
         shm.close()
+
+
+def test_read_next_on_a_parked_reader_queue_waits_for_the_park(name):
+    """wait_device parks the reader queue (here: the calling thread) on a count not yet
+    published: read_next first waits for that count on the host, within its timeout."""
+    writer = make_ring(name, nslots=4, policy="block")
+    reader = O.open(name)
+    cur = O.cursor(reader, "r")
+    out = torch.empty(N, dtype=torch.int64)
+    O.publish(writer, payload(1))
+    O.wait_device(reader, 3)
+    with pytest.raises(RuntimeError, match="timed out"):
+        O.read_next(reader, cur, out, timeout=0.2)
+    t = publish_in_thread(writer, [2, 3])
+    count = O.read_next(reader, cur, out, timeout=10)[0].item()
+    t.join(10)
+    assert count == 1 and torch.equal(out, payload(1))  # the park resolved; the cursor's next

@@ -648,6 +648,14 @@ at::Tensor read_next_impl(at::Tensor& token, int64_t cursor, at::Tensor& out, do
   TORCH_CHECK_VALUE(out.is_contiguous(), "shmem::read_next: stream '", e->name,
                     "': out must be contiguous");
   const uint32_t index = static_cast<uint32_t>(cursor);
+  // A GPU ring read queues the cursor's counter store on the current CUDA
+  // stream; parked (wait_device) on a count not published yet, the store
+  // would wait for a publication that the writer, waiting for the store,
+  // never makes: wait for that count on the host first, as reads do.
+  if (e->dev != nullptr) {
+    if (const uint64_t parked = e->dev->unresolved_park(); parked != 0)
+      wait_count_after(*e, parked - 1, Deadline::after(timeout), "read_next");
+  }
   const uint64_t after =
       core::ring_cursor(*e->stream, index)->consumed.load(std::memory_order_acquire);
   OpSlices slices{*e};

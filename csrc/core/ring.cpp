@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -279,7 +280,9 @@ class DeviceRingSteps : public SlotWriteSteps {
       // slot taken. One at or past it may still be copying slot k (also a
       // released one: its process may have the copy queued).
       if (cur->consumed.load(std::memory_order_seq_cst) < need) continue;
-      if (m_.load_cursor(i) >= need) continue;
+      // A device-side wait costs the host nothing (one that is already
+      // satisfied passes at once on the device); reading the counter from
+      // the host would be a round trip per cursor.
       if (m_.queue_wait_cursor(i, need)) {
         queued.push_back(i);
       } else {
@@ -327,14 +330,15 @@ class DeviceRingSteps : public SlotWriteSteps {
 
   // A cursor whose process died with its copy queued never stores its
   // counter: release it (it keeps its name and position) and store the
-  // counter for it, which ends the writer queue's wait.
+  // counter for it, up to its position, which ends the writer queue's wait
+  // and every later one for publications it claimed.
   bool release_if_dead(uint32_t i, uint64_t need) {
     RingCursor* cur = ring_cursor(s_, i);
     int32_t pid = cur->owner_pid.load(std::memory_order_acquire);
     const int32_t who = pid != 0 ? pid : cur->last_pid.load(std::memory_order_relaxed);
     if (pid_alive(who, cur->owner_start.load(std::memory_order_relaxed))) return false;
     if (pid != 0) cur->owner_pid.compare_exchange_strong(pid, 0, std::memory_order_acq_rel);
-    m_.force_cursor(i, need);
+    m_.force_cursor(i, std::max(need, cur->consumed.load(std::memory_order_acquire)));
     return true;
   }
 

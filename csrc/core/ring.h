@@ -173,12 +173,12 @@ std::vector<CursorInfo> ring_cursors(const Stream& s);
 //
 // Writer, publication c, k = c % N, need = c - N (the count slot k holds):
 //   meta[k].gen <- 2c - 1 (seq_cst)          -- before the loads below
-//   for each named cursor with consumed >= need (seq_cst load) whose
-//   device counter (load_cursor) is < need: the writer queue waits on the
-//   device until counter >= need (queue_wait_cursor; the host backend polls
-//   instead); then the writer's host thread waits for its queue, and
-//   releases (CAS owner -> 0, counter <- need) any cursor whose process
-//   died with a copy queued (it never stores its counter)
+//   for each named cursor with consumed >= need (seq_cst load): the writer
+//   queue waits on the device until its counter >= need
+//   (queue_wait_cursor; the host backend polls the counter instead); then
+//   the writer's host thread waits for its queue, and releases (CAS owner
+//   -> 0, counter <- max(need, consumed)) any cursor whose process died
+//   with a copy queued (it never stores its counter)
 //   slot_write_locked: device gen odd, copy, gen even, count, wait
 //   meta[k].write_time, frame_id ; meta[k].gen <- 2c (release) ; host window
 // Reader (cursor consumed L, no lock, never waits for its copy):

@@ -324,3 +324,13 @@ def test_read_next_on_a_parked_reader_queue_waits_for_the_park(name):
     count = O.read_next(reader, cur, out, timeout=10)[0].item()
     t.join(10)
     assert count == 1 and torch.equal(out, payload(1))  # the park resolved; the cursor's next
+
+
+def test_create_refuses_a_gpu_ring_it_cannot_make(name):
+    """create(gpu_device=..., ring=N) checks what only a GPU ring limits, before any device
+    work: N up to 16 (slots in the device allocation's counter page), no CPU mirror."""
+    with pytest.raises(ValueError, match=f"stream {name!r}: a GPU ring holds 2 to 16 publications, got ring=17"):
+        torch_shmem.create(name, shape=(4,), gpu_device="cuda:0", ring=17)
+    with pytest.raises(ValueError, match=f"stream {name!r}: a GPU ring keeps no CPU mirror"):
+        torch_shmem.create(name, shape=(4,), gpu_device="cuda:0", ring=4, cpu_mirror=True)
+    assert name not in torch_shmem.list_streams()

@@ -52,7 +52,9 @@ inline uint64_t gen_offset(uint32_t slot) { return 128 * (uint64_t(1) + slot); }
 // GPU rings (ring.h): the device counter of cursor i, in the allocation's
 // counter page after the last generation word (up to 32 cursors).
 constexpr uint64_t kCursorCountersOffset = 128 * (1 + kMaxSlots + 1);
-inline uint64_t cursor_counter_offset(uint32_t index) { return kCursorCountersOffset + 8 * uint64_t(index); }
+inline uint64_t cursor_counter_offset(uint32_t index) {
+  return kCursorCountersOffset + 8 * uint64_t(index);
+}
 static_assert(kCursorCountersOffset + 8 * 32 <= kDeviceCountersBytes,
               "cursor counters exceed the counter page");
 inline uint64_t slot_offset(const Header* h, uint32_t slot) {
@@ -108,8 +110,9 @@ class SlotMemory {
 
   // ---- GPU rings (ring.h): one device counter per cursor --------------
   // Reader queue: copy slot -> dst (no copy when dst is null), then
-  // counter[index] <- c; the host does not wait (on a GPU the copy and the store run on the caller's CUDA
-  // stream; the host backend runs both at once).
+  // counter[index] <- c; the host does not wait (on a GPU the copy and the
+  // store run on the caller's CUDA stream; the host backend runs both at
+  // once).
   virtual void copy_out_then_store_cursor(uint32_t slot, void* dst, bool dst_on_device,
                                           uint32_t index, uint64_t c) = 0;
   // Writer queue: work queued after this starts once counter[index] >= n.

@@ -334,3 +334,30 @@ def test_create_refuses_a_gpu_ring_it_cannot_make(name):
     with pytest.raises(ValueError, match=f"stream {name!r}: a GPU ring keeps no CPU mirror"):
         torch_shmem.create(name, shape=(4,), gpu_device="cuda:0", ring=4, cpu_mirror=True)
     assert name not in torch_shmem.list_streams()
+
+
+def test_handle_cursor_read_next_async_on_a_gpu_ring(name):
+    """Cursor.read_next_async on a GPU handle: the wait is the handle's (no event-loop
+    blocking), the take goes through the device payload."""
+    import asyncio
+
+    from torch_shmem import _gpu
+
+    writer = make_ring(name, nslots=4, policy="block")
+    handle = _core.open(name, False)
+    shm = torch_shmem.SharedMemory(handle, owner=False, payload=_gpu.DevicePayload(handle, O.open(name)))
+    try:
+        cur = shm.cursor("aio")
+
+        async def main():
+            task = asyncio.ensure_future(cur.read_next_async(timeout=10))
+            await asyncio.sleep(0.1)
+            assert not task.done()  # nothing published yet: the loop keeps running
+            await asyncio.get_running_loop().run_in_executor(None, O.publish, writer, payload(1))
+            return await task
+
+        pub = asyncio.run(main())
+        assert pub.count == 1 and isinstance(pub.payload, torch.Tensor)
+        assert torch.equal(pub.payload, payload(1))
+    finally:
+        shm.close()

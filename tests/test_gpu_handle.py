@@ -95,9 +95,29 @@ def test_async_publication_reads_are_refused_like_the_sync_ones(gpu_handle):
         asyncio.run(gpu_handle.read_after_publication_async(0, timeout=0.01))
 
 
-def test_fileno_is_refused_with_the_stream_name(gpu_handle):
-    with pytest.raises(RuntimeError, match=rf"{gpu_handle.name}.*fileno\(\) is not supported"):
-        gpu_handle.fileno()
+def test_fileno_follows_the_gpu_handles_reads(name):
+    """A GPU handle's readiness descriptor is armed on its read count, which its device
+    reads keep (note_count): readable after a publication, not after reading it, and
+    readable again after the next one; the latest read and a timed read both re-arm it."""
+    import select
+
+    def readable(fd, wait=0.0):
+        return bool(select.select([fd], [], [], wait)[0])
+
+    shm = sim_handle(name)
+    try:
+        fd = shm.fileno()
+        assert fd == shm.fileno() and not readable(fd)
+        shm.write(torch.full((4,), 1.0))
+        assert readable(fd, 5)
+        shm.read()  # the untimed latest read (op read)
+        assert not readable(fd)
+        shm.write(torch.full((4,), 2.0))
+        assert readable(fd, 5)
+        shm.read(timeout=1)  # a timed read (op wait_read_into)
+        assert not readable(fd) and shm.last_read_count == 2
+    finally:
+        shm.close()
 
 
 def test_stat_names_the_device_of_a_gpu_stream(gpu_handle):

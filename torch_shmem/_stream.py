@@ -1105,9 +1105,8 @@ class SharedMemory:
         stream makes armed descriptors readable once.
         """
         self._check_open()
-        # A GPU handle's reads go through the op library and do not advance
-        # the native handle's read count that the descriptor is armed on.
-        self._payload.unsupported(self, "fileno()")
+        # GPU handles too: their device reads record the count they read on
+        # the native handle (note_count), which re-arms the descriptor.
         return self._h.notify_fd()
 
     def clear(self, *, timeout: float | None = None) -> None:

@@ -8,6 +8,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -73,7 +74,8 @@ void publish_copy(void* dst, const void* src, size_t n) {
     // visible before any byte of it, as the release fence orders ordinary
     // stores.
     _mm_sfence();
-    const size_t head = (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15;  // to 16-byte alignment
+    const size_t head =  // to 16-byte alignment (payloads and slots are aligned: 0)
+        std::min(n, static_cast<size_t>((16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15));
     std::memcpy(d, s, head);
     size_t i = head;
     for (; i + 64 <= n; i += 64) {
@@ -93,7 +95,6 @@ void publish_copy(void* dst, const void* src, size_t n) {
 #endif
   std::memcpy(dst, src, n);
 }
-
 
 namespace {
 

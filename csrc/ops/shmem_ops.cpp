@@ -328,6 +328,16 @@ void wait_count_after(Entry& e, uint64_t after, const Deadline& d, const char* o
   check_blocked(b, e, op, after);
 }
 
+// A GPU stream's reader queue (the current CUDA stream) parked by
+// wait_device on a count not published yet: wait for that count on the host
+// first, so that nothing queued behind the park blocks this thread (or, for
+// a ring's counter store, the writer that would publish the count).
+void settle_park(Entry& e, const Deadline& d, const char* op) {
+  if (e.dev == nullptr) return;
+  if (const uint64_t parked = e.dev->unresolved_park(); parked != 0)
+    wait_count_after(e, parked - 1, d, op);
+}
+
 // Copies one completed publication into dst (on the device when
 // dst_on_device; GPU streams only). A reader queue parked by wait_device on
 // a count not published yet (the current CUDA stream) first waits for it on
@@ -336,10 +346,7 @@ void wait_count_after(Entry& e, uint64_t after, const Deadline& d, const char* o
 // the publishing writer needs.
 void snapshot(Entry& e, void* dst, bool dst_on_device, const char* op, const Deadline& d,
               core::Snapshot* snap) {
-  if (e.dev != nullptr) {
-    if (const uint64_t parked = e.dev->unresolved_park(); parked != 0)
-      wait_count_after(e, parked - 1, d, op);
-  }
+  settle_park(e, d, op);
   OpSlices slices{e};
   Blocked b;
   try {
@@ -649,13 +656,8 @@ at::Tensor read_next_impl(at::Tensor& token, int64_t cursor, at::Tensor& out, do
                     "': out must be contiguous");
   const uint32_t index = static_cast<uint32_t>(cursor);
   // A GPU ring read queues the cursor's counter store on the current CUDA
-  // stream; parked (wait_device) on a count not published yet, the store
-  // would wait for a publication that the writer, waiting for the store,
-  // never makes: wait for that count on the host first, as reads do.
-  if (e->dev != nullptr) {
-    if (const uint64_t parked = e->dev->unresolved_park(); parked != 0)
-      wait_count_after(*e, parked - 1, Deadline::after(timeout), "read_next");
-  }
+  // stream, which the writer may wait for.
+  settle_park(*e, Deadline::after(timeout), "read_next");
   const uint64_t after =
       core::ring_cursor(*e->stream, index)->consumed.load(std::memory_order_acquire);
   OpSlices slices{*e};

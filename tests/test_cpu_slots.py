@@ -419,3 +419,42 @@ def test_first_rotating_write_never_overwrites_the_latest_slot(name):
         finally:
             m.close()
     assert torch_shmem.stat(name)["slots_rotating"] and s.read().tolist() == [4] * 64
+
+
+def test_writer_avoids_a_slot_a_reader_announced(name):
+    """Reader hints (slots.h): a rotating writer never rewrites a slot whose reader
+    announced a copy in progress (Header::slot_readers), alternating between the other
+    two; an announcement older than the lease (a reader that died mid-copy) is ignored;
+    reads clear their own announcement."""
+    import mmap
+    import struct
+
+    readers_at = 2688  # Header::slot_readers
+    s = torch_shmem.create(name, shape=(256, 256), dtype=np.int64, slots=3)  # 512 KiB
+    with open(f"/dev/shm/torch_shmem.{name}", "r+b") as f:
+        m = mmap.mmap(f.fileno(), 4096)
+        try:
+            struct.pack_into("<I", m, 1064, 1)  # rotate, as after a read overlapped a write
+            for k in range(1, 4):
+                s.write(np.full((256, 256), k))
+            assert s.read()[0, 0] == 3
+            assert struct.unpack_from("<3q", m, readers_at) == (0, 0, 0)  # cleared after the copy
+            busy = struct.unpack_from("<I", m, 1056)[0]  # the latest slot: a reader copies it
+            struct.pack_into("<q", m, readers_at + 8 * busy, time.monotonic_ns())
+            used = set()
+            for k in range(4, 14):
+                s.write(np.full((256, 256), k))
+                used.add(struct.unpack_from("<I", m, 1056)[0])
+            assert busy not in used and len(used) == 2
+            assert s.read()[0, 0] == 13
+            # a stale announcement (older than the 250 ms lease) holds nothing
+            struct.pack_into("<q", m, readers_at + 8 * busy, time.monotonic_ns() - 2_000_000_000)
+            used = set()
+            for k in range(14, 20):
+                s.write(np.full((256, 256), k))
+                used.add(struct.unpack_from("<I", m, 1056)[0])
+            assert busy in used
+            assert s.read()[0, 0] == 19
+        finally:
+            m.close()
+    s.unlink()

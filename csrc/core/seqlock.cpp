@@ -203,7 +203,7 @@ void Stream::begin_write_locked(uint64_t at, bool whole) {
   const uint32_t pinned = live_slot();
   const uint32_t latest = hdr_->latest_slot.load(std::memory_order_relaxed) % g->nslots;
   const uint32_t k = pinned ? (pinned - 1) % g->nslots
-                            : (rotates_slots() ? static_cast<uint32_t>(c % g->nslots) : latest);
+                            : (rotates_slots() ? host_slot_for(*this, c) : latest);
   host_slots_->store_gen(k, 2 * c - 1);
   if (latest != k && !whole)
     publish_copy(host_slots_->slot_ptr(k), host_slots_->slot_ptr(latest), payload_bytes_);

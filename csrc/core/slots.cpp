@@ -24,11 +24,49 @@ namespace {
 constexpr int kSlotTries = 4;
 constexpr double kOddSpinSeconds = 20e-6;
 
+constexpr uint64_t kSlotReaderHintBytes = 256 * 1024;
+constexpr int64_t kSlotReaderLeaseNs = 250 * 1000 * 1000;
+
 std::atomic<uint64_t>* word(uint8_t* base, uint64_t offset) {
   return reinterpret_cast<std::atomic<uint64_t>*>(base + offset);
 }
 
+int64_t now_monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+// Whether readers announce the slot they copy (slots.h, "Reader hints"):
+// below the threshold a copy is too short to be overtaken in practice and
+// the shared word would cost more than it saves.
+bool uses_reader_hints(const Stream& s) {
+  const Header* g = s.geometry();
+  return (g->flags & (kFlagHostSlots | kFlagRing | kFlagGpu)) == kFlagHostSlots &&
+         g->payload_bytes >= kSlotReaderHintBytes;
+}
+
 }  // namespace
+
+uint32_t host_slot_for(const Stream& s, uint64_t c) {
+  const Header* g = s.geometry();
+  const Header* h = s.header();
+  const uint32_t n = g->nslots;
+  const uint32_t latest = h->latest_slot.load(std::memory_order_relaxed) % n;
+  uint32_t k = static_cast<uint32_t>(c % n);
+  if (k == latest) k = (k + 1) % n;
+  if (n < 3 || !uses_reader_hints(s)) return k;
+  int64_t now = 0;
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint32_t j = (k + i) % n;
+    if (j == latest) continue;
+    const int64_t t = h->slot_readers[j].load(std::memory_order_relaxed);
+    if (t == 0) return j;
+    if (now == 0) now = now_monotonic_ns();
+    if (now - t > kSlotReaderLeaseNs) return j;  // a reader that died or stopped mid-copy
+  }
+  return k;  // every other slot is being copied: overtake one (its reader retries)
+}
 
 // ---------------------------------------------------------------------------
 // Host backend
@@ -209,16 +247,15 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   const bool recovered = s.take_recovered();
   if ((g->flags & kFlagGpu) && (recovered || h->broken.load(std::memory_order_acquire)))
     c = std::max(c, m.load_device_count() + 1);
-  uint32_t k = static_cast<uint32_t>(c % g->nslots);
   // A CPU stream's slots start rotating after writes in place
   // (Header::slot_contention), which leave the latest publication in any
   // slot: never copy over it (with seq even, a writer killed in that copy
-  // would destroy the publication readers are shown). Its readers follow
-  // latest_slot, so no slot order is assumed; a GPU stream's device waits
-  // assume slot c % N, which never is the latest there.
-  if ((g->flags & kFlagHostSlots) &&
-      k == h->latest_slot.load(std::memory_order_relaxed) % g->nslots)
-    k = (k + 1) % g->nslots;
+  // would destroy the publication readers are shown), nor over a slot a
+  // reader announced (host_slot_for). Its readers follow latest_slot, so
+  // no slot order is assumed; a GPU stream's device waits assume slot
+  // c % N, which never is the latest there.
+  const uint32_t k = (g->flags & kFlagHostSlots) ? host_slot_for(s, c)
+                                                 : static_cast<uint32_t>(c % g->nslots);
   bool count_queued = false;
   int64_t t = 0;
   try {
@@ -271,6 +308,9 @@ static void note_slot_contention(const Stream& s) {
 bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device,
                     Snapshot* snap) {
   const Header* h = s.header();
+  const bool hints = uses_reader_hints(s);
+  // Shared and writable by every handle, as the wait line (header page).
+  auto* readers = const_cast<Header*>(h)->slot_readers;
   double spin_start = -1;
   int tries = 0;
   for (;;) {
@@ -290,7 +330,14 @@ bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_devic
     if (h->seq.load(std::memory_order_relaxed) != s1) continue;
     if (k >= s.geometry()->nslots) throw Error(ErrorKind::kValue, "corrupted latest slot");
     const uint64_t c = s1 >> 1;
-    if (m.copy_out_then_gen(k, dst, dst_on_device) == 2 * c) {
+    int64_t token = 0;
+    if (hints) {  // announce the copy (slots.h, "Reader hints")
+      token = now_monotonic_ns();
+      readers[k].store(token, std::memory_order_seq_cst);
+    }
+    const uint64_t gen = m.copy_out_then_gen(k, dst, dst_on_device);
+    if (hints) readers[k].compare_exchange_strong(token, 0, std::memory_order_relaxed);
+    if (gen == 2 * c) {
       snap->seq = s1;
       snap->count = c;
       snap->write_time_ns = t;

@@ -33,6 +33,19 @@
 // gen[k] only grows, so checking it once after the copy suffices: it was
 // 2c when the host published c, and any rewrite raises it before touching
 // the slot's bytes.
+//
+// Reader hints (kFlagHostSlots streams other than rings, payloads of at
+// least kSlotReaderHintBytes): a reader stores the time it starts copying
+// slot k in Header::slot_readers[k] and clears it (CAS of its own value)
+// after the copy; a rotating writer takes the first slot from c % N on that
+// is neither the latest nor announced (an announcement older than
+// kSlotReaderLeaseNs counts as gone: a reader that died or stopped
+// mid-copy). With N >= 3 a reader copying one slot then never has it
+// rewritten under it, however slow its copy: the writer alternates between
+// the other two. The hints are advisory: a race (a writer that chose slot
+// k just before the announcement, two readers of one slot sharing a word,
+// every other slot announced) costs a spoiled copy and a retry, never a
+// torn read, since the generation check above decides.
 #pragma once
 
 #include <stdint.h>
@@ -215,6 +228,11 @@ struct SlotWriteSteps {
   virtual int64_t before_publish(uint64_t c, uint32_t k) = 0;
   virtual void failed(uint64_t c, uint32_t k) = 0;
 };
+
+// The slot a kFlagHostSlots stream's publication c goes to when writes
+// rotate: from c % N on, the first that is neither the latest nor announced
+// by a reader (see "Reader hints" above). Caller holds the lock.
+uint32_t host_slot_for(const Stream& s, uint64_t c);
 
 // Protocol entry points. The stream must be slotted (kFlagGpu or
 // kFlagHostSlots).

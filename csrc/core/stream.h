@@ -207,6 +207,12 @@ struct alignas(128) Header {
   // socket. All zero in a new segment (and in segments made before this
   // table existed, whose header page was zero-filled past `importers`).
   alignas(128) NotifyEntry notify[kMaxNotify];
+
+  // ---- slot readers (kFlagHostSlots streams other than rings) -------------
+  // Advisory: slot_readers[k] is the CLOCK_MONOTONIC time (ns) at which a
+  // reader began copying slot k, 0 when none is (slots.h, "Reader hints").
+  // Zero in segments made before it existed (no reader announced).
+  alignas(128) std::atomic<int64_t> slot_readers[kMaxSlots];
 };
 
 static_assert(offsetof(Header, geometry_checksum) == 1016, "header layout changed");
@@ -219,6 +225,7 @@ static_assert(offsetof(Header, epoch) == 1280, "header layout changed");
 static_assert(offsetof(Header, importers) == 1408, "header layout changed");
 static_assert(offsetof(Header, armed_readers) == 1288, "header layout changed");
 static_assert(offsetof(Header, notify) == 1664, "header layout changed");
+static_assert(offsetof(Header, slot_readers) == 2688, "header layout changed");
 static_assert(sizeof(Header) <= kHeaderBytes, "header exceeds its page");
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "need lock-free 64-bit atomics");
 static_assert(sizeof(std::atomic<uint32_t>) == 4, "futex word must be 32 bits");

@@ -135,13 +135,24 @@ def torture_reader(name, reader, index, rec, stop_at):
     shm.close()
 
 
-def torture_writer(name, n, rec, writes_at, stop_at):
-    """Publishes count-stamped payloads back to back until rec[stop_at] is set."""
+def torture_writer(name, n, rec, writes_at, stop_at, skip=False):
+    """Publishes count-stamped payloads back to back until rec[stop_at] is set; with
+    `skip`, often at a count past the next one (SharedMemory._write_at), by less than
+    the ring, a whole ring or more."""
+    import random
+
     shm = torch_shmem.open(name)
+    rng = random.Random(os.getpid())
+    gaps = (0, 0, 1, 2, shm.ring - 1, shm.ring, shm.ring + 3)
     while not rec[stop_at]:
         c = shm.count + 1  # a write after a writer died mid-write takes the same count
         try:
-            shm.write(make_payload(c, n), timeout=0.2)
+            if skip:
+                c += rng.choice(gaps)
+                if shm._write_at(make_payload(c, n), c, None, 0.2) != c:
+                    continue  # dropped (drop_newest)
+            else:
+                shm.write(make_payload(c, n), timeout=0.2)
         except TimeoutError:
             continue  # policy block: a live reader is a ring behind
         rec[writes_at] += 1

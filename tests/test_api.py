@@ -500,8 +500,23 @@ def test_write_at_a_given_count(name, slots):
     r.close()
 
 
-def test_write_at_on_a_ring_publishes_the_next_count(name):
+def test_write_at_on_a_ring_skips_counts(name):
+    """On a CPU ring, _write_at publishes at the given count too (tests/test_ring.py has the
+    cursors' side); a count not past the current one is published as the next."""
     w = torch_shmem.create(name, shape=(4,), dtype=np.int64, ring=4)
-    assert w._write_at(np.full(4, 9, np.int64), 9, None, None) == 1
-    assert w.read().tolist() == [9] * 4
+    assert w._write_at(np.full(4, 9, np.int64), 9, 3, None) == 9
+    assert w.count == 9 and w.read().tolist() == [9] * 4 and w.frame_id == 3
+    assert w._write_at(np.full(4, 5, np.int64), 5, None, None) == 10
+    assert w.read().tolist() == [5] * 4
+    assert w._write_at([7, 7, 7, 7], 20, None, None) == 20  # converted like write()
+    assert w.read().tolist() == [7] * 4
+    with pytest.raises(ValueError, match="shape"):
+        w._write_at(np.zeros(3, np.int64), 30, None, None)
+    with pytest.raises(ValueError, match="below 2..63"):
+        w._write_at(np.zeros(4, np.int64), 2**63, None, None)
+    with pytest.raises(ValueError, match="for rings"):
+        torch_shmem.create(name + "-plain", shape=(4,), dtype=np.int64)._h.write(
+            np.zeros(4, np.int64), None, None, 5)
+    torch_shmem.unlink(name + "-plain")
+    assert w.count == 20
     w.close()

@@ -309,6 +309,27 @@ def test_handle_cursor_reads_a_gpu_ring(name):
         shm.close()
 
 
+def test_write_at_on_a_gpu_ring_publishes_the_next_count(name):
+    """SharedMemory._write_at (the bridge's publication at a source count) on a GPU ring:
+    one count at a time, whatever count it is given (CPU rings skip to it)."""
+    from torch_shmem import _gpu
+
+    make_ring(name, nslots=4, policy="overwrite")
+    handle = _core.open(name, False)
+    shm = torch_shmem.SharedMemory(handle, owner=False, payload=_gpu.DevicePayload(handle, O.open(name)))
+    try:
+        cur = shm.cursor("h")
+        assert shm._write_at(payload(9), 9, 7, None) == 1
+        assert shm._write_at(payload(20), 20, None, None) == 2
+        assert shm.count == 2
+        for count, c in ((1, 9), (2, 20)):
+            pub = cur.read_next(timeout=5)
+            assert (pub.count, pub.missed_publications, pub.frame_id) == (count, 0, 7)
+            assert torch.equal(pub.payload, payload(c))
+    finally:
+        shm.close()
+
+
 def test_read_next_on_a_parked_reader_queue_waits_for_the_park(name):
     """wait_device parks the reader queue (here: the calling thread) on a count not yet
     published: read_next first waits for that count on the host, within its timeout."""

@@ -387,6 +387,162 @@ def test_cli_stat_shows_ring(name, capsys):
     assert "released (last pid" in capsys.readouterr().out
 
 
+# ----------------------------------------------- skipping counts (_write_at, the bridge)
+
+def _fid(c):
+    return 1000 + c
+
+
+def _write(s, c):
+    """Publish count c (its stamped payload and frame id) through _write_at."""
+    return s._write_at(rw.make_payload(c, 3), c, _fid(c), 1.0)
+
+
+def _check(pub, count, missed):
+    assert (pub.count, pub.missed_publications) == (count, missed)
+    assert pub.frame_id == _fid(count) and rw.payload_ok(pub.payload, count), (pub.count, pub.payload)
+
+
+@pytest.mark.parametrize("policy", ["overwrite", "block", "drop_newest"])
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 9, 20])  # counts skipped; the ring holds 8
+def test_cursor_reads_across_a_skip(name, policy, k):
+    """A cursor that consumed everything reads the publication after a skip of k counts
+    (less than the ring or more) with its own count, frame id and payload, and exactly k
+    missed; latest-value reads see it too. A caught-up cursor never holds the writer."""
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=8, policy=policy)
+    r = torch_shmem.open(name, readonly=True)
+    cur = s.cursor("a")
+    for c in range(1, 4):
+        assert _write(s, c) == c
+    for c in range(1, 4):
+        _check(cur.read_next(timeout=1), c, 0)
+    t = 3 + k + 1
+    assert _write(s, t) == t
+    assert s.count == r.count == t and s.drops == 0
+    np.testing.assert_array_equal(r.read(), rw.make_payload(t, 3))
+    latest = r.read_publication()
+    assert (latest.count, latest.frame_id) == (t, _fid(t))
+    _check(cur.read_next(timeout=1), t, k)
+    assert cur.consumed == t and cur.lag == 0
+    # then one count at a time again, and a count not past the current one is the next one
+    assert _write(s, t + 1) == t + 1
+    _check(cur.read_next(timeout=1), t + 1, 0)
+    assert s._write_at(rw.make_payload(t + 2, 3), 2, _fid(t + 2), 1.0) == t + 2
+    _check(cur.read_next(timeout=1), t + 2, 0)
+    with pytest.raises(TimeoutError):
+        cur.read_next(timeout=0.05)
+    assert torch_shmem.stat(name)["ring"]["cursors"][0]["missed"] == k
+
+
+def test_a_long_skip_costs_no_later_publication(name):
+    """A skip marks up to N - 1 counts: a cursor passes them without taking them for a
+    writer that laps it (which would make it jump to the newest publication and miss the
+    ones after the skip)."""
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=64)
+    cur = s.cursor("a")
+    _write(s, 1)
+    assert _write(s, 40) == 40
+    for c in (41, 42):
+        _write(s, c)
+    _check(cur.read_next(timeout=1), 1, 0)
+    _check(cur.read_next(timeout=1), 40, 38)
+    _check(cur.read_next(timeout=1), 41, 0)
+    _check(cur.read_next(timeout=1), 42, 0)
+
+
+@pytest.mark.parametrize("lag", [0, 3, 7])  # what the cursor consumed of the full ring
+def test_lagging_cursor_never_gets_stale_data_across_a_skip(name, lag):
+    """The ring is full of distinct publications 1..N, a cursor consumed `lag` of them, then
+    the writer skips k = 1..N+1 counts: every publication the cursor gets is the one written
+    for its count (the skipped counts' slots still hold older ones), in order, with exact
+    missed counts, and it ends at the skip's publication."""
+    n = 8
+    for k in range(1, n + 2):
+        s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=n)  # overwrite
+        cur = s.cursor("a")
+        for c in range(1, n + 1):
+            _write(s, c)
+        for c in range(1, lag + 1):
+            _check(cur.read_next(timeout=1), c, 0)
+        t = n + 1 + k
+        assert _write(s, t) == t
+        # still in the ring: the old counts from t - N + 1 on, whose slots the skip left alone
+        expected = list(range(max(lag + 1, t - n + 1), n + 1)) + [t]
+        got, last = [], lag
+        while last < t:
+            pub = cur.read_next(timeout=1)
+            assert rw.payload_ok(pub.payload, pub.count) and pub.frame_id == _fid(pub.count), (k, pub)
+            assert pub.count == last + 1 + pub.missed_publications, (k, pub.count, last)
+            got.append(pub.count)
+            last = pub.count
+        assert got == expected, (k, got)
+        assert torch_shmem.stat(name)["ring"]["cursors"][0]["missed"] == t - lag - len(got)
+        s.unlink()
+
+
+def test_block_skip_waits_for_a_lagging_cursor(name):
+    """block: a skip waits while a live cursor has not consumed what the skip takes over
+    (min(t - N, count)), and a cursor that consumed everything never holds it."""
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=4, policy="block")
+    cur = s.cursor("a")
+    for c in (1, 2):
+        _write(s, c)
+    # publication 5 takes the slot of 1 (and marks 3, 4): cursor 'a' consumed 0
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"cursor 'a'.*consumed count 0.*publication 5 would "
+                                           r"overwrite count 1"):
+        s._write_at(rw.make_payload(5, 3), 5, _fid(5), 0.1)
+    assert time.monotonic() - t0 >= 0.09
+    assert s.count == 2
+    _check(cur.read_next(timeout=1), 1, 0)
+    assert _write(s, 5) == 5  # 2 is still unread, but its slot is not taken
+    _check(cur.read_next(timeout=1), 2, 0)
+    _check(cur.read_next(timeout=1), 5, 2)
+    # caught up: a skip of any length goes through at once
+    assert _write(s, 100) == 100
+    _check(cur.read_next(timeout=1), 100, 94)
+    # one publication behind: a skip past a whole ring needs it consumed
+    assert _write(s, 101) == 101
+    with pytest.raises(TimeoutError, match="publication 500 would overwrite count 101"):
+        s._write_at(rw.make_payload(500, 3), 500, _fid(500), 0.1)
+    assert s.count == 101
+    # the writer is woken when the cursor catches up
+    import threading
+    got = []
+    reader = threading.Timer(0.2, lambda: got.append(cur.read_next(timeout=5)))
+    t0 = time.monotonic()
+    reader.start()
+    assert s._write_at(rw.make_payload(500, 3), 500, _fid(500), 5.0) == 500
+    assert time.monotonic() - t0 >= 0.15
+    reader.join(5)
+    _check(got[0], 101, 0)
+    _check(cur.read_next(timeout=1), 500, 398)
+    assert s.drops == 0
+
+
+def test_drop_newest_drops_a_skip(name):
+    """drop_newest: a skip that would take what a live cursor has not consumed is dropped
+    (the current count is returned and nothing is published); a released cursor never
+    holds the ring."""
+    s = torch_shmem.create(name, shape=(3,), dtype=np.int64, ring=4, policy="drop_newest")
+    cur = s.cursor("a")
+    for c in (1, 2):
+        _write(s, c)
+    assert _write(s, 5) == 2 and s.count == 2 and s.drops == 1
+    assert _write(s, 50) == 2 and s.count == 2 and s.drops == 2
+    assert _write(s, 4) == 4  # takes the slots of 3 and 4: nothing unread there
+    _check(cur.read_next(timeout=1), 1, 0)
+    _check(cur.read_next(timeout=1), 2, 0)
+    _check(cur.read_next(timeout=1), 4, 1)
+    assert _write(s, 50) == 50 and s.drops == 2
+    assert _write(s, 51) == 50 and s.drops == 3  # takes the slot of 47: 'a' consumed 4
+    _check(cur.read_next(timeout=1), 50, 45)
+    assert _write(s, 51) == 51
+    assert _write(s, 60) == 51 and s.drops == 4  # 'a' has not consumed 51
+    cur.close()
+    assert _write(s, 60) == 60 and s.drops == 4
+
+
 # ----------------------------------------------------------------- crash torture
 
 def _wait_until(cond, timeout, what):
@@ -397,12 +553,12 @@ def _wait_until(cond, timeout, what):
         time.sleep(0.005)
 
 
-def ring_torture(name, seed, policy, kills, n=4096, readers=2, ring=8):
+def ring_torture(name, seed, policy, kills, n=4096, readers=2, ring=8, skip=False):
     """SIGKILL the writer or a reader of a ring at random moments, `kills` times, and
     start it again each time (a reader under the same cursor name). Checks: no torn
     payload, counts in order with exact missed counts, no progress stall (0 hangs),
     every cursor still there and caught up at the end (0 lost cursors); under `block`,
-    a running reader misses nothing."""
+    a running reader misses nothing (unless the writer skips counts: `skip`)."""
     import random
 
     rng = random.Random(seed)
@@ -416,7 +572,7 @@ def ring_torture(name, seed, policy, kills, n=4096, readers=2, ring=8):
 
     def start(role):
         if role == "writer":
-            p = ctx.Process(target=rw.torture_writer, args=(name, n, rec, writes_at, wstop_at))
+            p = ctx.Process(target=rw.torture_writer, args=(name, n, rec, writes_at, wstop_at, skip))
         else:
             i = names.index(role)
             p = ctx.Process(target=rw.torture_reader, args=(name, role, i, rec, rstop_at))
@@ -474,7 +630,7 @@ def ring_torture(name, seed, policy, kills, n=4096, readers=2, ring=8):
                   "missed_while_running": missed_running, "starts": n_starts}
         assert torn == 0 and disorder == 0, fig
         assert cursors[r]["consumed"] == final and last_count == final, (fig, cursors[r])
-        if policy == "block":
+        if policy == "block" and not skip:
             assert missed_running == 0, fig
     assert stat["state"] == "ok"  # the last writer stopped after a complete write
     return fig
@@ -483,6 +639,14 @@ def ring_torture(name, seed, policy, kills, n=4096, readers=2, ring=8):
 @pytest.mark.parametrize("policy", ["block", "overwrite", "drop_newest"])
 def test_ring_crash_torture_short(name, seed, policy):
     fig = ring_torture(name, seed, policy, kills=8)
+    print(fig)
+
+
+@pytest.mark.parametrize("policy", ["block", "overwrite", "drop_newest"])
+def test_ring_crash_torture_skipping_writer_short(name, seed, policy):
+    """The torture with a writer that often skips counts (by less than the ring, a ring,
+    or more): killed mid-skip, it leaves nothing a reader takes for a publication."""
+    fig = ring_torture(name, seed, policy, kills=8, skip=True)
     print(fig)
 
 

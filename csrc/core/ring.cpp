@@ -90,13 +90,20 @@ bool pid_alive(int32_t pid, uint64_t start) {
   return start == 0 || started == start;
 }
 
-RingSpace ring_space(const Stream& s) {
+RingSpace ring_space(const Stream& s, uint64_t at) {
   RingSpace r;
   const Header* g = s.geometry();
   const uint64_t n = g->nslots;
-  r.next = (s.header()->seq.load(std::memory_order_relaxed) >> 1) + 1;  // lock held
-  if (r.next <= n) return r;
-  const uint64_t need = r.next - n;  // publication that slot r.next % N holds now
+  const uint64_t count = s.header()->seq.load(std::memory_order_relaxed) >> 1;  // lock held
+  r.next = std::max(at, count + 1);
+  // The slots publication r.next takes (its own and those of the counts it
+  // skips) hold publications up to r.next - N, or up to count when the
+  // skip reaches past a whole ring: a cursor that consumed `count` never
+  // holds the writer.
+  const uint64_t reach = std::min(r.next, count + n);
+  if (reach <= n) return r;
+  const uint64_t need = reach - n;
+  r.need = need;
   for (uint32_t i = 0; i < kMaxCursors; ++i) {
     RingCursor* c = ring_cursor(s, i);
     if (c->state.load(std::memory_order_acquire) != kCursorNamed) continue;
@@ -121,13 +128,26 @@ RingSpace ring_space(const Stream& s) {
   return r;
 }
 
-uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64_t frame_id) {
+uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64_t frame_id,
+                           uint64_t at) {
   Header* h = s.header();
   const Header* g = s.geometry();
   SlotMemory* m = s.host_slots();
-  // An odd seq (a writer that died in the host window) names the same c.
-  const uint64_t c = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
-  const uint32_t k = static_cast<uint32_t>(c % g->nslots);
+  const uint64_t n = g->nslots;
+  // An odd seq (a writer that died in the host window) names the same
+  // next count: its publication never completed, and cursors may already
+  // have passed the counts below it (ring.h, "Crash behaviour").
+  const uint64_t next = (h->seq.load(std::memory_order_relaxed) >> 1) + 1;
+  const uint64_t c = std::max(at, next);
+  // A skip: the counts a cursor may still look for once c is out (from
+  // c - N + 1 on; those below it fall out of every cursor's window) are
+  // marked as skipped in their slots, whose bytes stay as they are. The
+  // marks are ordered before the host window by its release store of seq
+  // (begin_write_locked_at).
+  for (uint64_t skipped = std::max(next, c > n ? c - n + 1 : 1); skipped < c; ++skipped)
+    ring_meta(s, static_cast<uint32_t>(skipped % n))
+        ->gen.store(2 * skipped + 1, std::memory_order_relaxed);
+  const uint32_t k = static_cast<uint32_t>(c % n);
   RingSlotMeta* meta = ring_meta(s, k);
   m->store_gen(k, 2 * c - 1);  // relaxed store + release fence: odd before any byte
   m->copy_in(k, src, false);
@@ -141,6 +161,11 @@ uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64
   s.begin_write_locked_at(c);
   h->latest_slot.store(k, std::memory_order_relaxed);
   return s.commit_write_locked(has_frame_id, frame_id, t);
+}
+
+bool ring_passed(const Stream& s, uint64_t c) {
+  const uint32_t k = static_cast<uint32_t>(c % s.geometry()->nslots);
+  return ring_meta(s, k)->gen.load(std::memory_order_relaxed) > 2 * c;
 }
 
 uint32_t ring_attach(Stream& s, const std::string& name) {

@@ -11,30 +11,59 @@
 //             writer waiting for room), each on its own 128-byte line
 //   +4096     RingCursor[32], 128 bytes each (one line per reader)
 //   +8192     RingSlotMeta[N], 32 bytes each: gen (odd while slot k is
-//             written, 2c once it holds publication c), write_time_ns and
-//             frame_id of that publication
+//             written, 2c once it holds publication c, 2s + 1 once the
+//             writer skipped count s), write_time_ns and frame_id of that
+//             publication
 //   +8192 + round_up(32 N, 4096)
 //             slot 0 .. slot N-1, slot_stride apart; publication c in
 //             slot c % N
 //
-// Writer (holds the stream lock), publication c, k = c % N:
-//   [block / drop_newest] every live cursor must have consumed c - N
+// Writer (holds the stream lock), publication c past count p (c = p + 1,
+// or later: a skip, see below), k = c % N:
+//   [block / drop_newest] every live cursor must have consumed
+//   min(c - N, p): what the slots this write takes hold (c - N, or p when
+//   the skip spans the ring); a cursor that consumed p never holds it
+//   skip: gen[s % N] <- 2s + 1 (relaxed) for s in [max(p + 1, c - N + 1),
+//   c - 1]                                        -- "s was skipped"
 //   gen[k] <- 2c - 1 (relaxed) ; fence(release)   -- odd before any byte
 //   copy ; meta write_time, frame_id (relaxed)
 //   gen[k] <- 2c (release)                        -- bytes + meta before even
-//   host window as for slots (seq odd, latest_slot, seq even, wake)
+//   host window as for slots (seq odd, latest_slot, seq even, wake); a
+//   skip's seq 2c - 1 is a release store (Stream::begin_write_locked_at):
+//   it shows the skipped counts up to c - 1, so their marks and gen[k]
+//   (which took the slot of c - N) must be visible with it
+// Skipped counts s < c - N + 1 get no mark: a reader that sees the window
+// (latest >= c - 1) starts at c - N or later, and slot (c - N) % N is k.
 // Reader (cursor consumed L, no lock):
 //   latest <- seq / 2 (acquire); wait on the epoch futex while latest <= L
-//   c <- max(L + 1, latest - N + 1); copy slot c % N, meta (relaxed);
-//   fence(acquire); g <- gen (relaxed): g == 2c means exactly publication
-//   c (gen was >= 2c when latest was published, and only grows). g > 2c:
-//   slot rewritten by c + N or later: c is lost, try c + 1.
+//   for c from max(L + 1, latest - N + 1) to latest:
+//     gen (relaxed) > 2c: c is lost (skipped, or its slot rewritten by
+//     c + N or later), no copy; next c
+//     copy slot c % N, meta (relaxed); fence(acquire); g <- gen
+//     (relaxed): g == 2c means exactly publication c (gen was >= 2c when
+//     latest was published); g > 2c: c is lost, next c (after 8 such
+//     copies: take the lock and read the newest); g < 2c: corrupted
 //   consumed: CAS L -> c (seq_cst); missed = c - L - 1; then, if
 //   space_waiters (seq_cst) != 0: space_epoch += 1, futex wake.
+//   every count up to latest lost: CAS L -> latest (missed as above; no
+//   count <= latest is ever published again) and wait for latest + 1.
 // Blocked writer: e <- space_epoch (acquire); space_waiters += 1 (seq_cst);
 //   re-check the cursors (seq_cst loads); futex_wait(space_epoch, e) in
 //   slices (a dead reader never wakes it: each slice re-checks liveness).
 //   The CAS / waiters pair is a Dekker pair, as publish / wait_slice.
+// Crash behaviour: a writer that dies before its host window (seq even,
+// count p) leaves marks and a torn slot k for counts > p that nobody has
+// seen: readers keep reading counts <= p (those whose slots the write took
+// are lost, as for any write), and the next writer starts at p + 1 again.
+// Its gen stores may go below a dead writer's marks (2s - 1 after
+// 2s + 1), but stay above 2p: readers of counts <= p still find those
+// slots lost, and a count published later rewrites its own slot first.
+// A writer that dies in the host window (seq 2c - 1, the lock's recovery
+// marks the stream broken) leaves counts up to c - 1 shown, of which the
+// skipped ones are marked and c - N is in slot k: readers find them lost
+// and wait at c - 1; the next writer publishes c (seq stays odd: c is the
+// count after seq / 2) or skips past it, never a count below c. The gen
+// check stays exact: a slot's gen is >= 2c once a reader may look for c.
 #pragma once
 
 #include <stdint.h>
@@ -130,19 +159,27 @@ bool pid_alive(int32_t pid, uint64_t start = 0);
 // Start time of process pid (clock ticks since boot), 0 if unknown.
 uint64_t pid_start(int32_t pid);
 
-// Room for publication count + 1: every live cursor consumed count + 1 - N.
-// A cursor whose owner is dead is released here (owner_pid <- 0).
+// Room for publication next = max(at, count + 1): every live cursor
+// consumed min(next - N, count) (the writer's room check above). A cursor
+// whose owner is dead is released here (owner_pid <- 0).
 struct RingSpace {
   bool ok = true;
   uint32_t lagging = 0;   // cursor index, when !ok
   uint64_t consumed = 0;  // its consumed count
   int32_t pid = 0;        // its owner
   uint64_t next = 0;      // the publication that has no room
+  uint64_t need = 0;      // the count every live cursor must have consumed
 };
-RingSpace ring_space(const Stream& s);
+RingSpace ring_space(const Stream& s, uint64_t at = 0);
 
-// Caller holds the lock; publishes src as count + 1 (no room check).
-uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64_t frame_id);
+// Caller holds the lock; publishes src as max(at, count + 1), skipping the
+// counts in between (no room check). Returns the new count.
+uint64_t ring_write_locked(Stream& s, const void* src, bool has_frame_id, uint64_t frame_id,
+                           uint64_t at = 0);
+// Whether publication c (c <= the published count) is known lost without
+// copying it: its slot's gen is past 2c (a skipped count, or a slot that a
+// later count took).
+bool ring_passed(const Stream& s, uint64_t c);
 
 // Cursor table. Caller holds the lock. attach: the cursor named `name`
 // (created at the current count, or the one left by an earlier owner), now

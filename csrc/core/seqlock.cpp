@@ -226,8 +226,11 @@ void Stream::begin_write_locked_at(uint64_t c) {
     throw Error(ErrorKind::kState, "stream '" + name_ + "': publication " + std::to_string(c) +
                                        " is not past count " + std::to_string(s >> 1));
   // Skipping counts: seq odd as in begin_locked (release fence before any
-  // byte of the host window changes).
-  hdr_->seq.store(2 * c - 1, std::memory_order_relaxed);
+  // byte of the host window changes). The store itself is a release too:
+  // seq 2c - 1 already shows counts up to c - 1, none of which was
+  // published, so what the writer stored for them before (a ring's skip
+  // marks and slot c, ring.h) must be visible to a reader that sees it.
+  hdr_->seq.store(2 * c - 1, std::memory_order_release);
   std::atomic_thread_fence(std::memory_order_release);
 }
 

@@ -137,9 +137,10 @@ void Session::require_ring_slots() const {
 
 Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_id,
                             const Deadline& d, Interrupt interrupt, uint64_t* count,
-                            bool src_on_device) const {
+                            bool src_on_device, uint64_t at) const {
   require_ring_slots();
   const Header* g = s_.geometry();
+  if (slots_ != nullptr) at = 0;  // a GPU ring publishes one count at a time
   RingControl* rc = ring_control(s_);
   bool held = false;
   struct Release {
@@ -155,9 +156,10 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
       if (b != Blocked::kDone) return b;
       held = true;
     }
-    RingSpace sp = g->ring_policy == kRingOverwrite ? RingSpace() : ring_space(s_);
+    RingSpace sp = g->ring_policy == kRingOverwrite ? RingSpace() : ring_space(s_, at);
     if (sp.ok) {
-      *count = write_locked(src, src_on_device, has_frame_id, frame_id);
+      *count = slots_ == nullptr ? ring_write_locked(s_, src, has_frame_id, frame_id, at)
+                                 : write_locked(src, src_on_device, has_frame_id, frame_id);
       return Blocked::kDone;
     }
     if (g->ring_policy == kRingDropNewest) {
@@ -169,7 +171,7 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
     // CAS of consumed and its load of space_waiters, both seq_cst), park.
     const uint32_t e = rc->space_epoch.load(std::memory_order_acquire);
     rc->space_waiters.fetch_add(1, std::memory_order_seq_cst);
-    sp = ring_space(s_);
+    sp = ring_space(s_, at);
     if (sp.ok) {
       rc->space_waiters.fetch_sub(1, std::memory_order_seq_cst);
       continue;
@@ -189,7 +191,7 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
     }
     rc->space_waiters.fetch_sub(1, std::memory_order_seq_cst);
     if (!go || !interrupt()) return Blocked::kInterrupted;
-    if (d.passed() && !ring_space(s_).ok) {
+    if (d.passed() && !(sp = ring_space(s_, at)).ok) {
       RingCursor* c = ring_cursor(s_, sp.lagging);
       const uint32_t len = c->name_len < kMaxCursorNameBytes ? c->name_len : kMaxCursorNameBytes;
       throw Error(ErrorKind::kTimeout,
@@ -198,7 +200,7 @@ Blocked Session::ring_write(const void* src, bool has_frame_id, uint64_t frame_i
                       std::string(c->name, len) + "' (pid " + std::to_string(sp.pid) +
                       ") has consumed count " + std::to_string(sp.consumed) +
                       ", and publication " + std::to_string(sp.next) + " would overwrite count " +
-                      std::to_string(sp.next - g->nslots));
+                      std::to_string(sp.need));
     }
   }
 }
@@ -242,12 +244,19 @@ Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interru
     }
   }
   int tries = 0;
+  uint64_t skipped = 0;  // lost publications the cursor moved past on the way
   for (;;) {
     uint64_t consumed, c, latest;
     Blocked b = ring_oldest_unread(*cur, d, interrupt, &consumed, &c, &latest);
     if (b != Blocked::kDone) return b;
     bool got = false;
     while (c <= latest && tries < kRingTries) {
+      // Skipped by the writer, or its slot already taken by a later count:
+      // lost, and no copy to make (not a try: nothing raced).
+      if (ring_passed(s_, c)) {
+        ++c;
+        continue;
+      }
       if (ring_copy(s_, c, dst, snap)) {
         got = true;
         break;
@@ -255,25 +264,39 @@ Blocked Session::ring_next(uint32_t index, void* dst, const Deadline& d, Interru
       ++c;  // slot rewritten by c + N or later: c is gone
       ++tries;
     }
-    if (!got && tries >= kRingTries) {
+    if (!got && c <= latest) {
       // The writer keeps lapping this reader: take the newest publication
       // under the lock, where no writer can move.
       Blocked b = lock_until(d, interrupt);
       if (b != Blocked::kDone) return b;
       LockGuard held(s_);
-      c = s_.seq() >> 1;
-      if (!ring_copy(s_, c, dst, snap)) throw_torn(s_.name());
+      const uint64_t seq = s_.seq();
+      c = latest = seq >> 1;
       tries = 0;
-      got = true;
+      got = ring_copy(s_, c, dst, snap);
+      // With the lock held the newest count is intact, except after a
+      // skipping writer that died in its host window (seq odd): then it is
+      // one of the skipped counts.
+      if (!got && !(seq & 1)) throw_torn(s_.name());
     }
-    if (!got) continue;
+    if (!got) {
+      // Every count up to latest is lost (none is ever published again):
+      // move the cursor past them, and wait for the next publication.
+      if (cur->consumed.compare_exchange_strong(consumed, latest, std::memory_order_seq_cst)) {
+        cur->missed.fetch_add(latest - consumed, std::memory_order_relaxed);
+        skipped += latest - consumed;
+        ring_wake_writers(s_);
+      }
+      continue;
+    }
     // Claim c for this cursor. seq_cst: the reader's half of the Dekker
     // pair with a writer blocked for room (ring_wake_writers loads
     // space_waiters after it). A failed CAS: another thread sharing the
     // cursor consumed meanwhile; start again from its position.
     if (!cur->consumed.compare_exchange_strong(consumed, c, std::memory_order_seq_cst)) continue;
-    *missed = c - consumed - 1;
-    if (*missed) cur->missed.fetch_add(*missed, std::memory_order_relaxed);
+    const uint64_t gap = c - consumed - 1;
+    if (gap) cur->missed.fetch_add(gap, std::memory_order_relaxed);
+    *missed = skipped + gap;
     ring_wake_writers(s_);
     return Blocked::kDone;
   }

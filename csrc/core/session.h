@@ -125,10 +125,14 @@ class Session {
   // until every live cursor consumed the publication the write would
   // overwrite; while waiting it releases the lock unless the calling thread
   // also holds it in an outer scope. Throws kTimeout naming the lagging
-  // cursor.
+  // cursor. at > count + 1 (CPU rings): publishes at count `at`, skipping
+  // the counts in between (ring.h); the policy then waits for, or drops on,
+  // the cursors that have not consumed what the skip takes over. A GPU ring
+  // ignores `at`: it publishes count + 1.
   // (src_on_device: GPU rings only.)
   Blocked ring_write(const void* src, bool has_frame_id, uint64_t frame_id, const Deadline& d,
-                     Interrupt interrupt, uint64_t* count, bool src_on_device = false) const;
+                     Interrupt interrupt, uint64_t* count, bool src_on_device = false,
+                     uint64_t at = 0) const;
   // The next publication for cursor `index` (blocks until there is one);
   // *missed: publications the cursor skipped because they were overwritten.
   // On a GPU ring the copy into dst is queued on the reader queue (the

@@ -709,12 +709,14 @@ bool is_ring(Handle* h) { return torch_shmem::core::is_ring(h->s->geometry()); }
 
 // A write or clear of a ring: the policy, the publication and the lock in
 // one blocking session call. Returns the count, or 0 when drop_newest
-// dropped the write.
-PyObject* ring_publish(Handle* h, const void* src, bool has_fid, uint64_t fid, double timeout) {
+// dropped the write. at > count + 1: publication `at`, skipping the counts
+// in between (CPU rings; Session::ring_write).
+PyObject* ring_publish(Handle* h, const void* src, bool has_fid, uint64_t fid, double timeout,
+                       uint64_t at = 0) {
   uint64_t count = 0;
   const Deadline d = Deadline::after(timeout);
   if (!blocking(h, h->nbytes >= kReleaseGilBytes, [&](torch_shmem::core::Interrupt i) {
-        return session_of(h).ring_write(src, has_fid, fid, d, i, &count);
+        return session_of(h).ring_write(src, has_fid, fid, d, i, &count, false, at);
       }))
     return nullptr;
   return PyLong_FromUnsignedLongLong(count);
@@ -847,12 +849,14 @@ PyObject* H_ring_info(Handle* h, PyObject*) {
       t);
 }
 
-// write(value, frame_id=None, timeout=None) -> count, or NotImplemented when
-// value is not an exact-match ndarray (the Python layer converts and calls
-// again).
+// write(value, frame_id=None, timeout=None, at=None) -> count, or
+// NotImplemented when value is not an exact-match ndarray (the Python layer
+// converts and calls again). at (rings only): publish at count `at` when it
+// is past the next count, skipping the counts in between (a GPU ring
+// publishes the next count); 0 is returned when drop_newest dropped it.
 PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs < 1 || nargs > 3) {
-    PyErr_SetString(PyExc_TypeError, "write(value, frame_id=None, timeout=None)");
+  if (nargs < 1 || nargs > 4) {
+    PyErr_SetString(PyExc_TypeError, "write(value, frame_id=None, timeout=None, at=None)");
     return nullptr;
   }
   Guard g(h);
@@ -877,8 +881,23 @@ PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
   }
   double timeout = -1;
   if (nargs >= 3 && !parse_timeout(h, args[2], &timeout)) return nullptr;
+  unsigned long long at = 0;
+  if (nargs >= 4 && args[3] != Py_None) {
+    at = PyLong_AsUnsignedLongLong(args[3]);
+    if (at == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+    if (at >= (1ULL << 63)) {
+      PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: a write at count %llu: the count "
+                   "must be below 2**63", h->name, at);
+      return nullptr;
+    }
+    if (!is_ring(h)) {
+      PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: write(at=) is for rings",
+                   h->name);
+      return nullptr;
+    }
+  }
   const void* src = PyArray_DATA(reinterpret_cast<PyArrayObject*>(args[0]));
-  if (is_ring(h)) return ring_publish(h, src, has_fid, fid, timeout);
+  if (is_ring(h)) return ring_publish(h, src, has_fid, fid, timeout, at);
   if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   uint64_t count = 0;
   const Session session = session_of(h);

@@ -83,6 +83,8 @@ from ._dtypes import code_dtype, dtype_code
 __all__ = [
     "BridgeAttachment",
     "BridgeServer",
+    "RingBridgeAttachment",
+    "RingBridgeServer",
     "DEFAULT_BIND",
     "Header",
     "attach",
@@ -96,6 +98,9 @@ MAGIC = b"TSHB"
 VERSION = 1
 KIND_PUBLICATION = 1
 KIND_HEARTBEAT = 2
+KIND_RING_PUBLICATION = 3  # reliable mode (rings), docs/bridge.md "Rings"
+KIND_RING_WELCOME = 4
+_PAYLOAD_KINDS = (KIND_PUBLICATION, KIND_RING_PUBLICATION)
 FLAG_GPU_SOURCE = 1
 HEADER_ALIGN = 64
 MAX_DIMS = 32
@@ -226,7 +231,7 @@ def decode(buf: Any) -> tuple[Header, memoryview]:
         raise ValueError(f"foreign message (magic {bytes(magic)!r}, expected {MAGIC!r})")
     if version != VERSION:
         raise ValueError(f"unsupported bridge format version {version} (this side speaks {VERSION})")
-    if kind not in (KIND_PUBLICATION, KIND_HEARTBEAT):
+    if kind not in (KIND_PUBLICATION, KIND_HEARTBEAT, KIND_RING_PUBLICATION, KIND_RING_WELCOME):
         raise ValueError(f"unknown message kind {kind}")
     if ndim > MAX_DIMS:
         raise ValueError(f"ndim {ndim} exceeds {MAX_DIMS}")
@@ -245,7 +250,7 @@ def decode(buf: Any) -> tuple[Header, memoryview]:
         raise ValueError(
             f"payload_bytes {payload_bytes} does not match shape {shape} and dtype {dtype}"
         )
-    expected = hb + (payload_bytes if kind == KIND_PUBLICATION else 0)
+    expected = hb + (payload_bytes if kind in _PAYLOAD_KINDS else 0)
     if n != expected:
         raise ValueError(f"message of {n} bytes, expected {expected} (truncated or padded payload)")
     start = _FIXED.size + 8 * ndim
@@ -717,11 +722,10 @@ class BridgeServer(_Component):
             self._attach_source(source)
             if self._ctx is None:
                 self._ctx = zmq.Context()
-            sock = self._ctx.socket(zmq.XPUB)
+            sock = self._ctx.socket(getattr(zmq, self._socket_type))
             try:
                 sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.SNDHWM, self._hwm)
-                sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe
+                self._socket_options(zmq, sock)
                 if self._curve_secret_key is not None:
                     _check_curve(zmq)
                     public, secret = _load_key(self._curve_secret_key, "curve_secret_key", secret=True)
@@ -753,6 +757,12 @@ class BridgeServer(_Component):
         except BaseException:
             self._release_source(source)
             raise
+
+    _socket_type = "XPUB"
+
+    def _socket_options(self, zmq: Any, sock: Any) -> None:
+        sock.setsockopt(zmq.SNDHWM, self._hwm)
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe
 
     def _attach_source(self, source: Any) -> None:
         shm = source.shm
@@ -812,12 +822,15 @@ class BridgeServer(_Component):
                          self._instance_id, int(self._heartbeat * 1000), self._dtype_code,
                          self._ndim, self._name_len)
 
-    def _send_heartbeat(self) -> None:
-        shm = self._source.shm
-        seq, write_ns, frame_id = shm._h.state()[:3]
+    def _pack_heartbeat(self) -> bytearray:
+        seq, write_ns, frame_id = self._source.shm._h.state()[:3]
         self._pack(self._heartbeat_buf, KIND_HEARTBEAT, seq >> 1, frame_id, write_ns, self._payload_bytes)
+        return self._heartbeat_buf
+
+    def _send_heartbeat(self) -> None:
+        buf = self._pack_heartbeat()
         try:
-            self._sock.send(self._heartbeat_buf, copy=True)
+            self._sock.send(buf, copy=True)
         except self._zmq.ZMQError as exc:
             self._stats["send_errors"] += 1
             self._last_error = f"send: {exc}"
@@ -983,16 +996,24 @@ class BridgeServer(_Component):
         return info
 
 
-def serve(name: str, bind: str = DEFAULT_BIND, **kwargs: Any) -> BridgeServer:
+def serve(name: str, bind: str = DEFAULT_BIND, *, reliable: bool | None = None,
+          **kwargs: Any) -> BridgeServer:
     """Start publishing stream ``name`` on ``bind`` (loopback, a free port, by default).
 
     Returns the started :class:`BridgeServer` (a background thread); use it
     as a context manager or call ``close()``. Keyword arguments as
-    :class:`BridgeServer`. Raises FileNotFoundError when the stream does not
-    exist, PermissionError for a non-loopback ``bind`` without
+    :class:`BridgeServer`. ``reliable``: serve every publication of a CPU
+    ring to each subscriber (:class:`RingBridgeServer`; subscribers attach
+    with ``reliable=True``); the default is True for CPU rings, False
+    (latest value) otherwise. Raises FileNotFoundError when the stream does
+    not exist, PermissionError for a non-loopback ``bind`` without
     ``allow_remote=True``, ImportError without pyzmq.
     """
-    server = BridgeServer(name, bind, **kwargs)
+    _zmq()  # ImportError naming the extra before anything else
+    if reliable is None:
+        info = _api_stat(name)
+        reliable = bool(info.get("ring")) and not info["gpu_enabled"]
+    server = (RingBridgeServer if reliable else BridgeServer)(name, bind, **kwargs)
     try:
         return server.start()
     except BaseException:
@@ -1132,6 +1153,7 @@ class BridgeAttachment(_Component):
         self._fatal: BaseException | None = None
         self._stats = dict(received=0, delivered=0, skipped=0, superseded=0, duplicates=0, heartbeats=0,
                            malformed=0, mismatched=0, disconnects=0, handshake_failures=0,
+                           unanswered_connections=0,
                            server_restarts=0, generations=0, resend_requests=0, write_timeouts=0)
         self._source_name: str | None = None
         self._instance: bytes | None = None
@@ -1204,11 +1226,10 @@ class BridgeAttachment(_Component):
         if self._want_shape is not None and self._local is None:
             self._make_local(self._local_name, self._want_shape, self._want_dtype)
             self._ready.set()
-        sock = self._ctx.socket(zmq.SUB)
+        sock = self._ctx.socket(getattr(zmq, self._socket_type))
         try:
             sock.setsockopt(zmq.LINGER, 0)
-            # newest message only: the io thread keeps reading, the queue keeps one
-            sock.setsockopt(zmq.CONFLATE, 1)
+            self._socket_options(zmq, sock)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             # ZMTP heartbeats: a peer that vanished without closing (host down,
@@ -1229,13 +1250,19 @@ class BridgeAttachment(_Component):
                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             self._monitor = sock.get_monitor_socket(events)
-            sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(self.endpoint)
         except BaseException:
             _close_socket(sock, self._monitor)
             self._monitor = None
             raise
         self._sock = sock
+
+    _socket_type = "SUB"
+
+    def _socket_options(self, zmq: Any, sock: Any) -> None:
+        # newest message only: the io thread keeps reading, the queue keeps one
+        sock.setsockopt(zmq.CONFLATE, 1)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
 
     def _teardown(self) -> None:
         _close_socket(self._sock, self._monitor)
@@ -1401,11 +1428,12 @@ class BridgeAttachment(_Component):
 
         while True:
             try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)["event"]
+                msg = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
             except (zmq.ZMQError, ValueError, struct.error):
                 return
+            event = msg["event"]
             if event == zmq.EVENT_CONNECTED:
                 self._connected = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -1413,12 +1441,35 @@ class BridgeAttachment(_Component):
                 self._auth_failed = False
             elif event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                            zmq.EVENT_HANDSHAKE_FAILED_AUTH):
-                self._auth_failed = True
                 self._stats["handshake_failures"] += 1
+                if self._curve_server_key is None and event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    # without keys, a handshake the server breaks off means another
+                    # socket type (a ring server for a SUB, ...) or a CURVE server; ZeroMQ
+                    # reports it as one of these failures or as a bare disconnection
+                    self._unanswered_connection()
+                else:
+                    self._auth_failed = True
             elif event == zmq.EVENT_DISCONNECTED:
                 if self._handshake_ok:
                     self._stats["disconnects"] += 1
+                elif not self._auth_failed:
+                    self._unanswered_connection()
                 self._connected = self._handshake_ok = False
+
+    # What a server that breaks off the handshake probably is.
+    _other_mode = ("a ring server (reliable mode): attach to it with reliable=True "
+                   "(CLI: --reliable)")
+
+    def _unanswered_connection(self) -> None:
+        """A connection closed in the ZeroMQ handshake, with no message ever: the server
+        speaks another socket type, or needs CURVE keys: say so."""
+        self._stats["unanswered_connections"] += 1
+        if not self._ever_up:
+            self._error = (f"the server at {self.endpoint} closes the connection in the ZeroMQ "
+                           f"handshake: it is probably {self._other_mode}, or a server that needs "
+                           "CURVE keys (curve_server_key=, CLI --curve-server-key)")
+            if not self._ready.is_set():
+                self._fatal = RuntimeError(f"torch_shmem.bridge: {self._error}")
 
     def _on_message(self, frame: Any, may_supersede: bool = False) -> Any:
         """Handle one message; returns a newer frame to handle instead, or None."""
@@ -1428,6 +1479,10 @@ class BridgeAttachment(_Component):
         except ValueError as exc:
             stats["malformed"] += 1
             self._last_drop = str(exc)
+            return None
+        if h.kind not in (KIND_PUBLICATION, KIND_HEARTBEAT):  # reliable-mode kinds: not ours
+            stats["malformed"] += 1
+            self._last_drop = f"message kind {h.kind} on a latest-value link"
             return None
         self._last_message = time.monotonic()
         self._last_message_ns = time.time_ns()
@@ -1599,14 +1654,17 @@ class BridgeAttachment(_Component):
 
 
 def attach(endpoint: str, local_name: str | None = None, *, wait: bool = True,
-           timeout: float | None = 10.0, **kwargs: Any) -> BridgeAttachment:
+           timeout: float | None = 10.0, reliable: bool = False, **kwargs: Any) -> BridgeAttachment:
     """Subscribe to a bridge server and republish into a local stream; returns it started.
 
     Keyword arguments as :class:`BridgeAttachment`; ``wait``/``timeout`` as
     :meth:`BridgeAttachment.start` (by default it returns once the local
-    stream exists). Use the result as a context manager or call ``close()``.
+    stream exists). ``reliable=True`` subscribes to a ring server (every
+    publication, in order, into a local ring; :class:`RingBridgeAttachment`
+    and its ``cursor``, ``window``, ``ring``, ``policy`` arguments). Use the
+    result as a context manager or call ``close()``.
     """
-    att = BridgeAttachment(endpoint, local_name, **kwargs)
+    att = (RingBridgeAttachment if reliable else BridgeAttachment)(endpoint, local_name, **kwargs)
     try:
         return att.start(wait=wait, timeout=timeout)
     except BaseException:
@@ -1727,19 +1785,23 @@ def _run_until_signal(component: _Component, banner: str, stats_every: float | N
 
 
 def _cli_serve(args: argparse.Namespace) -> int:
-    server = BridgeServer(args.name, args.bind, allow_remote=args.allow_remote,
-                          curve_secret_key=args.curve_secret_key,
-                          curve_authorized_keys=args.curve_authorized_keys,
-                          gpu_device=args.gpu_device, heartbeat=args.heartbeat)
-    server.start()
-    return _run_until_signal(server, f"serving {args.name!r} on {server.endpoint}", args.stats)
+    server = serve(args.name, args.bind, reliable=False if args.latest else None,
+                   allow_remote=args.allow_remote, curve_secret_key=args.curve_secret_key,
+                   curve_authorized_keys=args.curve_authorized_keys, gpu_device=args.gpu_device,
+                   heartbeat=args.heartbeat)
+    mode = " (reliable: attach with --reliable)" if isinstance(server, RingBridgeServer) else ""
+    return _run_until_signal(server, f"serving {args.name!r} on {server.endpoint}{mode}", args.stats)
 
 
 def _cli_attach(args: argparse.Namespace) -> int:
-    att = BridgeAttachment(args.endpoint, args.local_name, gpu_device=args.gpu_device,
-                           frame_id=args.frame_id, curve_server_key=args.curve_server_key,
-                           curve_secret_key=args.curve_secret_key,
-                           unlink_on_close=args.unlink_on_exit)
+    common = dict(gpu_device=args.gpu_device, frame_id=args.frame_id,
+                  curve_server_key=args.curve_server_key, curve_secret_key=args.curve_secret_key,
+                  unlink_on_close=args.unlink_on_exit)
+    if args.reliable:
+        att: BridgeAttachment = RingBridgeAttachment(args.endpoint, args.local_name, cursor=args.cursor,
+                                                     window=args.window, **common)
+    else:
+        att = BridgeAttachment(args.endpoint, args.local_name, **common)
     try:
         att.start(wait=True, timeout=args.timeout)
     except BaseException:
@@ -1771,3 +1833,7 @@ def _cli_keygen(args: argparse.Namespace) -> int:
     print(f"public key (give to the other side): {public}")
     print(f"secret key (keep private):          {secret}")
     return 0
+
+
+# The reliable mode for rings builds on the classes above.
+from ._bridge_ring import RingBridgeAttachment, RingBridgeServer  # noqa: E402

@@ -456,6 +456,8 @@ def _add_bridge_parser(sub: Any) -> None:
                    help="directory of client public keys allowed in (default: any client with the server key)")
     b.add_argument("--gpu-device", metavar="cuda:N", help="serve a GPU stream without a CPU mirror")
     b.add_argument("--heartbeat", type=_positive, default=0.5, help="heartbeat interval in s (0.5)")
+    b.add_argument("--latest", action="store_true",
+                   help="serve a ring as a latest-value stream (default for rings: the reliable mode)")
     b.add_argument("--stats", type=_positive, metavar="S", help="print stat() as JSON every S seconds")
 
     b = bsub.add_parser("attach", help="republish a served stream into a local stream until Ctrl-C")
@@ -468,6 +470,13 @@ def _add_bridge_parser(sub: Any) -> None:
                    help="local frame_id: the source's frame_id (default) or the source's count")
     b.add_argument("--timeout", type=_positive, default=10.0, help="s to wait for the server (10)")
     b.add_argument("--unlink-on-exit", action="store_true", help="unlink the local stream on exit")
+    b.add_argument("--reliable", action="store_true",
+                   help="subscribe to a ring server: every publication, in order, into a local ring")
+    b.add_argument("--cursor", metavar="NAME",
+                   help="reliable: this subscriber's cursor name on the source ring "
+                        "(default bridge:HOST[:LOCAL_NAME])")
+    b.add_argument("--window", type=int, default=8,
+                   help="reliable: publications in flight, 1 to 256 (8)")
     b.add_argument("--stats", type=_positive, metavar="S", help="print stat() as JSON every S seconds")
 
     b = bsub.add_parser("status", help="link state of the attachment feeding local stream NAME")

@@ -50,7 +50,8 @@ from .common import (
 )
 
 TITLE = "7. Bridge: a stream over ZeroMQ (loopback)"
-BRIDGE, PUBSUB = "bridge", "pyzmq PUB/SUB"
+BRIDGE, PUBSUB, RING = "bridge", "pyzmq PUB/SUB", "bridge ring (reliable)"
+RING_SLOTS = 16
 WINDOW = 4
 KIB, MIB = 1024, 1024 * 1024
 SIZES = {"full": (4 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB),
@@ -85,10 +86,10 @@ def _server(name: str, ready: Any, stop: Any) -> None:
         stop.wait(600)
 
 
-def _attachment(endpoint: str, local: str, ready: Any, stop: Any) -> None:
+def _attachment(endpoint: str, local: str, ready: Any, stop: Any, reliable: bool = False) -> None:
     from torch_shmem import bridge
 
-    with bridge.attach(endpoint, local, timeout=30) as att:
+    with bridge.attach(endpoint, local, timeout=30, reliable=reliable) as att:
         ready.put("ok")
         stop.wait(600)
         ready.put(att.stat())
@@ -148,16 +149,22 @@ class _Pipeline:
 
 
 class _BridgePipeline(_Pipeline):
+    reliable = False
+
+    def _make_source(self, nbytes: int) -> Any:
+        return ts.create(self.name, shape=(nbytes // 8,), dtype=np.uint64)
+
     def __init__(self, nbytes: int) -> None:
         ctx = spawn_context()
         self.name, self.local = unique_name("brsrc"), unique_name("brdst")
-        self.src = ts.create(self.name, shape=(nbytes // 8,), dtype=np.uint64)
+        self.src = self._make_source(nbytes)
         self.src.write(np.zeros(nbytes // 8, np.uint64), frame_id=0)
         self.q, self.stop = ctx.Queue(), ctx.Event()
         self.procs = [ctx.Process(target=_server, args=(self.name, self.q, self.stop), daemon=True)]
         self.procs[0].start()
         endpoint = self.q.get(timeout=60)
-        self.procs.append(ctx.Process(target=_attachment, args=(endpoint, self.local, self.q, self.stop),
+        self.procs.append(ctx.Process(target=_attachment,
+                                      args=(endpoint, self.local, self.q, self.stop, self.reliable),
                                       daemon=True))
         self.procs[1].start()
         if self.q.get(timeout=60) != "ok":
@@ -183,6 +190,22 @@ class _BridgePipeline(_Pipeline):
         if any(c != 0 for c in codes):
             raise RuntimeError(f"bridge bench: child exit codes {codes}")
         return stat
+
+
+class _RingPipeline(_BridgePipeline):
+    """A ring (policy block) served in the reliable mode into a local ring: every frame is
+    delivered, in order; the producer writes each from its own buffer (rings take no
+    in-place writes), so this pipeline has one copy more than ``bridge``."""
+
+    reliable = True
+
+    def _make_source(self, nbytes: int) -> Any:
+        self.frame = np.zeros(nbytes // 8, np.uint64)
+        return ts.create(self.name, shape=(nbytes // 8,), dtype=np.uint64, ring=RING_SLOTS, policy="block")
+
+    def publish(self, k: int) -> None:
+        self.frame[0] = k
+        self.src.write(self.frame, frame_id=k, timeout=ACK_TIMEOUT)
 
 
 class _PubSubPipeline(_Pipeline):
@@ -275,13 +298,14 @@ def run(cfg: Config, progress: Progress) -> Section:
     sizes = SIZES[cfg.mode]
     duration = max(cfg.duration, cfg.pick(1.0, 0.3, 0.02))
     samples = cfg.pick(1000, 200, 10)
-    progress.start("bridge", len(sizes) * 2 * (cfg.repeats + 1))
+    progress.start("bridge", len(sizes) * 3 * (cfg.repeats + 1))
     for nbytes in sizes:
         pipes: dict[str, Any] = {}
         row: dict[str, Any] = {"bytes": nbytes}
         try:
             pipes[BRIDGE] = _BridgePipeline(nbytes)
             pipes[PUBSUB] = _PubSubPipeline(nbytes)
+            pipes[RING] = _RingPipeline(nbytes)
             ks = {impl: 0 for impl in pipes}
             rates: dict[str, list[float]] = {impl: [] for impl in pipes}
             offered: dict[str, list[float]] = {impl: [] for impl in pipes}
@@ -307,9 +331,11 @@ def run(cfg: Config, progress: Progress) -> Section:
         finally:
             for impl, p in pipes.items():
                 stat = p.close()
-                if impl == BRIDGE and stat:
-                    row["bridge_stat"] = {k: stat.get(k) for k in ("delivered", "skipped", "malformed")}
+                if impl in (BRIDGE, RING) and stat:
+                    row["bridge_stat" if impl == BRIDGE else "ring_stat"] = {
+                        k: stat.get(k) for k in ("delivered", "skipped", "duplicates", "malformed")}
         row["ratio"] = row[BRIDGE]["frames_per_s"] / row[PUBSUB]["frames_per_s"]
+        row["ring_ratio"] = row[RING]["frames_per_s"] / row[PUBSUB]["frames_per_s"]
         sec.rows.append(row)
     progress.finish()
 
@@ -325,7 +351,11 @@ def run(cfg: Config, progress: Progress) -> Section:
         f"away is not delivered). **CPU ms per MB = CPU time of every process of the pipeline "
         f"(all threads, ZeroMQ's I/O threads included) / MB delivered** (lowest repeat; /proc "
         f"ticks of 10 ms, so coarse for short runs). Latency: one frame in flight, {samples} "
-        f"samples; **p50/p99 = publish-to-acknowledgement time**."
+        f"samples; **p50/p99 = publish-to-acknowledgement time**. Second table, `{RING}`: the "
+        f"same with a ring of {RING_SLOTS} slots (policy block) served in the reliable mode into "
+        f"a local ring (`attach(reliable=True)`): every frame is delivered in order (no "
+        f"conflation; `skipped` must be 0), and the producer writes each frame from its own "
+        f"buffer (rings take no in-place writes: one copy more than `{BRIDGE}`)."
     )
     table = []
     for r in sec.rows:
@@ -340,6 +370,17 @@ def run(cfg: Config, progress: Progress) -> Section:
          "PUB/SUB frames/s", "CPU ms per MB (bridge / PUB/SUB)", "bridge p50 / p99 µs",
          "PUB/SUB p50 / p99 µs"),
         table, right=(1, 2, 3, 4, 5, 6, 7, 8)))
+    ring_table = []
+    for r in sec.rows:
+        g, z, st = r[RING], r[PUBSUB], r.get("ring_stat") or {}
+        ring_table.append((fmt_bytes(r["bytes"]), f"{g['MBps']:,.0f}", fmt_ratio(r["ring_ratio"]),
+                           f"{g['frames_per_s']:,.0f}", f"{st.get('delivered', '?'):,}",
+                           str(st.get("skipped", "?")), f"{g['cpu_ms_per_MB']:.2f}",
+                           f"{fmt_us(g['latency_us']['p50'])} / {fmt_us(g['latency_us']['p99'])}"))
+    sec.tables.append(md_table(
+        ("frame", "ring MB/s", "ring / PUB/SUB", "ring frames/s", "delivered (whole run)",
+         "skipped", "CPU ms per MB", "ring p50 / p99 µs"),
+        ring_table, right=(1, 2, 3, 4, 5, 6, 7)))
     big = [r for r in sec.rows if r["bytes"] >= TARGET_MIN_BYTES]
     if big:
         worst = min(r["ratio"] for r in big)

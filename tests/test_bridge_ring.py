@@ -390,3 +390,38 @@ def test_cli_serves_a_ring_reliably_and_attaches_with_reliable(names):
                 p.kill()
                 p.wait(5)
     src.unlink()
+
+
+def test_a_restarted_attachment_does_not_duplicate_what_it_wrote_but_never_acknowledged(names, monkeypatch):
+    """An attachment that wrote publications into its local ring and died before
+    acknowledging them: the server still holds them for resending; its successor's HELLO
+    names the local ring's count, so none of them is published twice."""
+    from torch_shmem import _bridge_ring
+
+    src_name, dst_name = names("src"), names("dst")
+    src = torch_shmem.create(src_name, shape=(64,), dtype=np.uint64, ring=16, policy="block")
+    with bridge.serve(src_name) as srv:
+        real = _bridge_ring.RingBridgeAttachment._send_control
+
+        def no_acks(self, kind, count):
+            if kind == CTRL_HELLO:
+                real(self, kind, count)
+
+        monkeypatch.setattr(_bridge_ring.RingBridgeAttachment, "_send_control", no_acks)
+        att = bridge.attach(srv.endpoint, dst_name, reliable=True, cursor="far", window=8)
+        dst = torch_shmem.open(dst_name, reader="c")
+        for k in range(1, 6):
+            src.write(make_frame(k, 64), timeout=10)
+        assert [g[:2] for g in read_all(dst, 5)] == [(k, k) for k in range(1, 6)]
+        assert srv.stat()["subscribers"]["far"]["in_flight"] == 5  # written, never acknowledged
+        att.close()
+        monkeypatch.undo()
+        with bridge.attach(srv.endpoint, dst_name, reliable=True, cursor="far"):
+            for k in range(6, 11):
+                src.write(make_frame(k, 64), timeout=10)
+            got = read_all(dst, 5)
+            assert [(c, k, missed) for c, k, _, missed in got] == [(k, k, 0) for k in range(6, 11)]
+            wait_until(lambda: srv.stat()["subscribers"]["far"]["in_flight"] == 0, 10, "the acknowledgements")
+            assert dst.count == 10
+        dst.close()
+    src.unlink()

@@ -448,10 +448,14 @@ class RingBridgeServer(BridgeServer):
         shm = self._source.shm if self._source is not None else None
         count = shm.count if shm is not None and not shm.closed else 0
         subs = {}
-        for name, peer in self._by_name.items():
-            consumed = peer.cursor.consumed if peer.live else None
+        for name, peer in list(self._by_name.items()):  # the loop's thread may add one
+            cursor = peer.cursor
+            try:
+                consumed = cursor.consumed if cursor is not None else None
+            except RuntimeError:  # released meanwhile
+                consumed = None
             subs[name] = dict(
-                live=peer.live,
+                live=consumed is not None,
                 window=peer.window,
                 in_flight=len(peer.unacked),
                 acknowledged=peer.delivered,
@@ -586,12 +590,22 @@ class RingBridgeAttachment(BridgeAttachment):
             self._stats["acks_sent"] += 1
             self._acked = count
 
+    def _local_count(self) -> int:
+        """The local ring's count (0 when it does not exist yet): it holds the source's
+        counts, so what it has needs no resend (an attachment restarted after writing
+        a publication it had not acknowledged)."""
+        if self._local is not None and not self._local.closed:
+            return self._local.count
+        if self._local_name is None:
+            return 0
+        try:
+            with _api.open(self._local_name, readonly=True) as shm:
+                return shm.count if shm.ring is not None else 0
+        except (FileNotFoundError, PermissionError, ValueError, RuntimeError):
+            return 0
+
     def _hello(self) -> None:
-        # the local ring holds the source's counts: what it has needs no resend
-        last = self._delivered_count
-        if not last and self._local is not None and not self._local.closed:
-            last = self._local.count
-        self._send_control(CTRL_HELLO, last)
+        self._send_control(CTRL_HELLO, self._delivered_count or self._local_count())
         self._hello_due = False
 
     def _keepalive(self, now: float) -> None:

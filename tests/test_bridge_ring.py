@@ -425,3 +425,25 @@ def test_a_restarted_attachment_does_not_duplicate_what_it_wrote_but_never_ackno
             assert dst.count == 10
         dst.close()
     src.unlink()
+
+
+def test_a_local_drop_newest_ring_drops_and_counts_what_its_readers_cannot_take(names):
+    """The local ring's own policy applies to its own readers: drop_newest drops while its
+    cursor lags a full ring (counted), and later publications keep the source's counts."""
+    src_name, dst_name = names("src"), names("dst")
+    src = torch_shmem.create(src_name, shape=(8,), dtype=np.uint64, ring=64, policy="block")
+    with bridge.serve(src_name) as srv:
+        with bridge.attach(srv.endpoint, dst_name, reliable=True, ring=4, policy="drop_newest") as att:
+            dst = torch_shmem.open(dst_name, reader="slow")
+            assert (dst.ring, dst.policy) == (4, "drop_newest")
+            for k in range(1, 11):
+                src.write(make_frame(k, 8), timeout=10)
+            wait_until(lambda: att.stat()["delivered"] + att.stat()["dropped_locally"] == 10, 10,
+                       "every publication handled")
+            assert att.stat()["dropped_locally"] == 6 and dst.drops == 6
+            assert [g[:2] for g in read_all(dst, 4)] == [(k, k) for k in range(1, 5)]
+            src.write(make_frame(11, 8), timeout=10)
+            (c, k, _, missed), = read_all(dst, 1)
+            assert (c, k, missed) == (11, 11, 6)  # the source count; the dropped ones are missed
+            dst.close()
+    src.unlink()

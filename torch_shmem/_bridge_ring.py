@@ -480,12 +480,11 @@ class _RingSink(_CpuSink):
         if self.offset is None:
             self.offset = max(0, shm.count + 1 - count)
         target = count + self.offset
-        drops = shm.drops
         published = shm._write_at(payload, target, frame_id, timeout)
         if published == target:
             return True
-        if shm.drops != drops:
-            return False  # dropped by drop_newest: the offset stands
+        if published < target:
+            return False  # dropped by drop_newest (the count stayed): the offset stands
         self.offset = published - count  # someone else published locally in between
         return True
 

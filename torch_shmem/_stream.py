@@ -1173,34 +1173,26 @@ class SharedMemory:
         ``count`` when that is past the current count, else as count + 1;
         return the count published. For carrying another stream's counts
         (the bridge): readers' missed-publication counts then follow the
-        source's. Takes the lock (TimeoutError after ``timeout``).
+        source's. Takes the lock (TimeoutError after ``timeout``); the copy is
+        the native write's (as :meth:`write`).
 
         A CPU ring publishes through its policy, also at a count past the
         next one: cursors find the counts in between skipped (they count in
         ``missed_publications``). ``block`` waits for room as :meth:`write`
         does (TimeoutError after ``timeout``), ``overwrite`` never waits,
         ``drop_newest`` drops the write and the current count is returned.
-        A GPU ring publishes one count at a time (count + 1)."""
+        GPU streams (rings too) publish one count at a time (count + 1)."""
         self._check_open()
-        if self._h.ring_info() is not None and not self._h.info().flags & _core.FLAG_GPU:
-            at = max(int(count), 0)
-            published = self._h.write(array, frame_id, timeout, at)
-            if published is NotImplemented:
-                converted = self._cast(self._validated(array), "checked", keep=True)
-                published = self._h.write(converted, frame_id, timeout, at)
-            return published if published else self._h.count()  # 0: dropped
-        with self.locked(timeout=timeout):
-            if count <= self._h.count() or self.ring is not None:
-                # (a GPU ring publishes one count at a time)
+        if self._h.info().flags & _core.FLAG_GPU:
+            with self.locked(timeout=timeout):
                 self.write_locked(array, frame_id=frame_id)
                 return self._h.count()
-            self._h.begin_write(count, True)  # every byte is written below
-            try:
-                self._payload_view()[...] = array
-            except BaseException:
-                self._h.abort_write()
-                raise
-            return self._h.commit_write(frame_id)
+        at = max(int(count), 0)
+        published = self._h.write(array, frame_id, timeout, at)
+        if published is NotImplemented:
+            converted = self._cast(self._validated(array), "checked", keep=True)
+            published = self._h.write(converted, frame_id, timeout, at)
+        return published if published else self._h.count()  # 0: a ring dropped it
 
     def _begin_view(self) -> np.ndarray:
         self._check_open()

@@ -156,19 +156,23 @@ void Stream::require_cpu_payload(bool writing) const {
   }
 }
 
-uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id) {
-  if (geometry()->flags & kFlagRing) return ring_write_locked(*this, src, has_frame_id, frame_id);
+uint64_t Stream::write_locked(const void* src, bool has_frame_id, uint64_t frame_id, uint64_t at) {
+  if (geometry()->flags & kFlagRing)
+    return ring_write_locked(*this, src, has_frame_id, frame_id, at);
+  // the next count (odd seq: a torn write's) needs no skip
+  if (at <= (hdr_->seq.load(std::memory_order_relaxed) >> 1) + 1) at = 0;
   if (host_slots_) {
     if (rotates_slots())
-      return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id);
+      return slot_write_locked(*this, *host_slots_, src, false, has_frame_id, frame_id, nullptr,
+                               at);
     // no reader overlapped a write yet, or a live view pinned the slot:
     // rewrite the latest slot in place, as a single payload
-    begin_write_locked(0, true);
+    begin_write_locked(at, true);
     publish_copy(payload(), src, payload_bytes_);
     return commit_write_locked(has_frame_id, frame_id);
   }
   require_cpu_payload(true);
-  begin_locked();
+  begin_write_locked(at, true);  // a single payload: begin_locked() or the skipping odd seq
   publish_copy(payload_, src, payload_bytes_);
   return publish_locked(has_frame_id, frame_id);
 }

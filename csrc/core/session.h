@@ -82,9 +82,10 @@ class Session {
 
   // ---- payload: one interface for host payload and slot memory ---------
   // (on_device: src/dst is device memory; slotted streams only.)
+  // at: CPU streams only (Stream::write_locked); 0 elsewhere.
   uint64_t write_locked(const void* src, bool src_on_device, bool has_frame_id,
-                        uint64_t frame_id) const {
-    if (slots_ == nullptr) return s_.write_locked(src, has_frame_id, frame_id);
+                        uint64_t frame_id, uint64_t at = 0) const {
+    if (slots_ == nullptr) return s_.write_locked(src, has_frame_id, frame_id, at);
     if (s_.geometry()->flags & kFlagRing)  // a GPU ring (CPU rings have no slots_)
       return device_ring_write_locked(s_, *slots_, src, src_on_device, has_frame_id, frame_id);
     return slot_write_locked(s_, *slots_, src, src_on_device, has_frame_id, frame_id);

@@ -232,7 +232,8 @@ void HostSlotMemory::force_cursor(uint32_t index, uint64_t v) {
 // ---------------------------------------------------------------------------
 
 uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
-                           bool has_frame_id, uint64_t frame_id, SlotWriteSteps* steps) {
+                           bool has_frame_id, uint64_t frame_id, SlotWriteSteps* steps,
+                           uint64_t at) {
   Header* h = s.header();
   // Slot count and flags from the validated private copy: a damaged shared
   // nslots of 0 would be a division by zero here.
@@ -247,6 +248,9 @@ uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_o
   const bool recovered = s.take_recovered();
   if ((g->flags & kFlagGpu) && (recovered || h->broken.load(std::memory_order_acquire)))
     c = std::max(c, m.load_device_count() + 1);
+  // A CPU stream carrying another's counts skips to `at` (its readers
+  // follow latest_slot and the host seq only, so no slot is marked).
+  if (g->flags & kFlagHostSlots) c = std::max(c, at);
   // A CPU stream's slots start rotating after writes in place
   // (Header::slot_contention), which leave the latest publication in any
   // slot: never copy over it (with seq even, a writer killed in that copy

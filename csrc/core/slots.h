@@ -241,8 +241,11 @@ uint32_t host_slot_for(const Stream& s, uint64_t c);
 // reserved, so the next write takes the count after it (device waiters
 // released for the failed count never see their slot rewritten as the
 // same count).
+// `at` (kFlagHostSlots streams only): publish count `at` when it is past
+// count + 1, skipping the counts in between (Stream::write_locked).
 uint64_t slot_write_locked(Stream& s, SlotMemory& m, const void* src, bool src_on_device,
-                           bool has_frame_id, uint64_t frame_id, SlotWriteSteps* steps = nullptr);
+                           bool has_frame_id, uint64_t frame_id, SlotWriteSteps* steps = nullptr,
+                           uint64_t at = 0);
 // Lock-free attempt; false means "take the lock and use slot_read_locked".
 bool slot_read_fast(const Stream& s, SlotMemory& m, void* dst, bool dst_on_device,
                     Snapshot* snap);

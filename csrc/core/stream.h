@@ -366,7 +366,10 @@ class Stream {
 
   // ---- publication (caller holds the lock) ------------------------------
   // count += 1 per completed write; seq = 2 * count (+1 while writing).
-  uint64_t write_locked(const void* src, bool has_frame_id, uint64_t frame_id);
+  // With `at` past count + 1 the write publishes count `at`, skipping the
+  // counts in between (readers count them as missed: a stream carrying
+  // another's counts, the bridge); otherwise count + 1.
+  uint64_t write_locked(const void* src, bool has_frame_id, uint64_t frame_id, uint64_t at = 0);
   uint64_t clear_locked();
   // Two-phase write for in-place producers. With `at` > 0 the write will
   // publish count `at` instead of count + 1 (kState unless at > count):

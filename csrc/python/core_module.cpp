@@ -890,19 +890,19 @@ PyObject* H_write(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
                    "must be below 2**63", h->name, at);
       return nullptr;
     }
-    if (!is_ring(h)) {
-      PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: write(at=) is for rings",
-                   h->name);
-      return nullptr;
-    }
   }
   const void* src = PyArray_DATA(reinterpret_cast<PyArrayObject*>(args[0]));
   if (is_ring(h)) return ring_publish(h, src, has_fid, fid, timeout, at);
+  const Session session = session_of(h);
+  if (at != 0 && session.slots() != nullptr) {
+    PyErr_Format(PyExc_ValueError, "torch_shmem: stream %R: write(at=) is for CPU streams",
+                 h->name);
+    return nullptr;
+  }
   if (!acquire_lock(h, Deadline::after(timeout))) return nullptr;
   uint64_t count = 0;
-  const Session session = session_of(h);
   bool ok = run_core(h, h->nbytes >= kReleaseGilBytes,
-                     [&] { count = session.write_locked(src, false, has_fid, fid); });
+                     [&] { count = session.write_locked(src, false, has_fid, fid, at); });
   unlock_quiet(h);
   if (!ok) return nullptr;
   return PyLong_FromUnsignedLongLong(count);

@@ -29,6 +29,7 @@ if not HAVE_ZMQ:
 import zmq  # noqa: E402
 
 import _bridge_workers as W  # noqa: E402
+from test_bridge import _cli, _readline, wait_until  # noqa: E402
 from torch_shmem import bridge  # noqa: E402
 from torch_shmem._bridge_ring import (  # noqa: E402
     CTRL_ACK,
@@ -56,14 +57,6 @@ def names():
     for n in made:
         torch_shmem.unlink(n)
         torch_shmem.unlink(n + ".bridge")
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def read_all(shm, n, timeout=20.0):
@@ -355,8 +348,6 @@ def test_the_attachment_survives_a_server_restart(names):
 
 
 def test_cli_serves_a_ring_reliably_and_attaches_with_reliable(names):
-    from test_bridge import _cli, _readline
-
     src_name, dst_name = names("src"), names("dst")
     src = torch_shmem.create(src_name, shape=(8,), dtype=np.uint64, ring=8, policy="block")
     serve = _cli("serve", src_name)

@@ -406,6 +406,9 @@ def test_connected_senders_are_bounded_and_released(name):
     assert base + 80 < fds() <= base + 80 + 64
     for _, h in readers:
         h.close()
-    assert fds() == base
+    # every connected socket of these readers is gone; the cache may also have
+    # evicted an entry that an earlier test left (a reader in a process that was
+    # killed), so the count can end below the base
+    assert fds() <= base
     w2.unlink()
     w.close()

@@ -544,7 +544,10 @@ class RingBridgeAttachment(BridgeAttachment):
         sock.setsockopt(zmq.RCVHWM, 0)  # the window bounds what the server sends
         sock.setsockopt(zmq.ROUTING_ID, self._routing_id)
 
-    def _make_local(self, name: str, shape: tuple, dtype: np.dtype) -> None:
+    def _make_sink(self, shm: Any) -> Any:
+        return _RingSink(shm)
+
+    def _create_or_open_local(self, name: str, shape: tuple, dtype: np.dtype) -> Any:
         slots, policy = self._source_ring or (None, None)
         slots = self._want_ring or slots
         policy = self._want_policy or policy or "overwrite"
@@ -561,18 +564,7 @@ class RingBridgeAttachment(BridgeAttachment):
                     f"CPU ring of shape {tuple(shape)} and dtype {dtype}: unlink it or pick another "
                     "local_name"
                 ) from None
-        try:
-            if self._use_sidecar:
-                self._claim_sidecar(name)
-        except BaseException:
-            shm.close()
-            raise
-        self._local = shm
-        self._local_name = name
-        self._local_geometry = (tuple(shm.shape), shm.dtype)
-        self._local_size = int(np.prod(shm.shape))
-        self._local_instance = bytes.fromhex(shm.instance_id)
-        self._sink = _RingSink(shm)
+        return shm
 
     # -------------------------------------------------------------- control
     def _send_control(self, kind: int, count: int) -> None:

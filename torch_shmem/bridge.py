@@ -1292,6 +1292,24 @@ class BridgeAttachment(_Component):
     # -------------------------------------------------------------- local stream
     def _make_local(self, name: str, shape: tuple, dtype: np.dtype) -> None:
         """Create or reuse the local stream; ValueError on a geometry mismatch."""
+        shm = self._create_or_open_local(name, shape, dtype)
+        try:
+            if self._use_sidecar:
+                self._claim_sidecar(name)
+        except BaseException:
+            shm.close()
+            raise
+        self._local = shm
+        self._local_name = name
+        self._local_geometry = (tuple(shm.shape), shm.dtype)
+        self._local_size = math.prod(shm.shape)
+        self._local_instance = bytes.fromhex(shm.instance_id)
+        self._sink = self._make_sink(shm)
+
+    def _make_sink(self, shm: Any) -> Any:
+        return _GpuSink(shm) if shm.gpu_enabled and self._gpu_device is not None else _CpuSink(shm)
+
+    def _create_or_open_local(self, name: str, shape: tuple, dtype: np.dtype) -> Any:
         gpu = self._gpu_device
         try:
             shm = _api.create(name, shape=shape, dtype=dtype, mode=self._mode, gpu_device=gpu)
@@ -1311,18 +1329,7 @@ class BridgeAttachment(_Component):
                     f"{got[1]}; the bridge from {self.endpoint} carries shape {tuple(shape)} and "
                     f"dtype {dtype}: unlink it or pick another local_name"
                 ) from None
-        try:
-            if self._use_sidecar:
-                self._claim_sidecar(name)
-        except BaseException:
-            shm.close()
-            raise
-        self._local = shm
-        self._local_name = name
-        self._local_geometry = (tuple(shm.shape), shm.dtype)
-        self._local_size = math.prod(shm.shape)
-        self._local_instance = bytes.fromhex(shm.instance_id)
-        self._sink = _GpuSink(shm) if shm.gpu_enabled and gpu is not None else _CpuSink(shm)
+        return shm
 
     def _claim_sidecar(self, name: str) -> None:
         side = name + SIDECAR_SUFFIX

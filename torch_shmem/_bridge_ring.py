@@ -603,6 +603,10 @@ class RingBridgeAttachment(BridgeAttachment):
         if now - self._last_ack >= min(self._heartbeat_ms / 1000.0, 1.0):
             self._send_control(CTRL_ACK, self._delivered_count)
 
+    def _new_generation(self) -> None:
+        super()._new_generation()
+        self._acked = 0
+
     def _on_monitor(self) -> None:
         was_up = self._handshake_ok
         super()._on_monitor()
@@ -611,14 +615,9 @@ class RingBridgeAttachment(BridgeAttachment):
 
     # -------------------------------------------------------------- loop
     def _loop(self) -> None:
-        zmq = self._zmq
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        poller = self._poller()
         while not self._stop.is_set():
-            events = dict(poller.poll(int(_POLL_SLICE * 1000)))
-            if self._monitor in events:
-                self._on_monitor()
+            events = self._poll(poller)
             if self._hello_due and self._handshake_ok:
                 self._hello()
             if self._sock in events:
@@ -663,23 +662,7 @@ class RingBridgeAttachment(BridgeAttachment):
             stats["malformed"] += 1
             self._last_drop = f"message kind {h.kind} on a reliable link"
             return
-        self._last_message = time.monotonic()
-        self._last_message_ns = time.time_ns()
-        self._ever_up = self._connected = True
-        self._heartbeat_ms = min(max(h.heartbeat_ms, 10), 60_000)
-        if h.instance_id != self._instance:
-            if self._instance is not None:
-                stats["generations"] += 1
-                self._delivered_count = self._acked = 0
-                if self._sink is not None:
-                    self._sink.new_generation()
-            self._instance = h.instance_id
-            self._source_count = 0
-        if session != self._session:
-            if self._session is not None:
-                stats["server_restarts"] += 1
-            self._session = session
-        self._source_name = h.name
+        self._note_message(h, session)
         if h.kind == KIND_HEARTBEAT:
             stats["heartbeats"] += 1
             self._source_count = max(self._source_count, count)
@@ -711,16 +694,8 @@ class RingBridgeAttachment(BridgeAttachment):
                 if self._stop.is_set():
                     return
                 self._keepalive(time.monotonic())
-        if published:
-            stats["delivered"] += 1
-        else:
-            stats["dropped_locally"] += 1
-        if count > self._delivered_count + 1:
-            stats["skipped"] += count - self._delivered_count - 1
-        self._delivered_count = count
-        self._source_frame_id = frame_id
-        self._source_write_ns = write_ns
-        self._delivered_ns = time.time_ns()
+        stats["delivered" if published else "dropped_locally"] += 1
+        self._note_delivery(count, frame_id, write_ns)
 
     def stat(self) -> dict:
         """As :meth:`BridgeAttachment.stat`, plus ``mode``, ``cursor``, ``window`` and the source ring."""

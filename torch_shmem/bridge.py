@@ -1400,16 +1400,23 @@ class BridgeAttachment(_Component):
         return True
 
     # -------------------------------------------------------------- loop
+    def _poller(self) -> Any:
+        poller = self._zmq.Poller()
+        poller.register(self._sock, _POLLIN)
+        poller.register(self._monitor, _POLLIN)
+        return poller
+
+    def _poll(self, poller: Any) -> dict:
+        """Wait up to a slice for a message or a connection event (handled here)."""
+        events = dict(poller.poll(int(_POLL_SLICE * 1000)))
+        if self._monitor in events:
+            self._on_monitor()
+        return events
+
     def _loop(self) -> None:
-        zmq = _zmq()
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        poller = self._poller()
         while not self._stop.is_set():
-            events = dict(poller.poll(int(_POLL_SLICE * 1000)))
-            if self._monitor in events:
-                self._on_monitor()
-            if self._sock in events:
+            if self._sock in self._poll(poller):
                 frame = self._recv_waiting()
                 until = time.monotonic() + _SUPERSEDE_FOR
                 while frame is not None:
@@ -1491,26 +1498,7 @@ class BridgeAttachment(_Component):
             stats["malformed"] += 1
             self._last_drop = f"message kind {h.kind} on a latest-value link"
             return None
-        self._last_message = time.monotonic()
-        self._last_message_ns = time.time_ns()
-        self._ever_up = self._connected = True
-        self._auth_failed = False
-        self._heartbeat_ms = min(max(h.heartbeat_ms, 10), 60_000)
-        first = self._instance is None
-        if h.instance_id != self._instance:
-            if not first:
-                stats["generations"] += 1
-                # publications of the new generation before this one were never seen
-                self._delivered_count = 0
-                if self._sink is not None:
-                    self._sink.new_generation()
-            self._instance = h.instance_id
-            self._source_count = 0
-        if session != self._session:
-            if self._session is not None:
-                stats["server_restarts"] += 1
-            self._session = session
-        self._source_name = h.name
+        first = self._note_message(h, session)
         if first:
             # counting starts here: nothing before the source's current
             # publication was missed (a heartbeat announcing it asks for it)
@@ -1559,15 +1547,47 @@ class BridgeAttachment(_Component):
                 if newer is not None:
                     return newer
         stats["delivered"] += 1
+        self._note_delivery(count, frame_id, write_ns)
+        if not self._ready.is_set():
+            self._ready.set()  # start(wait=True) returns with the first publication in place
+        return after  # a message that came meanwhile and is not a newer publication
+
+    def _note_delivery(self, count: int, frame_id: int, write_ns: int) -> None:
+        """Source publication ``count`` is in the local stream (or handled)."""
         if count > self._delivered_count + 1:
-            stats["skipped"] += count - self._delivered_count - 1
+            self._stats["skipped"] += count - self._delivered_count - 1
         self._delivered_count = count
         self._source_frame_id = frame_id
         self._source_write_ns = write_ns
         self._delivered_ns = time.time_ns()
-        if not self._ready.is_set():
-            self._ready.set()  # start(wait=True) returns with the first publication in place
-        return after  # a message that came meanwhile and is not a newer publication
+
+    def _note_message(self, h: Header, session: int) -> bool:
+        """Link bookkeeping for a well-formed message; True for the link's first one."""
+        stats = self._stats
+        self._last_message = time.monotonic()
+        self._last_message_ns = time.time_ns()
+        self._ever_up = self._connected = True
+        self._auth_failed = False
+        self._heartbeat_ms = min(max(h.heartbeat_ms, 10), 60_000)
+        first = self._instance is None
+        if h.instance_id != self._instance:
+            if not first:
+                stats["generations"] += 1
+                self._new_generation()
+            self._instance = h.instance_id
+            self._source_count = 0
+        if session != self._session:
+            if self._session is not None:
+                stats["server_restarts"] += 1
+            self._session = session
+        self._source_name = h.name
+        return first
+
+    def _new_generation(self) -> None:
+        # publications of the new generation before this one were never seen
+        self._delivered_count = 0
+        if self._sink is not None:
+            self._sink.new_generation()
 
     def _newer_publication(self, frame: Any, instance_id: bytes, count: int) -> bool:
         try:

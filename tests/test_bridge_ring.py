@@ -438,3 +438,39 @@ def test_a_local_drop_newest_ring_drops_and_counts_what_its_readers_cannot_take(
             assert (c, k, missed) == (11, 11, 6)  # the source count; the dropped ones are missed
             dst.close()
     src.unlink()
+
+
+def test_subscribers_have_their_own_positions(names):
+    """Two subscribers of one ring server: each has its own cursor, window and resends.
+    With the source under overwrite, a stalled one skips (exactly counted) while the
+    other, keeping up with a paced writer, gets every publication."""
+    src_name, a_name, b_name = names("src"), names("a"), names("b")
+    src = torch_shmem.create(src_name, shape=(64,), dtype=np.uint64, ring=8, policy="overwrite")
+    b_ring = torch_shmem.create(b_name, shape=(64,), dtype=np.uint64, ring=4, policy="block")
+    b_cur = b_ring.cursor("stalled")  # never reads until the end: holds b's attachment
+    with bridge.serve(src_name) as srv, \
+            bridge.attach(srv.endpoint, a_name, reliable=True, cursor="a"), \
+            bridge.attach(srv.endpoint, b_name, reliable=True, cursor="b", window=2):
+        a = torch_shmem.open(a_name, reader="r")
+        got_a = []
+        reader = threading.Thread(target=lambda: got_a.extend(read_all(a, 200)))
+        reader.start()
+        for k in range(1, 201):
+            src.write(make_frame(k, 64), frame_id=k)
+            time.sleep(0.002)  # paced, so that "a" keeps up
+        reader.join(30)
+        assert [(c, k, missed) for c, k, _, missed in got_a] == [(k, k, 0) for k in range(1, 201)]
+        subs = srv.stat()["subscribers"]
+        assert set(subs) == {"a", "b"} and subs["a"]["lag"] == 0 and subs["b"]["lag"] > 0
+        seen, missed, last = 0, 0, 0
+        while last < 200:
+            p = b_cur.read_next(timeout=10)
+            assert frame_seq(p.payload) == p.count > last
+            missed += p.missed_publications
+            seen += 1
+            last = p.count
+        assert seen + missed == 200 and missed > 0
+        a.close()
+    b_cur.close()
+    b_ring.close()
+    src.unlink()

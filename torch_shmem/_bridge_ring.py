@@ -366,6 +366,11 @@ class RingBridgeServer(BridgeServer):
             except TimeoutError:
                 peer.free.append((buf, target))
                 continue
+            except _api.InconsistentStreamError as exc:  # a writer died mid-write: the next repairs
+                peer.free.append((buf, target))
+                self._stats["source_errors"] += 1
+                self._last_error = str(exc)
+                continue
             except _api.StaleStreamError:
                 peer.free.append((buf, target))
                 self._check_generation()

@@ -474,3 +474,72 @@ def test_subscribers_have_their_own_positions(names):
     b_cur.close()
     b_ring.close()
     src.unlink()
+
+
+def _cursor_position(stream, cursor):
+    return {c["name"]: c["consumed"] for c in torch_shmem.stat(stream)["ring"]["cursors"]}[cursor]
+
+
+def test_the_server_cursor_stands_at_the_last_acknowledged_publication(names):
+    """The server reads ahead without consuming: its cursor on the source moves when the
+    subscriber acknowledges, so under block the source's writer waits for the far side
+    itself, and what was sent but not acknowledged stays in the source ring."""
+    src_name, dst_name = names("src"), names("dst")
+    src = torch_shmem.create(src_name, shape=(64,), dtype=np.uint64, ring=16, policy="block")
+    dst = torch_shmem.create(dst_name, shape=(64,), dtype=np.uint64, ring=4, policy="block")
+    hold = dst.cursor("holder")  # does not read: the attachment holds publication 5
+    with bridge.serve(src_name) as srv, \
+            bridge.attach(srv.endpoint, dst_name, reliable=True, cursor="far", window=6) as att:
+        for k in range(1, 11):
+            src.write(make_frame(k, 64), timeout=10)
+        wait_until(lambda: srv.stat()["sent"] >= 6 and att.stat()["acknowledged"] == 4, 10,
+                   "the window to fill")
+        time.sleep(0.2)
+        assert srv.stat()["sent"] == 10  # 4 acknowledged + a window of 6 in flight
+        assert _cursor_position(src_name, "far") == 4  # not 10: only what was acknowledged
+        got = [hold.read_next(timeout=10) for _ in range(10)]
+        assert [(p.count, frame_seq(p.payload), p.missed_publications) for p in got] == \
+            [(k, k, 0) for k in range(1, 11)]
+        wait_until(lambda: _cursor_position(src_name, "far") == 10, 10, "the last acknowledgement")
+    hold.close()
+    dst.close()
+    src.unlink()
+
+
+def test_a_restarted_server_sends_again_what_was_not_acknowledged(names):
+    """The server (a child) is SIGKILLed with publications sent and not acknowledged; its
+    successor reads them again from the source ring (the cursor stood at the last
+    acknowledged count), the attachment drops what it had, and the far ring ends up
+    with every publication exactly once."""
+    src_name, dst_name = names("src"), names("dst")
+    src = torch_shmem.create(src_name, shape=(64,), dtype=np.uint64, ring=64, policy="block")
+    dst = torch_shmem.create(dst_name, shape=(64,), dtype=np.uint64, ring=4, policy="block")
+    hold = dst.cursor("holder")
+
+    def start_server(bind):
+        ready, stop = ctx.Queue(), ctx.Event()
+        p = ctx.Process(target=W.serve, args=(src_name, bind, ready, stop, {}), daemon=True)
+        p.start()
+        return p, ready.get(timeout=30)
+
+    server, endpoint = start_server("tcp://127.0.0.1:0")
+    with bridge.attach(endpoint, dst_name, reliable=True, cursor="far", window=8) as att:
+        for k in range(1, 21):
+            src.write(make_frame(k, 64), timeout=10)
+        wait_until(lambda: att.stat()["received"] >= 5, 10, "the first publications")
+        os.kill(server.pid, signal.SIGKILL)
+        server.join(10)
+        assert _cursor_position(src_name, "far") < 20
+        server, _ = start_server(endpoint)
+        try:
+            got = [hold.read_next(timeout=20) for _ in range(20)]
+            assert [(p.count, frame_seq(p.payload), p.missed_publications) for p in got] == \
+                [(k, k, 0) for k in range(1, 21)]
+            assert att.stat()["server_restarts"] >= 1
+            assert dst.count == 20
+        finally:
+            os.kill(server.pid, signal.SIGKILL)
+            server.join(10)
+    hold.close()
+    dst.close()
+    src.unlink()

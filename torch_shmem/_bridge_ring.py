@@ -10,10 +10,13 @@ republishes into a local ring at the source's counts. docs/bridge.md
 
 Per subscriber the server holds a cursor on the source ring, named by the
 subscriber (so a subscriber that comes back resumes where it left off), and
-a window of credits: it reads the cursor only while fewer than ``window``
-of its publications are unacknowledged, and keeps those in memory until the
-subscriber acknowledges them (resent after a reconnection). The
-attachment acknowledges a publication once it is in the local ring. So a
+a window of credits: it reads ahead of the cursor, without moving it, only
+while fewer than ``window`` of its publications are unacknowledged, keeps
+those in memory until the subscriber acknowledges them (resent after a
+reconnection), and then moves the cursor: it stands at the last publication
+the far side holds, so a restarted server reads the rest again from the
+ring. The attachment acknowledges a publication once it is in the local
+ring. So a
 full window is a full ring: under ``block`` at both ends a slow local
 reader holds the attachment, which holds the server's cursor, which holds
 the source's writer; under ``overwrite`` at the source the server's cursor
@@ -131,7 +134,7 @@ class _Peer:
     """One subscriber (by cursor name): its cursor on the source, credits and unacknowledged messages."""
 
     __slots__ = ("name", "identity", "cursor", "window", "unacked", "free", "draining", "last_heard",
-                 "last_sent", "delivered", "resent")
+                 "last_sent", "delivered", "resent", "next")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -145,6 +148,7 @@ class _Peer:
         self.last_sent = 0.0
         self.delivered = 0  # last count the subscriber acknowledged
         self.resent = 0
+        self.next = 0  # the next count to read and send (0: after the cursor's position)
 
     @property
     def live(self) -> bool:
@@ -209,6 +213,7 @@ class RingBridgeServer(BridgeServer):
             peer.unacked.clear()
             peer.free.clear()
             peer.draining.clear()
+            peer.next = peer.delivered = 0
 
     def _attach_cursor(self, peer: _Peer) -> str | None:
         """(Re)attach ``peer``'s cursor on the source; the reason when that is refused."""
@@ -278,8 +283,14 @@ class RingBridgeServer(BridgeServer):
         # what the subscriber already holds is acknowledged; the rest goes again, in order
         self._acknowledge(peer, last)
         # delivery continues after this count: the unacknowledged publications
-        # (sent again below, in order), then the cursor's next ones
-        start = peer.unacked[0][0] - 1 if peer.unacked else peer.cursor.consumed
+        # this server still has (sent again below, in order), then the ring from
+        # the cursor's position, which is the last acknowledged count (a server
+        # that restarted reads again what its predecessor sent unacknowledged)
+        if peer.unacked:
+            start = peer.unacked[0][0] - 1
+        else:
+            start = peer.cursor.consumed
+            peer.next = start + 1
         buf = self._pack_heartbeat()  # header only: reuse the heartbeat buffer's geometry
         self._pack(buf, KIND_RING_WELCOME, start, peer.window, 0, self._payload_bytes)
         if not self._send(peer, buf, copy=True):
@@ -294,11 +305,25 @@ class RingBridgeServer(BridgeServer):
             self._stats["resent"] += 1
 
     def _acknowledge(self, peer: _Peer, count: int) -> None:
+        """The subscriber holds every publication up to ``count``: forget them, and move
+        its cursor there (under block, the source's writer may then reuse their slots)."""
         unacked = peer.unacked
         while unacked and unacked[0][0] <= count:
             _, buf, tracker = unacked.popleft()
             peer.draining.append((buf, tracker))  # the last send's tracker: sends are in order
         peer.delivered = max(peer.delivered, count)
+        cursor = peer.cursor
+        if cursor is None:
+            return
+        shm = self._source.shm
+        to = min(count, shm.count)  # a count past the source's is another generation's
+        if to > cursor.consumed:
+            try:
+                shm._h.cursor_advance(cursor._index, to)
+            except RuntimeError:  # released meanwhile (a dead-owner check of a writer)
+                self._release_cursor(peer)
+                return
+            peer.next = max(peer.next, to + 1)
 
     def _drain_control(self) -> None:
         zmq = self._zmq
@@ -354,6 +379,27 @@ class RingBridgeServer(BridgeServer):
                 return buf, self._source.payload_target(buf, self._hb)
         return self._make_buffer()
 
+    def _read_ahead(self, peer: _Peer, target: Any) -> tuple | None:
+        """Publication ``peer.next`` (or the first later one the ring still holds) into
+        ``target``, without moving the cursor: (count, write_time_ns, frame_id), or None
+        when there is nothing new. The cursor stays at the last acknowledged count, so
+        under block and drop_newest no slot read here is rewritten before that."""
+        shm = self._source.shm
+        h = shm._h
+        latest = h.count()
+        if peer.next == 0:
+            peer.next = peer.cursor.consumed + 1
+        while peer.next <= latest:
+            got = h.ring_read_at(peer.next, target)
+            if got is not None:
+                return got[1:]
+            # overwritten (overwrite policy) or skipped by the writer: lost for this
+            # subscriber; the far ring shows the gap
+            skip_to = max(peer.next + 1, latest - shm.ring + 1)
+            self._stats["skipped"] += skip_to - peer.next
+            peer.next = skip_to
+        return None
+
     def _pump(self) -> bool:
         """One publication to each subscriber that has credit and one to read; True if any went."""
         sent = False
@@ -362,39 +408,34 @@ class RingBridgeServer(BridgeServer):
                 continue
             buf, target = self._buffer(peer)
             try:
-                pub = peer.cursor.read_next(timeout=0, out=target)
-            except TimeoutError:
+                got = self._read_ahead(peer, target)
+            except (_api.StaleStreamError, ValueError, RuntimeError) as exc:
                 peer.free.append((buf, target))
-                continue
-            except _api.InconsistentStreamError as exc:  # a writer died mid-write: the next repairs
-                peer.free.append((buf, target))
-                self._stats["source_errors"] += 1
-                self._last_error = str(exc)
-                continue
-            except _api.StaleStreamError:
-                peer.free.append((buf, target))
+                self._last_error = f"reading {self.name!r} for {peer.name!r}: {exc}"
                 self._check_generation()
                 return sent
-            self._pack(buf, KIND_RING_PUBLICATION, pub.count, pub.frame_id,
-                       int(pub.write_time * 1e9), self._payload_bytes)
+            if got is None:
+                peer.free.append((buf, target))
+                continue
+            count, write_ns, frame_id = got
+            peer.next = count + 1
+            self._pack(buf, KIND_RING_PUBLICATION, count, frame_id, write_ns, self._payload_bytes)
             zero_copy = self._zero_copy
             tracker = self._send(peer, buf, copy=not zero_copy, track=zero_copy)
             # kept until acknowledged, also when the send failed (the subscriber is
             # released, and this publication goes again when it says HELLO)
-            peer.unacked.append((pub.count, buf, tracker if zero_copy and tracker is not False else None))
+            peer.unacked.append((count, buf, tracker if zero_copy and tracker is not False else None))
             if tracker is False:
                 continue
-            if pub.missed_publications:
-                self._stats["skipped"] += pub.missed_publications
-            self._last_count = pub.count
+            self._last_count = count
             self._stats["sent"] += 1
             self._stats["bytes_sent"] += len(buf)
             sent = True
         return sent
 
     def _wait_position(self) -> int | None:
-        """The lowest position among subscribers with credit (wait for a publication past it)."""
-        positions = [p.cursor.consumed for p in self._by_identity.values()
+        """The lowest count sent among subscribers with credit (wait for a publication past it)."""
+        positions = [(p.next - 1 if p.next else p.cursor.consumed) for p in self._by_identity.values()
                      if p.live and len(p.unacked) < p.window]
         return min(positions) if positions else None
 

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -781,6 +782,95 @@ PyObject* H_cursor_consumed(Handle* h, PyObject* arg) {
   if (!parse_cursor(h, arg, &index)) return nullptr;
   return PyLong_FromUnsignedLongLong(
       torch_shmem::core::ring_cursor(*h->s, index)->consumed.load(std::memory_order_acquire));
+}
+
+// cursor_advance(index, to) -> the cursor's consumed count afterwards.
+// Moves a cursor this process holds forward to `to` (never back): a
+// consumer that read publications with ring_read_at and is now done with
+// them (the bridge, once they are acknowledged), and wakes a writer
+// waiting for room.
+PyObject* H_cursor_advance(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) {
+    PyErr_SetString(PyExc_TypeError, "cursor_advance(index, to)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok || !require_ring(h)) return nullptr;
+  uint32_t index;
+  if (!parse_cursor(h, args[0], &index)) return nullptr;
+  const unsigned long long to = PyLong_AsUnsignedLongLong(args[1]);
+  if (to == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  auto* cur = torch_shmem::core::ring_cursor(*h->s, index);
+  if (cur->owner_pid.load(std::memory_order_acquire) != static_cast<int32_t>(getpid())) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "torch_shmem: stream %R: cursor %u is not held by this process (closed, or "
+                 "released)", h->name, index);
+    return nullptr;
+  }
+  const uint64_t count = h->s->seq() >> 1;
+  if (to > count) {
+    PyErr_Format(PyExc_ValueError,
+                 "torch_shmem: stream %R: cannot advance a cursor to %llu, past count %llu",
+                 h->name, to, static_cast<unsigned long long>(count));
+    return nullptr;
+  }
+  uint64_t consumed = cur->consumed.load(std::memory_order_acquire);
+  // seq_cst CAS: the reader's half of the Dekker pair with a writer blocked
+  // for room, as in read_next
+  while (consumed < to &&
+         !cur->consumed.compare_exchange_weak(consumed, to, std::memory_order_seq_cst)) {
+  }
+  if (consumed < to) {
+    torch_shmem::core::ring_wake_writers(*h->s);
+    consumed = to;
+  }
+  return PyLong_FromUnsignedLongLong(consumed);
+}
+
+// ring_read_at(c, out=None) -> (ndarray, count, write_time_ns, frame_id), or
+// None when publication c is no longer in the ring (overwritten by a later
+// count, or skipped). CPU rings; c in 1..count. Moves no cursor: whoever
+// holds a cursor below c under block or drop_newest keeps the slot intact.
+PyObject* H_ring_read_at(Handle* h, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs > 2) {
+    PyErr_SetString(PyExc_TypeError, "ring_read_at(c, out=None)");
+    return nullptr;
+  }
+  Guard g(h);
+  if (!g.ok || !require_ring(h)) return nullptr;
+  if (h->s->host_slots() == nullptr) {
+    PyErr_Format(PyExc_RuntimeError, "torch_shmem: stream %R: ring_read_at is for CPU rings",
+                 h->name);
+    return nullptr;
+  }
+  const unsigned long long c = PyLong_AsUnsignedLongLong(args[0]);
+  if (c == static_cast<unsigned long long>(-1) && PyErr_Occurred()) return nullptr;
+  const uint64_t count = h->s->seq() >> 1;
+  if (c == 0 || c > count) {
+    PyErr_Format(PyExc_ValueError,
+                 "torch_shmem: stream %R: publication %llu is not in 1..count (%llu)", h->name, c,
+                 static_cast<unsigned long long>(count));
+    return nullptr;
+  }
+  PyObject* result = read_target(h, nargs >= 2 ? args[1] : Py_None);
+  if (result == nullptr) return nullptr;
+  void* dst = PyArray_DATA(reinterpret_cast<PyArrayObject*>(result));
+  Snapshot snap;
+  bool got = false;
+  if (!run_core(h, h->nbytes >= kReleaseGilBytes, [&] {
+        got = !torch_shmem::core::ring_passed(*h->s, c) &&
+              torch_shmem::core::ring_copy(*h->s, c, dst, &snap);
+      })) {
+    Py_DECREF(result);
+    return nullptr;
+  }
+  if (!got) {
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+  }
+  return Py_BuildValue("(NKLK)", result, static_cast<unsigned long long>(snap.count),
+                       static_cast<long long>(snap.write_time_ns),
+                       static_cast<unsigned long long>(snap.frame_id));
 }
 
 // read_next(index, out=None, timeout=None)
@@ -1594,6 +1684,8 @@ PyMethodDef handle_methods[] = {
     {"note_count", (PyCFunction)H_note_count, METH_O, nullptr},
     {"sim_wait_count", (PyCFunction)(void (*)(void))H_sim_wait_count, METH_FASTCALL, nullptr},
     {"cursor_attach", (PyCFunction)(void (*)(void))H_cursor_attach, METH_FASTCALL, nullptr},
+    {"cursor_advance", (PyCFunction)(void (*)(void))H_cursor_advance, METH_FASTCALL, nullptr},
+    {"ring_read_at", (PyCFunction)(void (*)(void))H_ring_read_at, METH_FASTCALL, nullptr},
     {"cursor_detach", (PyCFunction)H_cursor_detach, METH_O, nullptr},
     {"cursor_consumed", (PyCFunction)H_cursor_consumed, METH_O, nullptr},
     {"read_next", (PyCFunction)(void (*)(void))H_read_next, METH_FASTCALL, nullptr},

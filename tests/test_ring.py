@@ -720,3 +720,34 @@ def test_read_next_async(name, mode, monkeypatch):
     assert ticks > 20  # the loop kept running while the reads waited
     assert sorted(b[0] + b[1]) == list(range(1, 13)) and b[0] == sorted(b[0]) and b[1] == sorted(b[1])
     assert r._reader.consumed == 6
+
+
+def test_read_ahead_and_advance_a_held_cursor(name):
+    """ring_read_at copies publication c without moving any cursor; cursor_advance moves a
+    cursor this process holds forward (never back) and wakes a writer waiting for room
+    (the reliable bridge's server reads ahead and advances on acknowledgement)."""
+    w = torch_shmem.create(name, shape=(4,), dtype=np.int64, ring=4, policy="block")
+    cur = w.cursor("ahead")
+    for k in range(1, 5):
+        w.write(np.full(4, k), frame_id=10 + k)
+    arr, count, _, fid = w._h.ring_read_at(3)
+    assert (arr.tolist(), count, fid) == ([3] * 4, 3, 13) and cur.consumed == 0
+    with pytest.raises(TimeoutError):  # the held cursor at 0 keeps every slot
+        w.write(np.full(4, 5), timeout=0.05)
+    assert w._h.cursor_advance(cur._index, 2) == 2 and cur.consumed == 2
+    assert w._h.cursor_advance(cur._index, 1) == 2  # never back
+    w.write(np.full(4, 5), timeout=1.0)
+    w.write(np.full(4, 6), timeout=1.0)
+    assert w._h.ring_read_at(1) is None and w._h.ring_read_at(2) is None  # rewritten
+    assert w._h.ring_read_at(6)[0].tolist() == [6] * 4
+    for bad in (0, 7):
+        with pytest.raises(ValueError, match="not in 1..count"):
+            w._h.ring_read_at(bad)
+    with pytest.raises(ValueError, match="past count 6"):
+        w._h.cursor_advance(cur._index, 7)
+    p = cur.read_next(timeout=0)
+    assert (p.count, p.missed_publications) == (3, 0)
+    cur.close()
+    with pytest.raises(RuntimeError, match="not held by this process"):
+        w._h.cursor_advance(cur._index, 4)
+    w.close()

@@ -50,7 +50,6 @@ import numpy as np
 from . import _core
 from . import _stream as _api
 from .bridge import (
-    _FIXED,
     _POLL_SLICE,
     DEFAULT_BIND,
     KIND_HEARTBEAT,
@@ -58,7 +57,6 @@ from .bridge import (
     KIND_RING_WELCOME,
     MAGIC,
     VERSION,
-    ZERO_COPY_BYTES,
     BridgeAttachment,
     BridgeServer,
     _CpuSink,

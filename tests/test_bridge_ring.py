@@ -59,6 +59,14 @@ def names():
         torch_shmem.unlink(n + ".bridge")
 
 
+def start_server(src_name, bind):
+    """A bridge server for `src_name` in a spawned child: (process, endpoint)."""
+    ready, stop = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=W.serve, args=(src_name, bind, ready, stop, {}), daemon=True)
+    p.start()
+    return p, ready.get(timeout=30)
+
+
 def read_all(shm, n, timeout=20.0):
     """n publications from the handle's cursor: (count, frame k, frame_id, missed)."""
     out = []
@@ -314,13 +322,7 @@ def test_the_attachment_survives_a_server_restart(names):
     src_name, dst_name = names("src"), names("dst")
     src = torch_shmem.create(src_name, shape=(64,), dtype=np.uint64, ring=64, policy="overwrite")
 
-    def start_server(bind):
-        ready, stop = ctx.Queue(), ctx.Event()
-        p = ctx.Process(target=W.serve, args=(src_name, bind, ready, stop, {}), daemon=True)
-        p.start()
-        return p, ready.get(timeout=30)
-
-    server, endpoint = start_server("tcp://127.0.0.1:0")
+    server, endpoint = start_server(src_name, "tcp://127.0.0.1:0")
     with bridge.attach(endpoint, dst_name, reliable=True, cursor="far") as att:
         dst = torch_shmem.open(dst_name, reader="c")
         for k in range(1, 21):
@@ -330,7 +332,7 @@ def test_the_attachment_survives_a_server_restart(names):
         server.join(10)
         for k in range(21, 41):
             src.write(make_frame(k, 64))
-        server, _ = start_server(endpoint)
+        server, _ = start_server(src_name, endpoint)
         try:
             wait_until(lambda: dst.count == 40, 20, "delivery after the restart")
             while dst._reader.lag:
@@ -516,13 +518,7 @@ def test_a_restarted_server_sends_again_what_was_not_acknowledged(names):
     dst = torch_shmem.create(dst_name, shape=(64,), dtype=np.uint64, ring=4, policy="block")
     hold = dst.cursor("holder")
 
-    def start_server(bind):
-        ready, stop = ctx.Queue(), ctx.Event()
-        p = ctx.Process(target=W.serve, args=(src_name, bind, ready, stop, {}), daemon=True)
-        p.start()
-        return p, ready.get(timeout=30)
-
-    server, endpoint = start_server("tcp://127.0.0.1:0")
+    server, endpoint = start_server(src_name, "tcp://127.0.0.1:0")
     with bridge.attach(endpoint, dst_name, reliable=True, cursor="far", window=8) as att:
         for k in range(1, 21):
             src.write(make_frame(k, 64), timeout=10)
@@ -530,7 +526,7 @@ def test_a_restarted_server_sends_again_what_was_not_acknowledged(names):
         os.kill(server.pid, signal.SIGKILL)
         server.join(10)
         assert _cursor_position(src_name, "far") < 20
-        server, _ = start_server(endpoint)
+        server, _ = start_server(src_name, endpoint)
         try:
             got = [hold.read_next(timeout=20) for _ in range(20)]
             assert [(p.count, frame_seq(p.payload), p.missed_publications) for p in got] == \

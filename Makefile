@@ -40,11 +40,15 @@ bench: $(VENV)/.bench
 		--report bench/results/report.md --json bench/results/results.json
 
 # Wheels for .ci/gpu on a machine without a package registry (carried there
-# with the working tree; .ci/gpu installs them with --no-deps --no-index),
-# and pyshmem's hash-pinned sdist, whose tests `python -m tests.pyshmem_suite
-# --gpu` runs (found there; never installed).
+# with the working tree; .ci/gpu installs them with --no-deps --no-index):
+# pyshmem 1.4.0, and for that machine's Python (3.12, manylinux x86_64) pyzmq
+# (the bridge's GPU test) and pytest-timeout (per-test limits); and pyshmem's
+# hash-pinned sdist, whose tests `python -m tests.pyshmem_suite --gpu` runs
+# (found there; never installed).
+GPU_PY := --python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64
 gpu-wheels: $(VENV)/.built
 	$(VENV)/bin/pip download -q --no-deps -d bench/wheels "pyshmem==1.4.0"
+	$(VENV)/bin/pip download -q --no-deps $(GPU_PY) -d bench/wheels pyzmq pytest-timeout
 	$(VENV)/bin/python -m tests.pyshmem_suite --fetch-only --dest bench/wheels
 
 clean:
